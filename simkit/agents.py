@@ -1,0 +1,157 @@
+"""The three agents of an episode: policy, action classifier, user simulator.
+
+Each has an LLM implementation (over a `RoleClient`) and an offline one, so every path runs
+without a model: `RuleClassifier` and `GroundedSimulator` need no server at all.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Protocol, Sequence
+
+from . import prompts
+from .client import RoleClient
+from .types import ANSWER, CLARIFY, Message, Reply, Task
+
+
+# --------------------------------------------------------------------------- classifier
+class ActionClassifier(Protocol):
+    async def classify(self, text: str, task: Task | None = None) -> str: ...
+
+
+_CLARIFY_CUES = re.compile(
+    r"\b(do you mean|did you mean|could you (clarify|specify)|can you (clarify|specify)|which (one|of)"
+    r"|what do you mean|are you asking|would you like|please (clarify|specify)|you mean)\b",
+    re.IGNORECASE,
+)
+
+
+class RuleClassifier:
+    """Offline: a response is CLARIFY if it ends in a question or uses a clarifying cue."""
+
+    async def classify(self, text: str, task: Task | None = None) -> str:
+        return self.classify_sync(text)
+
+    @staticmethod
+    def classify_sync(text: str) -> str:
+        t = text.strip()
+        if not t:
+            return ANSWER
+        if t.rstrip("\"')].").endswith("?") or _CLARIFY_CUES.search(t):
+            return CLARIFY
+        return ANSWER
+
+
+class LLMClassifier:
+    """The authors' few-shot Yes/No format; any 'yes' in the reply means CLARIFY."""
+
+    def __init__(self, client: RoleClient, model: str | None = None, env: str | None = None, max_tokens: int = 4):
+        self.client, self.model, self.env, self.max_tokens = client, model, env, max_tokens
+
+    async def classify(self, text: str, task: Task | None = None) -> str:
+        prompt = prompts.render("classifier_fewshot", env=self.env, response=text.strip())
+        reply = await self.client.complete(
+            [{"role": "user", "content": prompt}], model=self.model, temperature=0.0, max_tokens=self.max_tokens
+        )
+        return CLARIFY if "yes" in reply.text.lower() else ANSWER
+
+
+# --------------------------------------------------------------------------- simulator
+class UserSimulator(Protocol):
+    async def reply(self, task: Task, dialogue: Sequence[Message]) -> str: ...
+
+
+class GroundedSimulator:
+    """Offline, data-grounded: replays the dataset's answer to the clarifying question.
+
+    For a task whose gold action is ANSWER there is nothing to clarify; the user restates.
+    """
+
+    async def reply(self, task: Task, dialogue: Sequence[Message]) -> str:
+        if task.user_reply:
+            return task.user_reply
+        question = next((m.content for m in reversed(task.prompt) if m.role == "user"), "")
+        return f"I mean exactly what I asked. {question}".strip()
+
+
+def _render_dialogue(dialogue: Sequence[Message]) -> str:
+    names = {"user": "User", "assistant": "Assistant", "system": "System"}
+    return "\n".join(f"{names[m.role]}: {m.content}" for m in dialogue if m.role != "system")
+
+
+class LLMSimulator:
+    """ACT's simulator: first an intent summary from the goal, then the user's reply."""
+
+    def __init__(self, client: RoleClient, model: str | None = None, env: str | None = None, max_tokens: int = 96):
+        self.client, self.model, self.env, self.max_tokens = client, model, env, max_tokens
+        self._intents: dict[str, str] = {}
+
+    async def intent(self, task: Task) -> str:
+        if task.id not in self._intents:
+            question = next((m.content for m in reversed(task.prompt) if m.role == "user"), "")
+            grounding = "; ".join(f"{k}: {v}" for k, v in task.grounding.items()) or (task.user_reply or str(task.goal))
+            prompt = prompts.render("simulator_intent", env=self.env, grounding=grounding, question=question)
+            r = await self.client.complete([{"role": "user", "content": prompt}], model=self.model,
+                                           temperature=0.0, max_tokens=self.max_tokens)
+            self._intents[task.id] = r.text.strip()
+        return self._intents[task.id]
+
+    async def reply(self, task: Task, dialogue: Sequence[Message]) -> str:
+        intent = await self.intent(task)
+        prompt = prompts.render("simulator_reply", env=self.env, intent=intent, dialogue=_render_dialogue(dialogue))
+        r = await self.client.complete([{"role": "user", "content": prompt}], model=self.model,
+                                       temperature=0.0, max_tokens=self.max_tokens)
+        return r.text.strip()
+
+
+# --------------------------------------------------------------------------- policy
+class Policy:
+    """An endpoint plus what the policy sees besides the episode (extra system text, shots).
+
+    `model` may be an adapter name (vLLM / the embedded server select adapters by `model`);
+    `set_model` switches it when the trainer publishes a new version.
+    """
+
+    def __init__(self, client: RoleClient, model: str | None = None, shots: Sequence[Message] = (),
+                 system_suffix: str = "", **sampling: Any):
+        self.client, self.model = client, model
+        self.shots = list(shots)
+        self.system_suffix = system_suffix
+        self.sampling = sampling
+
+    def set_model(self, model: str) -> None:
+        self.model = model
+
+    def build(self, messages: Sequence[Message], instruction: str | None = None) -> list[Message]:
+        msgs = list(messages)
+        extra = " ".join(x for x in (self.system_suffix, instruction or "") if x)
+        if msgs and msgs[0].role == "system" and extra:
+            msgs[0] = Message(role="system", content=msgs[0].content + "\n\n" + extra)
+        elif extra:
+            msgs.insert(0, Message(role="system", content=extra))
+        if self.shots:
+            at = 1 if msgs and msgs[0].role == "system" else 0
+            msgs[at:at] = self.shots
+        return msgs
+
+    async def respond(self, messages: Sequence[Message], instruction: str | None = None,
+                      task: Task | None = None, **sampling: Any) -> Reply:
+        """Reply to the dialogue; `instruction` forces an action (ACT's losing responses)."""
+        return await self.client.complete(self.build(messages, instruction), model=self.model,
+                                          **{**self.sampling, **sampling})
+
+
+class OraclePolicy:
+    """Offline policy that acts as the data says: the reference first, then the goal.
+
+    An upper bound for any env's scoring and a server-free way to drive episodes.
+    """
+
+    model = "oracle"
+
+    async def respond(self, messages: Sequence[Message], instruction: str | None = None,
+                      task: Task | None = None, **sampling: Any) -> Reply:
+        if task is None:
+            raise ValueError("OraclePolicy needs the task")
+        answered = any(m.role == "assistant" for m in messages)
+        text = str(task.goal if answered else task.reference)
+        return Reply(text=text, model=self.model)

@@ -1,0 +1,58 @@
+"""`simkit` command line. Each subcommand lives in its own module, which exposes
+`register_cli(subparsers)`; modules keep heavy imports (torch, transformers) inside functions
+so `simkit --help` stays fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module -> registers one or more subcommands (order = order in --help)
+COMMAND_MODULES = [
+    "simkit.demo",
+    "simkit.model_server",
+    "simkit.tiny_model",
+    "simkit.envs_cli",
+    "environments.ambigsql.cli",
+    "simkit.pairs",
+    "simkit.serve",
+    "simkit.eval",
+    "simkit.loadtest",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="simkit",
+        description="simkit: async clarify-or-answer simulation (ACT) — environments, rollouts, "
+                    "preference-pair queue, evaluation and load testing. The trainer is `trainer`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `simkit COMMAND --help` for each command's options. Data: $SIMKIT_DATA_DIR.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and mod.startswith(e.name):  # module not written yet: skip it
+                continue
+            raise
+        module.register_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

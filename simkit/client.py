@@ -1,0 +1,202 @@
+"""Role clients: one per role (policy, simulator, classifier) over OpenAI-compatible URLs.
+
+A `RoleClient` owns concurrency (max in-flight semaphore), routing (least-in-flight across
+several base URLs), retries (tenacity, jittered exponential backoff on 429/5xx/timeouts/
+connection errors, then a counted failure) and accounting (tokens, latency). The transport
+is a detail behind it (`simkit.transport`).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from pydantic import BaseModel, Field
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from .transport import ChatTransport, TransportError, make_transport
+from .types import Message, Reply, Usage
+
+
+class RoleError(Exception):
+    """A role call that failed after all retries (or with a non-retryable error)."""
+
+    def __init__(self, role: str, message: str):
+        super().__init__(f"[{role}] {message}")
+        self.role = role
+
+
+class RoleConfig(BaseModel):
+    """How to reach one role. Secrets come only from the environment (`api_key_env`)."""
+
+    base_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
+    model: str | None = None  # None: the first model the server lists
+    api_key_env: str | None = None
+    max_in_flight: int = 256
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    backoff_s: float = 0.05  # first backoff; jittered exponential, capped at backoff_max_s
+    backoff_max_s: float = 2.0
+    transport: str = "aiohttp"  # "aiohttp" (hot path) | "openai" (SDK)
+    sampling: dict[str, Any] = Field(default_factory=dict)  # temperature, max_tokens, ...
+
+
+@dataclass
+class Endpoint:
+    url: str
+    in_flight: int = 0
+    requests: int = 0
+    failures: int = 0
+
+
+@dataclass
+class RoleStats:
+    requests: int = 0  # attempts sent
+    successes: int = 0  # calls that returned a reply
+    failures: int = 0  # calls that gave up (counted, surfaced as RoleError)
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_sum_s: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+    recent_latencies: deque = field(default_factory=lambda: deque(maxlen=20000))
+
+    def as_dict(self) -> dict[str, Any]:
+        lat = sorted(self.recent_latencies)
+
+        def q(p: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 5) if lat else None
+
+        return {
+            "requests": self.requests, "successes": self.successes, "failures": self.failures,
+            "retries": self.retries, "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens, "errors": dict(self.errors),
+            "latency_mean_s": round(self.latency_sum_s / self.successes, 5) if self.successes else None,
+            "latency_p50_s": q(0.5), "latency_p99_s": q(0.99),
+        }
+
+
+def _to_dicts(messages: Iterable[Message | dict]) -> list[dict]:
+    return [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
+
+
+class RoleClient:
+    def __init__(self, role: str, config: RoleConfig | None = None, transport: ChatTransport | None = None, **overrides: Any):
+        cfg = (config or RoleConfig()).model_copy(update=overrides)
+        if not cfg.base_urls:
+            raise ValueError(f"role {role!r} needs at least one base URL")
+        self.role = role
+        self.config = cfg
+        self.endpoints = [Endpoint(u.rstrip("/")) for u in cfg.base_urls]
+        api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        if cfg.api_key_env and not api_key:
+            raise ValueError(f"role {role!r}: environment variable {cfg.api_key_env} is not set")
+        self.transport = transport or make_transport(cfg.transport, api_key)
+        self._sem = asyncio.Semaphore(cfg.max_in_flight)
+        self.stats = RoleStats()
+        self.model = cfg.model
+
+    # ------------------------------------------------------------------ routing
+    def _pick(self) -> Endpoint:
+        eps = self.endpoints
+        if len(eps) == 1:
+            return eps[0]
+        return min(eps, key=lambda e: e.in_flight)
+
+    @staticmethod
+    def _retryable(exc: BaseException) -> bool:
+        return isinstance(exc, TransportError) and exc.retryable
+
+    async def _attempt(self, payload: dict[str, Any]) -> tuple[dict[str, Any], Endpoint, float]:
+        ep = self._pick()
+        ep.in_flight += 1
+        ep.requests += 1
+        self.stats.requests += 1
+        t0 = time.perf_counter()
+        try:
+            body = await self.transport.post_chat(ep.url, payload, self.config.timeout_s)
+        except TransportError as e:
+            ep.failures += 1
+            key = str(e.status) if e.status else type(e.__cause__ or e).__name__
+            self.stats.errors[key] = self.stats.errors.get(key, 0) + 1
+            raise
+        finally:
+            ep.in_flight -= 1
+        return body, ep, time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ public
+    async def complete(self, messages: Iterable[Message | dict], model: str | None = None, **sampling: Any) -> Reply:
+        """One chat completion with retries. Raises RoleError once retries are exhausted."""
+        payload = {"model": model or self.model or "default", "messages": _to_dicts(messages)}
+        if self.config.sampling:
+            payload.update(self.config.sampling)
+        payload.update(sampling)
+        async with self._sem:
+            try:
+                try:  # fast path: one attempt, no retry machinery
+                    body, ep, latency = await self._attempt(payload)
+                except TransportError as first:
+                    if not first.retryable or self.config.max_retries <= 0:
+                        raise
+                    body, ep, latency = await self._retry(payload)
+                reply = self._parse(body, ep, latency)
+            except (TransportError, ValueError) as e:
+                self.stats.failures += 1
+                raise RoleError(self.role, str(e)) from e
+        st = self.stats
+        st.successes += 1
+        st.prompt_tokens += reply.usage.prompt_tokens
+        st.completion_tokens += reply.usage.completion_tokens
+        st.latency_sum_s += latency
+        st.recent_latencies.append(latency)
+        return reply
+
+    async def _retry(self, payload: dict[str, Any]) -> tuple[dict[str, Any], Endpoint, float]:
+        cfg = self.config
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(cfg.max_retries),
+            wait=wait_random_exponential(multiplier=cfg.backoff_s, max=cfg.backoff_max_s),
+            retry=retry_if_exception(self._retryable),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                self.stats.retries += 1
+                await asyncio.sleep(0)  # yield between attempts
+                return await self._attempt(payload)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _parse(self, body: dict[str, Any], ep: Endpoint, latency: float) -> Reply:
+        try:
+            choice = body["choices"][0]
+            text = choice["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"malformed completion from {ep.url}: {str(body)[:200]}") from e
+        usage = body.get("usage") or {}
+        return Reply(
+            text=text, model=body.get("model", ""), latency_s=latency, endpoint=ep.url,
+            finish_reason=choice.get("finish_reason"),
+            usage=Usage(prompt_tokens=usage.get("prompt_tokens") or 0,
+                        completion_tokens=usage.get("completion_tokens") or 0),
+        )
+
+    async def list_models(self) -> list[str]:
+        """Model ids served by the first endpoint (GET /v1/models)."""
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s:
+            async with s.get(self.endpoints[0].url + "/models", timeout=aiohttp.ClientTimeout(total=self.config.timeout_s)) as r:
+                r.raise_for_status()
+                return [m["id"] for m in (await r.json())["data"]]
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    async def __aenter__(self) -> "RoleClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()

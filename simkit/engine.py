@@ -1,0 +1,115 @@
+"""The episode engine: thousands of concurrent episodes, bounded in-flight, results streamed.
+
+    async for traj in run_episodes(env, tasks, policy, concurrency=1000):
+        ...
+
+A fixed pool of worker coroutines pulls tasks, so memory stays flat however many tasks there
+are; finished trajectories are yielded as they complete. A role call that fails after its
+retries ends that episode with status='failed' (counted, yielded, never dropped). Breaking
+out of the loop, an exception, or Ctrl-C cancels every worker cleanly.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterable
+
+from .client import RoleError
+from .env import Env
+from .types import Task, Trajectory
+
+
+@dataclass
+class EngineStats:
+    started: int = 0
+    finished: int = 0
+    failed: int = 0
+    requests: int = 0  # policy turns sent
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(started=self.started, finished=self.finished, failed=self.failed, requests=self.requests)
+
+
+async def run_episode(env: Env, task: Task, policy: Any, **extra: Any) -> Trajectory:
+    """Drive one episode to its end: policy replies, env classifies/simulates/scores."""
+    ep = env.episode(task)
+    try:
+        while not ep.done:
+            reply = await policy.respond(ep.messages, task=task)
+            await ep.step(reply.text, reply)
+    except RoleError as e:
+        return ep.trajectory(status="failed", error=str(e), **extra)
+    return ep.trajectory(**extra)
+
+
+async def run_episodes(env: Env, tasks: Iterable[Task], policy: Any, concurrency: int = 256,
+                       progress: bool | None = None, stats: EngineStats | None = None,
+                       episode_fn: Callable[..., Any] = run_episode, total: int | None = None,
+                       **extra: Any) -> AsyncIterator[Trajectory]:
+    """Yield trajectories as episodes finish, with at most `concurrency` in flight."""
+    stats = stats or EngineStats()
+    it = iter(tasks)
+    if total is None and hasattr(tasks, "__len__"):
+        total = len(tasks)  # type: ignore[arg-type]
+    out: asyncio.Queue = asyncio.Queue()
+    done_token = object()
+
+    async def worker() -> None:
+        try:
+            for task in it:  # shared iterator: each task taken by exactly one worker
+                stats.started += 1
+                try:
+                    traj = await episode_fn(env, task, policy, **extra)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # a bug in scoring etc.: surface it as a failed episode
+                    traj = Trajectory(task_id=task.id, env=env.name, prompt=task.prompt,
+                                      gold_action=task.gold_action, status="failed",
+                                      error=f"{type(e).__name__}: {e}")
+                out.put_nowait(traj)
+        finally:
+            out.put_nowait(done_token)
+
+    n_workers = max(1, concurrency if total is None else min(concurrency, total or 1))
+    workers = [asyncio.create_task(worker()) for _ in range(n_workers)]
+    bar = _progress(total, progress)
+    alive = n_workers
+    try:
+        while alive:
+            item = await out.get()
+            if item is done_token:
+                alive -= 1
+                continue
+            stats.finished += 1
+            stats.failed += item.status == "failed"
+            stats.requests += len(item.assistant_turns)
+            if bar is not None:
+                bar.update(1)
+                if stats.failed:
+                    bar.set_postfix(failed=stats.failed, refresh=False)
+            yield item
+        for w in workers:  # re-raise anything unexpected from a worker
+            if not w.cancelled() and w.exception():
+                raise w.exception()  # type: ignore[misc]
+    finally:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        if bar is not None:
+            bar.close()
+
+
+def _progress(total: int | None, enabled: bool | None):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="ep", desc="episodes", smoothing=0.1)
+
+
+async def collect(env: Env, tasks: Iterable[Task], policy: Any, **kw: Any) -> list[Trajectory]:
+    """All trajectories of a run, as a list (convenience for small runs and tests)."""
+    return [t async for t in run_episodes(env, tasks, policy, **kw)]

@@ -1,0 +1,215 @@
+"""The gym-style environment contract (a task = one clarify-or-answer turn).
+
+    env = simkit.make("ambigsql")
+    obs = await env.reset(task)            # the messages the policy sees
+    step = await env.step(policy_text)     # observation = simulated user's reply (or None)
+
+An `Env` subclass supplies data and scoring (`splits`, `tasks`, `score`); the episode
+mechanics (classify, simulate, turn cap, scoring) live here once. `env.episode(task)` gives
+an independent `Episode` so one env serves thousands of concurrent episodes.
+Environments register by name; the core imports no task (see `registry`).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from . import prompts
+from .agents import ActionClassifier, GroundedSimulator, RuleClassifier, UserSimulator
+from .types import CLARIFY, Message, Reply, Task, Trajectory, Turn
+
+
+@dataclass
+class StepResult:
+    observation: str | None  # the simulated user's reply; None when the episode ended
+    reward: float
+    terminated: bool  # the policy answered: outcome scored
+    truncated: bool  # the turn cap ended a clarify loop
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Episode:
+    """State of one episode. Create with `env.episode(task)`."""
+
+    __slots__ = ("env", "task", "turns", "first_action", "turn_score", "reward", "terminated",
+                 "truncated", "t0", "_messages", "info")
+
+    def __init__(self, env: "Env", task: Task):
+        self.env, self.task = env, task
+        self.turns: list[Turn] = []
+        self.first_action: str | None = None
+        self.turn_score: float | None = None
+        self.reward = 0.0
+        self.terminated = self.truncated = False
+        self.t0 = time.time()
+        self._messages = [Message(role="system", content=env.system_prompt), *task.prompt]
+        self.info: dict[str, Any] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.terminated or self.truncated
+
+    @property
+    def messages(self) -> list[Message]:
+        """What the policy sees now: system text, the task prompt, and the episode so far."""
+        return self._messages
+
+    async def step(self, text: str, reply: Reply | None = None) -> StepResult:
+        if self.done:
+            raise RuntimeError("episode already ended; call env.reset(task) for a new one")
+        env, task = self.env, self.task
+        action = await env.classifier.classify(text, task)
+        self._add(Turn(role="assistant", text=text, action=action, model=reply.model if reply else "",
+                       prompt_tokens=reply.usage.prompt_tokens if reply else 0,
+                       completion_tokens=reply.usage.completion_tokens if reply else 0,
+                       latency_s=reply.latency_s if reply else 0.0))
+        n_assistant = sum(1 for t in self.turns if t.role == "assistant")
+        if n_assistant == 1:
+            self.first_action = action
+            self.turn_score = await env.turn_score(text, task)
+        info = {"action": action, "turn": n_assistant}
+        if action == CLARIFY:
+            if n_assistant >= env.max_turns:
+                self.truncated = True
+                return StepResult(None, 0.0, False, True, {**info, "score": 0.0})
+            user = await env.simulator.reply(task, self._messages[1:])
+            self._add(Turn(role="user", text=user))
+            return StepResult(user, 0.0, False, False, info)
+        self.reward = await env.score(text, task.goal, task)
+        self.terminated = True
+        return StepResult(None, self.reward, True, False, {**info, "score": self.reward,
+                                                           "success": env.success(self.reward)})
+
+    def _add(self, turn: Turn) -> None:
+        self.turns.append(turn)
+        self._messages.append(Message(role=turn.role, content=turn.text))
+
+    def trajectory(self, **extra: Any) -> Trajectory:
+        return Trajectory(
+            task_id=self.task.id, env=self.env.name, prompt=self.task.prompt, turns=self.turns,
+            gold_action=self.task.gold_action, first_action=self.first_action, reward=self.reward,
+            turn_score=self.turn_score, terminated=self.terminated, truncated=self.truncated,
+            started_at=self.t0, duration_s=time.time() - self.t0, info=self.info, **extra,
+        )
+
+
+class Env:
+    """Base class of every task environment. Subclasses set `name` and implement the data and
+    scoring hooks; they may override `turn_score` when the turn-level target differs."""
+
+    name: ClassVar[str] = ""
+    success_threshold: ClassVar[float] = 0.5  # ε: a trajectory with score >= ε is a success
+    default_max_turns: ClassVar[int] = 3
+
+    def __init__(self, classifier: ActionClassifier | None = None, simulator: UserSimulator | None = None,
+                 max_turns: int | None = None, data_dir: str | os.PathLike | None = None, seed: int = 0, **cfg: Any):
+        self.classifier = classifier or RuleClassifier()
+        self.simulator = simulator or GroundedSimulator()
+        self.max_turns = max_turns or self.default_max_turns
+        self.data_dir = Path(data_dir) if data_dir else data_root()
+        self.seed = seed
+        self.cfg = cfg
+        self.system_prompt = prompts.load("policy_system", env=self.name)
+        self._episode: Episode | None = None
+
+    # -------------------------------------------------------------- task hooks
+    def splits(self) -> dict[str, int]:
+        """Split name -> number of tasks."""
+        raise NotImplementedError
+
+    def tasks(self, split: str) -> list[Task]:
+        raise NotImplementedError
+
+    async def score(self, prediction: str, target: Any, task: Task) -> float:
+        """The task heuristic H(outcome, goal) in [0, 1]."""
+        raise NotImplementedError
+
+    async def turn_score(self, text: str, task: Task) -> float:
+        """Turn-level content score: the first response against the reference response."""
+        return await self.score(text, task.reference, task)
+
+    def success(self, score: float) -> bool:
+        return score >= self.success_threshold
+
+    # -------------------------------------------------------------- gym API
+    def episode(self, task: Task) -> Episode:
+        return Episode(self, task)
+
+    async def reset(self, task: Task) -> list[Message]:
+        self._episode = self.episode(task)
+        return self._episode.messages
+
+    async def step(self, text: str, reply: Reply | None = None) -> StepResult:
+        if self._episode is None:
+            raise RuntimeError("call env.reset(task) before env.step()")
+        return await self._episode.step(text, reply)
+
+    @property
+    def current(self) -> Episode | None:
+        return self._episode
+
+    async def aclose(self) -> None:
+        return None
+
+
+def data_root() -> Path:
+    """Where task data lives: $SIMKIT_DATA_DIR, else ../shared/data next to the checkout."""
+    env = os.environ.get("SIMKIT_DATA_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+# --------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, Callable[..., Env]] = {}
+BUILTIN_PLUGINS = ("toy", "ambigsql", "pacific", "abgcoqa")
+
+
+def register(name: str) -> Callable[[type[Env]], type[Env]]:
+    def deco(cls: type[Env]) -> type[Env]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _discover(name: str | None = None) -> None:
+    """Import plug-ins: `environments.<name>` folders and the `simkit.environments` entry points."""
+    names = [name] if name else list(BUILTIN_PLUGINS)
+    for n in names:
+        if n in _REGISTRY:
+            continue
+        for mod in (f"environments.{n}", f"simkit.{n}env"):
+            try:
+                importlib.import_module(mod)
+                break
+            except ModuleNotFoundError as e:
+                if e.name not in (mod, mod.rsplit(".", 1)[0]) and not mod.startswith(str(e.name)):
+                    raise
+    try:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="simkit.environments"):
+            if name is None or ep.name == name:
+                _REGISTRY.setdefault(ep.name, ep.load())
+    except Exception:  # pragma: no cover - broken third-party plug-in must not break the core
+        pass
+
+
+def registered() -> list[str]:
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def make(name: str, **cfg: Any) -> Env:
+    """Build a registered environment by name: `simkit.make("pacific", max_turns=3)`."""
+    if name not in _REGISTRY:
+        _discover(name)
+    if name not in _REGISTRY:
+        raise KeyError(f"no environment named {name!r}; registered: {registered()}")
+    return _REGISTRY[name](**cfg)
