@@ -1,0 +1,18 @@
+"""Shared test set-up: real data from $SIMKIT_DATA_DIR (default ../shared/data beside the
+checkout). Tests that need the data fail loudly when it is missing: they never skip."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("SIMKIT_DATA_DIR", str(REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = Path(os.environ["SIMKIT_DATA_DIR"])
+    assert d.is_dir(), f"task data not found at {d}: set SIMKIT_DATA_DIR to the shared/data folder"
+    return d
