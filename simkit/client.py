@@ -98,6 +98,7 @@ class RoleClient:
         self._sem = asyncio.Semaphore(cfg.max_in_flight)
         self.stats = RoleStats()
         self.model = cfg.model
+        self._model_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ routing
     def _pick(self) -> Endpoint:
@@ -130,7 +131,9 @@ class RoleClient:
     # ------------------------------------------------------------------ public
     async def complete(self, messages: Iterable[Message | dict], model: str | None = None, **sampling: Any) -> Reply:
         """One chat completion with retries. Raises RoleError once retries are exhausted."""
-        payload = {"model": model or self.model or "default", "messages": _to_dicts(messages)}
+        if model is None and self.model is None:
+            await self._resolve_model()
+        payload = {"model": model or self.model, "messages": _to_dicts(messages)}
         if self.config.sampling:
             payload.update(self.config.sampling)
         payload.update(sampling)
@@ -182,6 +185,16 @@ class RoleClient:
             usage=Usage(prompt_tokens=usage.get("prompt_tokens") or 0,
                         completion_tokens=usage.get("completion_tokens") or 0),
         )
+
+    async def _resolve_model(self) -> None:
+        """No model configured: use the first model the server lists (its base model)."""
+        async with self._model_lock:
+            if self.model is None:
+                try:
+                    self.model = (await self.list_models())[0]
+                except Exception as e:
+                    self.stats.failures += 1
+                    raise RoleError(self.role, f"no model given and GET /models failed: {e}") from e
 
     async def list_models(self) -> list[str]:
         """Model ids served by the first endpoint (GET /v1/models)."""

@@ -5,8 +5,9 @@
 
 A fixed pool of worker coroutines pulls tasks, so memory stays flat however many tasks there
 are; finished trajectories are yielded as they complete. A role call that fails after its
-retries ends that episode with status='failed' (counted, yielded, never dropped). Breaking
-out of the loop, an exception, or Ctrl-C cancels every worker cleanly.
+retries ends that episode with status='failed' (counted, yielded, never dropped). Closing the
+iterator (`contextlib.aclosing` around an early `break`), an exception, or Ctrl-C cancels every
+worker cleanly.
 """
 from __future__ import annotations
 

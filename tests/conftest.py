@@ -16,3 +16,21 @@ def data_dir() -> Path:
     d = Path(os.environ["SIMKIT_DATA_DIR"])
     assert d.is_dir(), f"task data not found at {d}: set SIMKIT_DATA_DIR to the shared/data folder"
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Llama + offline tokenizer, made once per test session."""
+    from simkit.tiny_model import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def model_server(tiny_model, tmp_path_factory):
+    """The embedded model server as a real subprocess on loopback (shared by tests)."""
+    from simkit.testing import start_model_server
+
+    log = tmp_path_factory.mktemp("logs") / "model_server.log"
+    with start_model_server(tiny_model, log_path=log) as srv:
+        yield srv
