@@ -83,8 +83,10 @@ async def run_episodes(env: Env, tasks: Iterable[Task], policy: Any, concurrency
                 alive -= 1
                 continue
             stats.finished += 1
-            stats.failed += item.status == "failed"
-            stats.requests += len(item.assistant_turns)
+            stats.failed += getattr(item, "status", "ok") == "failed"
+            traj = getattr(item, "trajectory", item)  # episode_fn may wrap the trajectory
+            if isinstance(traj, Trajectory):
+                stats.requests += len(traj.assistant_turns)
             if bar is not None:
                 bar.update(1)
                 if stats.failed:

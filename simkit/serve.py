@@ -1,0 +1,339 @@
+"""`simkit serve`: the ACT data side, non-stop, for any registered environment.
+
+    D_pref (Phase 1, built once, resumable) ──► Phase 2 rollouts with the *current* policy
+        ──► scored pairs ──► durable queue ──► `trainer run` ──► new version ──► serve follows
+
+State lives in the run directory (`state.json`: epoch and a low-watermark position, written
+after each queue flush) and pair ids are deterministic per (task, epoch), so a restart after
+SIGKILL redoes at most the in-flight episodes and the queue drops the duplicates.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from .act import Rollout, phase2_rollout
+
+
+class ServeConfig(BaseModel):
+    """Everything `simkit serve` needs; loadable from YAML (`--config`), overridden by flags."""
+
+    env: str
+    split: str | None = None
+    queue: str
+    run_dir: str = "runs/serve"
+    data_dir: str | None = None
+    limit: int | None = None
+    concurrency: int = 64
+    max_pending: int = 4096
+    max_staleness: int = 2
+    ablation: Literal["none", "random-actions", "no-sampling", "no-simulation"] = "none"
+    max_episodes: int | None = None
+    max_epochs: int | None = None
+    poll_s: float = 1.0
+    flush_s: float = 0.25
+    seed: int = 0
+    save_trajectories: bool = False
+
+
+class _State:
+    """Resume point: epoch + low-watermark position (every position below it is in the queue)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        d = json.loads(path.read_text()) if path.exists() else {}
+        self.epoch, self.position = d.get("epoch", 0), d.get("position", 0)
+        self.episodes, self.pairs = d.get("episodes", 0), d.get("pairs", 0)
+        self.restarts = d.get("restarts", -1) + 1
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"epoch": self.epoch, "position": self.position, "episodes": self.episodes,
+                                   "pairs": self.pairs, "restarts": self.restarts, "saved_at": time.time()}))
+        os.replace(tmp, self.path)
+
+
+class Server:
+    def __init__(self, cfg: ServeConfig, env, roles, queue):
+        self.cfg, self.env, self.roles, self.queue = cfg, env, roles, queue
+        self.run_dir = Path(cfg.run_dir)
+        self.state = _State(self.run_dir / "state.json")
+        self.version = 0
+        self.depth = 0
+        self.stop = asyncio.Event()
+        self.m = dict(episodes=0, pairs=0, failures=0, right_action=0, successes=0, terminated=0,
+                      dropped_stale=0, duplicates=0)
+        self._done_positions: dict[tuple[int, int], bool] = {}
+        self._buf: list = []
+
+    # ------------------------------------------------------------------ version channel
+    async def follow_version(self) -> None:
+        v = await self.queue.current_version()
+        if v is not None and v.version > self.version:
+            self.version = v.version
+            self.roles.policy.set_model(v.adapter)
+            dropped = await self.queue.drop_stale(self.version - self.cfg.max_staleness)
+            self.m["dropped_stale"] += dropped
+        self.depth = await self.queue.depth()
+
+    async def _watch(self) -> None:
+        while not self.stop.is_set():
+            try:
+                await asyncio.wait_for(self.stop.wait(), self.cfg.poll_s)
+            except TimeoutError:
+                pass
+            await self.follow_version()
+            self._status()
+
+    # ------------------------------------------------------------------ task stream
+    def _stream(self, dpref: list, tasks: dict):
+        st, cfg = self.state, self.cfg
+        epoch = st.epoch
+        while not self.stop.is_set() and (cfg.max_epochs is None or epoch < cfg.max_epochs):
+            order = list(range(len(dpref)))
+            random.Random(f"{cfg.seed}-{epoch}").shuffle(order)
+            start = st.position if epoch == st.epoch else 0
+            for pos in range(start, len(order)):
+                if self.stop.is_set():
+                    return
+                if cfg.max_episodes is not None and self._started >= cfg.max_episodes - self._episodes_at_start:
+                    return
+                self._started += 1
+                pair = dpref[order[pos]]
+                yield (epoch, pos, pair, tasks[pair.task_id])
+            epoch += 1
+
+    async def _episode(self, env, item, policy) -> Rollout:
+        epoch, pos, base, task = item
+        while self.depth >= self.cfg.max_pending and not self.stop.is_set():  # back-pressure
+            await asyncio.sleep(self.cfg.poll_s / 4)
+            self.depth = await self.queue.depth()
+        r = await phase2_rollout(env, base, task, policy, version=self.version, epoch=epoch,
+                                 simulate=self.cfg.ablation != "no-simulation")
+        r.trajectory.info.update(epoch=epoch, position=pos)
+        return r
+
+    # ------------------------------------------------------------------ flushing
+    async def _flush(self, final: bool = False) -> None:
+        pairs = [r.pair for r in self._buf if r.pair is not None]
+        floor = self.version - self.cfg.max_staleness
+        fresh = [p for p in pairs if p.policy_version >= floor]
+        self.m["dropped_stale"] += len(pairs) - len(fresh)
+        if fresh:
+            added = await self.queue.append(fresh)
+            self.m["duplicates"] += len(fresh) - added
+            self.depth += added
+        if self.cfg.save_trajectories and self._buf:
+            with open(self.run_dir / "trajectories.jsonl", "a", encoding="utf-8") as f:
+                for r in self._buf:
+                    f.write(r.trajectory.model_dump_json() + "\n")
+        st = self.state
+        for r in self._buf:
+            info = r.trajectory.info
+            if r.pair is not None:
+                self._done_positions[(info["epoch"], info["position"])] = True
+                st.pairs += 1
+            st.episodes += 1
+        # advance the watermark over contiguous completed positions (failed ones are redone)
+        while self._done_positions.pop((st.epoch, st.position), False):
+            st.position += 1
+            if st.position >= self._epoch_len:
+                st.epoch, st.position = st.epoch + 1, 0
+        st.save()
+        self._buf.clear()
+        self._write_metrics(final)
+
+    # ------------------------------------------------------------------ reporting
+    def _snapshot(self) -> dict[str, Any]:
+        el = max(1e-9, time.monotonic() - self._t0)
+        m = self.m
+        return {"time": time.time(), "elapsed_s": round(el, 2), "version": self.version,
+                "adapter": self.roles.policy.model or self.roles.policy.client.model, "queue_depth": self.depth, **m,
+                "episodes_per_s": round(m["episodes"] / el, 3), "pairs_per_s": round(m["pairs"] / el, 3),
+                "action_accuracy": round(m["right_action"] / m["episodes"], 4) if m["episodes"] else None,
+                "success_rate": round(m["successes"] / m["terminated"], 4) if m["terminated"] else None,
+                "epoch": self.state.epoch, "position": self.state.position}
+
+    def _write_metrics(self, final: bool) -> None:
+        now = time.monotonic()
+        if final or now - self._last_metrics >= 1.0:
+            self._last_metrics = now
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(self._snapshot()) + "\n")
+
+    def _status(self) -> None:
+        s = self._snapshot()
+        line = (f"v{s['version']} | {s['episodes']} ep ({s['episodes_per_s']:.1f}/s) | {s['pairs']} pairs "
+                f"({s['pairs_per_s']:.1f}/s) | action acc {s['action_accuracy'] or 0:.2f} | success "
+                f"{s['success_rate'] or 0:.2f} | queue {s['queue_depth']} | failed {s['failures']} | "
+                f"stale dropped {s['dropped_stale']}")
+        if sys.stderr.isatty():
+            print("\r" + line[:200].ljust(120), end="", file=sys.stderr, flush=True)
+        elif now_tick(self):
+            print(line, file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ main
+    async def run(self, dpref: list) -> dict[str, Any]:
+        from contextlib import aclosing
+
+        from .engine import run_episodes
+
+        tasks = {t.id: t for t in self.env.tasks(self.split)}
+        self._epoch_len = len(dpref)
+        self._started = 0
+        self._episodes_at_start = self.state.episodes
+        self._t0 = self._last_metrics = time.monotonic()
+        self._last_tick = 0.0
+        await self.follow_version()
+        watcher = asyncio.create_task(self._watch())
+        last_flush = time.monotonic()
+        try:
+            stream = self._stream(dpref, tasks)
+            async with aclosing(run_episodes(self.env, stream, self.roles.policy, concurrency=self.cfg.concurrency,
+                                             episode_fn=self._episode, progress=False, total=None)) as it:
+                async for r in it:
+                    self._count(r)
+                    self._buf.append(r)
+                    if time.monotonic() - last_flush >= self.cfg.flush_s or len(self._buf) >= 256:
+                        await self._flush()
+                        last_flush = time.monotonic()
+                    if self.stop.is_set():
+                        break
+        finally:
+            await self._flush(final=True)
+            self.stop.set()
+            await watcher
+            if sys.stderr.isatty():
+                print(file=sys.stderr)
+        return self._snapshot()
+
+    def _count(self, r: Rollout) -> None:
+        m, t = self.m, r.trajectory
+        m["episodes"] += 1
+        if r.pair is None:
+            m["failures"] += 1
+            return
+        m["pairs"] += 1
+        m["right_action"] += bool(t.info.get("right_action"))
+        if t.terminated:
+            m["terminated"] += 1
+            m["successes"] += bool(t.info.get("success"))
+
+
+def now_tick(server: Server, every: float = 5.0) -> bool:
+    now = time.monotonic()
+    if now - server._last_tick >= every:
+        server._last_tick = now
+        return True
+    return False
+
+
+async def serve(cfg: ServeConfig, role_args: argparse.Namespace) -> dict[str, Any]:
+    from .env import make
+    from .pairs import build_pairs, read_pairs
+    from .queue import AsyncPairQueue, open_queue
+    from .roles import build_roles
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    env_kw: dict[str, Any] = {"data_dir": cfg.data_dir} if cfg.data_dir else {}
+    probe = make(cfg.env, **env_kw)
+    roles = build_roles(role_args, probe.name)
+    env = make(cfg.env, classifier=roles.classifier, simulator=roles.simulator, seed=cfg.seed, **env_kw)
+    split = cfg.split or next(iter(env.splits()))
+    tasks = env.tasks(split)[: cfg.limit] if cfg.limit else env.tasks(split)
+    queue = AsyncPairQueue(open_queue(cfg.queue))
+    server = Server(cfg, env, roles, queue)
+    server.split = split
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.stop.set)
+    try:
+        await server.follow_version()
+        dpref_path = run_dir / "dpref.jsonl"
+        _, failures = await build_pairs(env, tasks, roles.policy, dpref_path,
+                                        random_actions=cfg.ablation == "random-actions", seed=cfg.seed,
+                                        concurrency=cfg.concurrency, progress=None)
+        dpref = [p for p in read_pairs(dpref_path) if p.task_id in {t.id for t in tasks}]
+        if not dpref:
+            raise SystemExit(f"no Phase 1 pairs could be built ({failures} failures): is the policy server up?")
+        if cfg.ablation == "no-sampling":  # offline DPO on D_pref only
+            added = await queue.append(dpref)
+            return {"phase1_pairs": len(dpref), "appended": added}
+        return await server.run(dpref)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await roles.aclose()
+        await queue.close()
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    from .roles import add_role_args
+
+    p = sub.add_parser(
+        "serve", help="run ACT rollouts non-stop and stream scored pairs into the queue",
+        description="ACT data side for any environment: builds Phase 1 pairs (D_pref) once, then refreshes them "
+                    "with the current policy (Phase 2: sample, classify, simulate, score) and appends the pairs "
+                    "to a durable queue for `trainer run`. Follows each policy version the trainer publishes. "
+                    "Stops cleanly on SIGINT/SIGTERM and resumes from the run directory on restart. Flags "
+                    "override values from --config YAML.")
+    p.add_argument("--config", help="YAML file with ServeConfig fields (flags override it)")
+    p.add_argument("--env", help="environment name (see `simkit envs`)")
+    p.add_argument("--split", help="task split (default: the env's first split)")
+    p.add_argument("--queue", help="queue path (SQLite file) shared with `trainer run`")
+    p.add_argument("--run-dir", help="run directory: config, state, metrics.jsonl, dpref.jsonl (default runs/serve)")
+    p.add_argument("--data-dir", help="task data folder (default $SIMKIT_DATA_DIR)")
+    p.add_argument("--limit", type=int, help="use only the first N tasks of the split")
+    p.add_argument("--concurrency", type=int, help="episodes in flight (default 64)")
+    p.add_argument("--max-pending", type=int, help="back-pressure: pause while the queue holds this many (default 4096)")
+    p.add_argument("--max-staleness", type=int,
+                   help="drop pairs more than this many versions behind the current policy (default 2)")
+    p.add_argument("--ablation", choices=["none", "random-actions", "no-sampling", "no-simulation"],
+                   help="ACT ablations: random gold actions; Phase 1 pairs only; judge by action only")
+    p.add_argument("--max-episodes", type=int, help="stop after this many Phase 2 episodes (default: never)")
+    p.add_argument("--max-epochs", type=int, help="stop after this many passes over D_pref (default: never)")
+    p.add_argument("--poll-s", type=float, help="how often to check for a new policy version (default 1.0)")
+    p.add_argument("--seed", type=int, help="seed for task order (default 0)")
+    p.add_argument("--save-trajectories", action="store_true", default=None,
+                   help="also write every trajectory to RUN_DIR/trajectories.jsonl")
+    add_role_args(p, policy_required=False)
+    p.set_defaults(func=_run)
+
+
+def load_config(args: argparse.Namespace, model: type[BaseModel]) -> BaseModel:
+    """Flags override `--config` YAML; YAML keys fill any flag left unset (role flags too)."""
+    import yaml
+
+    if getattr(args, "config", None):
+        values = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{args.config}: expected a mapping of options")
+        for k, v in values.items():
+            k = k.replace("-", "_")
+            if getattr(args, k, None) is None:
+                setattr(args, k, ",".join(v) if isinstance(v, list) and k in ("policy",) else v)
+    return model.model_validate({k: getattr(args, k) for k in model.model_fields if getattr(args, k, None) is not None})
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args, ServeConfig)
+    except Exception as e:
+        raise SystemExit(f"simkit serve: bad configuration: {e}")
+    if not args.policy:
+        raise SystemExit("simkit serve: --policy URL is required (e.g. http://127.0.0.1:8000/v1)")
+    summary = asyncio.run(serve(cfg, args))
+    print(json.dumps(summary))
+    return 0
