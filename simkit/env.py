@@ -104,6 +104,7 @@ class Env:
     name: ClassVar[str] = ""
     success_threshold: ClassVar[float] = 0.5  # ε: a trajectory with score >= ε is a success
     default_max_turns: ClassVar[int] = 3
+    metric_name: ClassVar[str] = "score"  # the content metric's name in tables (F1, Exec Match, …)
 
     def __init__(self, classifier: ActionClassifier | None = None, simulator: UserSimulator | None = None,
                  max_turns: int | None = None, data_dir: str | os.PathLike | None = None, seed: int = 0, **cfg: Any):

@@ -33,6 +33,7 @@ def token_f1(prediction: str, target: str) -> float:
 @register("toy")
 class ToyEnv(Env):
     success_threshold = 0.5
+    metric_name = "F1"
 
     def __init__(self, size: int = 200, **kw: Any):
         super().__init__(**kw)

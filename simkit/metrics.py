@@ -1,0 +1,88 @@
+"""The paper's evaluation metrics over finished trajectories (pure functions, no I/O).
+
+Action level: accuracy, macro F1 over {CLARIFY, ANSWER}, CLARIFY precision/recall, confusion
+matrix (rows = gold, columns = predicted first action).
+Content level, with each env's own metric (DROP F1, embedding similarity, execution match):
+- turn: the first response against the reference response, over all tasks;
+- trajectory: the final answer after simulated clarification against the goal, over all tasks;
+- post-clarify: the trajectory score over tasks whose gold action is CLARIFY.
+Failed episodes (a role gave up) score 0 and are counted separately.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+from .types import ANSWER, CLARIFY, Trajectory
+
+LABELS = (CLARIFY, ANSWER)
+
+
+def confusion(gold: Sequence[str], pred: Sequence[str | None], labels: Sequence[str] = LABELS) -> list[list[int]]:
+    """counts[i][j] = #(gold == labels[i] and pred == labels[j]); a missing prediction counts
+    as the other action (the policy did not do what was asked)."""
+    idx = {a: i for i, a in enumerate(labels)}
+    m = [[0] * len(labels) for _ in labels]
+    for g, p in zip(gold, pred):
+        if p not in idx:
+            p = next(a for a in labels if a != g)
+        m[idx[g]][idx[p]] += 1
+    return m
+
+
+def prf(m: list[list[int]], i: int) -> tuple[float, float, float]:
+    """Precision, recall and F1 of class i (0 where undefined, as sklearn's zero_division=0)."""
+    tp = m[i][i]
+    pred = sum(row[i] for row in m)
+    gold = sum(m[i])
+    p = tp / pred if pred else 0.0
+    r = tp / gold if gold else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return p, r, f
+
+
+def macro_f1(m: list[list[int]]) -> float:
+    return sum(prf(m, i)[2] for i in range(len(m))) / len(m)
+
+
+def _mean(xs: Iterable[float]) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(trajs: Sequence[Trajectory]) -> dict[str, Any]:
+    """Every number of the paper's tables for one run, as a flat dict (scores in [0, 1])."""
+    gold = [t.gold_action for t in trajs]
+    pred = [t.first_action for t in trajs]
+    m = confusion(gold, pred)
+    p_c, r_c, f_c = prf(m, 0)
+    ok = [t for t in trajs if t.status == "ok"]
+    turn = [t.turn_score or 0.0 for t in trajs]
+    traj = [t.reward if t.terminated else 0.0 for t in trajs]
+    pc = [t.reward if t.terminated else 0.0 for t in trajs if t.gold_action == CLARIFY]
+    return {
+        "n": len(trajs), "failed": len(trajs) - len(ok),
+        "accuracy": _mean(g == p for g, p in zip(gold, pred)) if trajs else None,
+        "macro_f1": macro_f1(m) if trajs else None,
+        "clarify_precision": p_c, "clarify_recall": r_c, "clarify_f1": f_c,
+        "confusion": {"labels": list(LABELS), "matrix": m},
+        "turn_score": _mean(turn), "trajectory_score": _mean(traj), "post_clarify_score": _mean(pc),
+        "n_clarify_gold": sum(g == CLARIFY for g in gold),
+        "truncated": sum(t.truncated for t in trajs),
+        "avg_assistant_turns": _mean(len(t.assistant_turns) for t in trajs),
+    }
+
+
+COLUMNS = [("accuracy", "Acc"), ("macro_f1", "Macro F1"), ("clarify_precision", "CLARIFY P"),
+           ("clarify_recall", "CLARIFY R"), ("turn_score", "Turn"), ("trajectory_score", "Traj"),
+           ("post_clarify_score", "Post-Clarify")]
+
+
+def markdown_table(rows: Sequence[tuple[str, dict[str, Any]]], metric_name: str = "score") -> str:
+    """The paper's layout: one row per run, action metrics then content metrics (x100)."""
+    head = ["run"] + [f"{label} {metric_name}" if key in ("turn_score", "trajectory_score", "post_clarify_score")
+                      else label for key, label in COLUMNS] + ["n", "failed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in rows:
+        cells = [name] + [("—" if s.get(k) is None else f"{100 * s[k]:.1f}") for k, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells + [str(s.get("n", "")), str(s.get("failed", ""))]) + " |")
+    return "\n".join(lines)
