@@ -152,6 +152,6 @@ class OraclePolicy:
                       task: Task | None = None, **sampling: Any) -> Reply:
         if task is None:
             raise ValueError("OraclePolicy needs the task")
-        answered = any(m.role == "assistant" for m in messages)
+        answered = sum(m.role == "assistant" for m in messages) > sum(m.role == "assistant" for m in task.prompt)
         text = str(task.goal if answered else task.reference)
         return Reply(text=text, model=self.model)

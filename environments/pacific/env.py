@@ -1,0 +1,38 @@
+"""The `pacific` environment: clarify-or-answer over financial reports, scored like ACT.
+
+H (trajectory and turn score) is ACT's PACIFIC metric: DROP F1 with TAT-QA's number
+normalisation (`tatqa_metric.pacific_f1`), tolerance epsilon = 0.9 (the authors' threshold).
+The turn-level score compares the first response with the reference response r_i (for a CLARIFY
+turn: the clarifying question). ``scale_aware=True`` additionally credits a bare number written in
+another scale ("12,600,000" for "12.6 million"); off by default to match the authors.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from simkit.env import Env, register
+from simkit.types import Task
+
+from .loader import SPLITS, load_tasks
+from .tatqa_metric import pacific_f1
+
+
+@register("pacific")
+class PacificEnv(Env):
+    success_threshold = 0.9
+
+    def __init__(self, tune_fraction: float = 0.5, scale_aware: bool = False, **kw: Any):
+        super().__init__(**kw)
+        self.scale_aware = scale_aware
+        self._tasks = load_tasks(self.data_dir, tune_fraction)
+
+    def splits(self) -> dict[str, int]:
+        return {s: len(self._tasks[s]) for s in SPLITS}
+
+    def tasks(self, split: str) -> list[Task]:
+        if split not in self._tasks:
+            raise KeyError(f"pacific has splits {list(SPLITS)}, not {split!r}")
+        return self._tasks[split]
+
+    async def score(self, prediction: str, target: Any, task: Task) -> float:
+        return pacific_f1(prediction, str(target), scale_aware=self.scale_aware)
