@@ -45,7 +45,7 @@ def _corpus() -> list[str]:
 
 
 def init_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024, hidden_size: int = 64,
-              layers: int = 2, heads: int = 4, max_positions: int = 4096) -> Path:
+              layers: int = 2, heads: int = 4, max_positions: int = 8192) -> Path:
     """Write a tiny Llama + tokenizer to `out` and return the path."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
