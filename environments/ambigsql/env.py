@@ -1,0 +1,142 @@
+"""`ambigsql`: clarify-or-answer text-to-SQL over Spider databases (ACT's AmbigSQL, rebuilt).
+
+    env = simkit.make("ambigsql")                 # builds the data on first use, then caches it
+    env = simkit.make("ambigsql", path="ambigsql.json")   # a file from `simkit data build-ambigsql`
+
+Splits: `train` (Spider-train questions from spiderman_train_queries.csv) and `test` (Spider
+dev). Each task's prompt is one user message with the database schema and the question.
+Gold action CLARIFY: reference = the clarifying question, user_reply = the user's answer;
+ANSWER: reference = the gold SQL. goal = the gold SQL of the disambiguated question.
+
+Scores (execution match, Spider test-suite semantics, see `sqlexec`):
+* `score` (trajectory level): 1.0 if the SQL in the final answer has the same result as the
+  goal SQL on the task's database, else 0.0. Averaged over tasks whose gold action is
+  CLARIFY this is ACT's Post-Clarify Execution Match. success_threshold = 1.0.
+* `turn_score` (first response only): gold ANSWER -> execution match of the first
+  response; gold CLARIFY -> 1.0 when the first response asks (contains no SQL and reads as
+  a clarifying question by the offline rule classifier), 0.0 when it commits to SQL — even
+  SQL that happens to match (a guess is the wrong turn, whatever its luck).
+
+All SQL from the policy is untrusted and runs in sandboxed worker processes off the event
+loop (`sqlexec.SQLRunner`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from simkit import prompts
+from simkit.agents import RuleClassifier
+from simkit.env import Env, register
+from simkit.types import ANSWER, CLARIFY, Message, Task
+
+from . import build as builder
+from .sqlexec import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S, SQLRunner, extract_sql
+
+log = logging.getLogger(__name__)
+
+_DESCRIPTIONS = {
+    "information": "which attribute, value or threshold the user means (SELECT / WHERE)",
+    "population": "which table or group of records the user means (FROM)",
+    "presentation": "how the results should be ordered, grouped or limited (ORDER BY / GROUP BY / LIMIT)",
+}
+
+
+@register("ambigsql")
+class AmbigSQLEnv(Env):
+    success_threshold = 1.0
+    default_max_turns = 3
+
+    def __init__(self, path: str | os.PathLike | None = None, spider_dir: str | os.PathLike | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, max_rows: int = DEFAULT_MAX_ROWS,
+                 sql_workers: int | None = None, isolation: str = "process", **kw: Any):
+        super().__init__(**kw)
+        self.spider_dir = Path(spider_dir) if spider_dir else self.data_dir / "spider"
+        self.path = Path(path) if path else None
+        self.runner = SQLRunner(workers=sql_workers, timeout_s=timeout_s, max_rows=max_rows, isolation=isolation)
+        self._doc: dict[str, Any] | None = None
+        self._tasks: dict[str, list[Task]] | None = None
+
+    # -------------------------------------------------------------- data
+    def dataset_path(self) -> Path:
+        """The dataset file: `path=` (built there if missing) or the cached build."""
+        if self.path is not None:
+            if not self.path.is_file():
+                fp = builder.input_fingerprint(self.spider_dir, self.seed)
+                builder.save(builder.build(self.spider_dir, self.seed), self.path, fp)
+            return self.path
+        if not (self.spider_dir / "tables.json").is_file():
+            raise FileNotFoundError(f"Spider data not found in {self.spider_dir} (set SIMKIT_DATA_DIR or spider_dir=)")
+        return builder.build_cached(self.spider_dir, self.seed)
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        if self._doc is None:
+            path = self.dataset_path()
+            log.info("ambigsql: loading %s", path)
+            self._doc = builder.load(path)
+        return self._doc
+
+    def _all_tasks(self) -> dict[str, list[Task]]:
+        if self._tasks is None:
+            doc = self.dataset
+            out: dict[str, list[Task]] = {s: [] for s in doc["stats"]["splits"]}
+            for e in doc["examples"]:
+                out.setdefault(e["split"], []).append(self._task(e, doc["schemas"][e["db_id"]]))
+            self._tasks = out
+        return self._tasks
+
+    def _task(self, e: dict[str, Any], schema_text: str) -> Task:
+        content = prompts.render("user_prompt", env=self.name, schema=schema_text, question=e["question"])
+        clarify = e["gold_action"] == "CLARIFY"
+        grounding: dict[str, Any] = {"intent": e["disambiguated_question"]}
+        if clarify:
+            grounding["clarification"] = e["clarification"]
+            grounding["ambiguity"] = _DESCRIPTIONS.get(e["ambiguity"], e["ambiguity"])
+        return Task(
+            id=e["id"], env=self.name, prompt=[Message(role="user", content=content)],
+            reference=e["clarifying_question"] if clarify else e["gold_sql"],
+            gold_action=CLARIFY if clarify else ANSWER, goal=e["gold_sql"],
+            user_reply=e["clarification"] if clarify else None, grounding=grounding,
+            meta={"db_id": e["db_id"], "ambiguity": e["ambiguity"], "subtype": e["subtype"],
+                  "alternatives": e["alternatives"], "question": e["question"],
+                  "original_question": e["original_question"], "source": e["source"], "split": e["split"]},
+        )
+
+    def splits(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self._all_tasks().items()}
+
+    def tasks(self, split: str) -> list[Task]:
+        tasks = self._all_tasks()
+        if split not in tasks:
+            raise KeyError(f"ambigsql has splits {list(tasks)}, not {split!r}")
+        return tasks[split]
+
+    def stats(self) -> dict[str, Any]:
+        """The builder's stats report (counts per split and ambiguity type, skipped questions)."""
+        return self.dataset["stats"]
+
+    def db_path(self, db_id: str) -> Path:
+        return self.spider_dir / "database" / db_id / f"{db_id}.sqlite"
+
+    # -------------------------------------------------------------- scoring
+    async def exec_match(self, text: str, gold_sql: str, db_id: str) -> float:
+        """1.0 if the SQL in `text` executes to the same result as `gold_sql`."""
+        sql = extract_sql(text)
+        if not sql:
+            return 0.0
+        return 1.0 if await self.runner.exec_match(self.db_path(db_id), sql, gold_sql) else 0.0
+
+    async def score(self, prediction: str, target: Any, task: Task) -> float:
+        return await self.exec_match(prediction, str(target), task.meta["db_id"])
+
+    async def turn_score(self, text: str, task: Task) -> float:
+        if task.gold_action == CLARIFY:
+            asks = extract_sql(text) is None and RuleClassifier.classify_sync(text) == CLARIFY
+            return 1.0 if asks else 0.0
+        return await self.exec_match(text, str(task.goal), task.meta["db_id"])
+
+    async def aclose(self) -> None:
+        self.runner.close()
