@@ -94,6 +94,7 @@ class Server:
                 pass
             await self.follow_version()
             self._status()
+            self._write_metrics(False)  # also while back-pressure holds rollouts
 
     # ------------------------------------------------------------------ task stream
     def _stream(self, dpref: list, tasks: dict):

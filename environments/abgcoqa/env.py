@@ -23,6 +23,7 @@ from .similarity import Embedder, get_embedder
 @register("abgcoqa")
 class AbgCoqaEnv(Env):
     success_threshold = 0.5
+    metric_name = "sim"
 
     def __init__(self, tune_fraction: float = 0.5, embedder: Embedder | None = None,
                  embedder_path: str | None = None, **kw: Any):

@@ -47,6 +47,7 @@ _DESCRIPTIONS = {
 @register("ambigsql")
 class AmbigSQLEnv(Env):
     success_threshold = 1.0
+    metric_name = "Exec Match"
     default_max_turns = 3
 
     def __init__(self, path: str | os.PathLike | None = None, spider_dir: str | os.PathLike | None = None,

@@ -20,6 +20,7 @@ from .tatqa_metric import pacific_f1
 @register("pacific")
 class PacificEnv(Env):
     success_threshold = 0.9
+    metric_name = "F1"
 
     def __init__(self, tune_fraction: float = 0.5, scale_aware: bool = False, **kw: Any):
         super().__init__(**kw)
