@@ -73,7 +73,10 @@ def run_demo(args: argparse.Namespace) -> int:
     base = Path(args.model).resolve() if args.model else out / "tiny-llama"
     if not args.model:
         _step("1/6 tiny model (random Llama + offline tokenizer)")
-        _run([py, "-m", "simkit.cli", "model", "init-tiny", "--out", str(base)], logs / "init.log", 300)
+        corpus = out / "tokenizer_corpus.txt"
+        write_corpus(args.env, corpus, args.sft_tasks * 4)
+        _run([py, "-m", "simkit.cli", "model", "init-tiny", "--out", str(base), "--corpus", str(corpus),
+              "--vocab-size", "4096", "--hidden-size", "128"], logs / "init.log", 300)
 
     _step(f"2/6 SFT baseline on {args.sft_tasks} {args.env} reference conversations")
     train_common = ["--lr", str(args.lr), "--max-length", str(args.max_length), "--batch-size", "4",
@@ -143,6 +146,18 @@ def run_demo(args: argparse.Namespace) -> int:
             pipeline(srv.url)
     print(f"\ndemo finished in {time.monotonic() - t_start:.0f}s; everything is in {out}")
     return 0
+
+
+def write_corpus(env_name: str, path: Path, n: int) -> None:
+    """Task text (prompts and references of the training split) for the tiny tokenizer."""
+    from .env import make
+
+    env = make(env_name)
+    with open(path, "w", encoding="utf-8") as f:
+        for t in env.tasks(next(iter(env.splits())))[:n]:
+            for m in [*t.prompt]:
+                f.write(m.content + "\n")
+            f.write(t.reference + "\n" + str(t.goal) + "\n")
 
 
 def plot_side_by_side(run_dirs: list[Path], path: Path) -> None:

@@ -31,10 +31,10 @@ select from where group having limit distinct join on as inner left count avg mi
 null is in exists union intersect except case when then else end asc desc"""
 
 
-def _corpus() -> list[str]:
+def _corpus(extra: list[str] | None = None) -> list[str]:
     from .prompts import prompts_dir
 
-    lines = [_WORDS]
+    lines = [_WORDS] + list(extra or [])
     for p in sorted(prompts_dir().rglob("*.txt")):
         lines.extend(p.read_text(encoding="utf-8").splitlines())
     lines += [" ".join(str(i) for i in range(k, k + 50)) for k in range(0, 2000, 50)]
@@ -45,8 +45,9 @@ def _corpus() -> list[str]:
 
 
 def init_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024, hidden_size: int = 64,
-              layers: int = 2, heads: int = 4, max_positions: int = 8192) -> Path:
-    """Write a tiny Llama + tokenizer to `out` and return the path."""
+              layers: int = 2, heads: int = 4, max_positions: int = 8192, corpus: str | Path | None = None) -> Path:
+    """Write a tiny Llama + tokenizer to `out` and return the path. `corpus`: a text file whose
+    lines are added to the tokenizer's training text (e.g. the task's prompts)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -58,7 +59,8 @@ def init_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024, hidden_siz
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    extra = Path(corpus).read_text(encoding="utf-8").splitlines() if corpus else None
+    tok.train_from_iterator(_corpus(extra), trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         chat_template=CHAT_TEMPLATE, model_max_length=max_positions,
@@ -93,11 +95,12 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (default 1024)")
     t.add_argument("--hidden-size", type=int, default=64, help="hidden size (default 64)")
     t.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
+    t.add_argument("--corpus", help="text file whose lines also train the tokenizer (e.g. task prompts)")
     t.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     path = init_tiny(args.out, seed=args.seed, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                     layers=args.layers)
+                     layers=args.layers, corpus=args.corpus)
     print(f"tiny model written to {path}")
     return 0
