@@ -1,0 +1,123 @@
+"""trainer: config (YAML + CLI), --help, ledger commit semantics, tokenisation = TRL's, SFT data."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from simkit.queue import open_queue
+from trainer.cli import build_parser
+from trainer.config import RunConfig, SFTRunConfig, config_from_args
+from trainer.ledger import MARKER, Ledger, latest_committed
+from trainer.synthetic import toy_pairs
+
+
+def test_config_yaml_then_cli_overrides(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("queue: q.db\nmodel: m\nout: o\nbeta: 0.2\npublish-every: 7\nloss_type: [sigmoid, sft]\n"
+                        "loss_weights: [1.0, 0.5]\n")
+    parser = build_parser()
+    args = parser.parse_args(["run", "--config", str(cfg_file), "--beta", "0.1", "--policy-url", "http://a/v1",
+                              "http://b/v1", "--no-tensorboard"])
+    cfg = config_from_args(RunConfig, args)
+    assert cfg.beta == 0.1 and cfg.publish_every == 7 and cfg.commit_every == 7  # flag beats YAML
+    assert cfg.loss_type == ["sigmoid", "sft"] and cfg.loss_weights == [1.0, 0.5]
+    assert cfg.policy_url == ["http://a/v1", "http://b/v1"] and cfg.tensorboard is False
+    assert cfg.lr == 2e-5 and cfg.lr_scheduler == "cosine"  # defaults
+    assert RunConfig(queue="q", model="m", out="o").beta == 0.05  # the authors' beta
+
+
+def test_config_errors_name_the_flag(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        args = parser.parse_args(["run", "--model", "m", "--out", "o"])
+        config_from_args(RunConfig, args, args.parser)
+    assert "--queue" in capsys.readouterr().err
+    with pytest.raises(Exception):
+        SFTRunConfig(model="m", out="o")  # neither data nor env
+
+
+def test_help_is_complete():
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", "run", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in RunConfig.model_fields:
+        assert "--" + flag.replace("_", "-") in out, flag
+    for cmd in ("sft", "plot"):
+        assert subprocess.run([sys.executable, "-m", "trainer.cli", cmd, "--help"], capture_output=True,
+                              text=True).returncode == 0
+
+
+def test_ledger_commit_protocol_survives_crash_points(tmp_path):
+    """Marker = commit point: ack after it, repair on restart, drop checkpoints without one."""
+    q = open_queue(tmp_path / "q.db")
+    q.append(toy_pairs(6))
+    ckpts = tmp_path / "run" / "checkpoints"
+    ledger = Ledger(q, tmp_path / "run", lease_s=60)
+    lease = q.lease(4, consumer="trainer")
+    ledger.on_lease(lease)
+    ledger.on_micro_batch([(p.id, 0) for p in lease.pairs[:2]])
+    ledger.on_step_end()
+    (ckpts / "checkpoint-1").mkdir(parents=True)
+    marker = ledger.commit(ckpts / "checkpoint-1", 1)
+    assert q.stats()["acked"] == 2 and marker["committed_total"] == 2
+    # step 2 trained, its checkpoint written, marker written, but the process dies before the ack
+    ledger.on_micro_batch([(p.id, 0) for p in lease.pairs[2:]])
+    ledger.on_step_end()
+    (ckpts / "checkpoint-2").mkdir()
+    (ckpts / "checkpoint-2" / MARKER).write_text(json.dumps(
+        {"step": 2, "parent_step": 1, "pair_ids": [p.id for p in lease.pairs[2:]], "committed_total": 4}))
+    (ckpts / "checkpoint-3").mkdir()  # died while saving step 3: no marker
+    q.close()
+
+    q = open_queue(tmp_path / "q.db")
+    path, found = latest_committed(ckpts)
+    assert path.name == "checkpoint-2" and not (ckpts / "checkpoint-3").exists()
+    fresh = Ledger(q, tmp_path / "run", lease_s=60)
+    fresh.restore(found, "trainer")
+    st = q.stats()
+    assert st["acked"] == 4 and st["in_flight"] == 0 and fresh.committed_total == 4
+    audit = [json.loads(l) for l in (tmp_path / "run" / "trained_pairs.jsonl").read_text().splitlines()]
+    ids = [i for row in audit for i in row["pair_ids"]]
+    assert len(ids) == len(set(ids)) == 4
+    assert {p.id for p in q.lease(10).pairs} == {p.id for p in toy_pairs(6)} - set(ids)
+    q.close()
+
+
+def test_tokenisation_matches_trl(tiny_model, tmp_path):
+    """QueueSource tokenises a pair exactly like DPOTrainer tokenises its dataset."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from trainer.data import tokenize_pair
+    from trainer.models import load_model, load_tokenizer
+
+    pairs = toy_pairs(6)
+    tok = load_tokenizer(str(tiny_model))
+    trainer = DPOTrainer(model=load_model(str(tiny_model)), processing_class=tok,
+                         args=DPOConfig(output_dir=str(tmp_path), max_length=512, report_to="none", bf16=False,
+                                        max_steps=1),
+                         train_dataset=Dataset.from_list([p.to_trl() for p in pairs]))
+    ref = trainer.train_dataset
+    assert len(ref) == len(pairs)
+    for row, pair in zip(ref, pairs):
+        mine = tokenize_pair(tok, pair.to_trl(), 512)
+        assert mine == {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    assert tokenize_pair(tok, pairs[0].to_trl(), max_length=4) is None  # TRL drops prompt-only rows
+
+
+def test_sft_rows_from_env_and_jsonl(tmp_path):
+    from trainer.sft import build_rows
+
+    rows = build_rows(SFTRunConfig(model="m", out="o", env="toy", limit=4))
+    # 2 CLARIFY tasks (each + a follow-up row) and 2 ANSWER tasks
+    assert len(rows) == 6
+    assert rows[0]["prompt"][0]["role"] == "system" and rows[0]["completion"][0]["role"] == "assistant"
+    follow = rows[1]
+    assert [m["role"] for m in follow["prompt"]][-2:] == ["assistant", "user"]
+    assert len(build_rows(SFTRunConfig(model="m", out="o", env="toy", limit=4, followup=False))) == 4
+    data = tmp_path / "c.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                                             {"role": "user", "content": "r"}, {"role": "assistant", "content": "b"}]})
+                    + "\n")
+    rows = build_rows(SFTRunConfig(model="m", out="o", data=str(data)))
+    assert [len(r["prompt"]) for r in rows] == [1, 3]

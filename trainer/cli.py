@@ -1,0 +1,114 @@
+"""`trainer` command line: run (queue-fed DPO), sft (the SFT baseline), plot (learning curves).
+
+Heavy imports (torch, transformers, trl) happen inside the commands so `--help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import RunConfig, SFTRunConfig, add_config_args, config_from_args
+
+RUN_EPILOG = """\
+example (CPU, tiny model, embedded server):
+  simkit model init-tiny --out runs/tiny
+  simkit model-server --model runs/tiny --port 8000 &
+  trainer run --queue runs/queue.db --model runs/tiny --policy-url http://127.0.0.1:8000/v1 \\
+      --out runs/act --publish-every 10 --max-steps 200 --batch-size 4
+
+Each publish: the adapter is copied to RUN_DIR/adapters/vNNNNNN (a new directory per version),
+loaded into every --policy-url (POST /v1/load_lora_adapter, load_inplace when the name is
+already loaded), verified in GET /v1/models, and only then announced on the queue.
+Pairs are acked once a checkpoint containing their step is committed; a killed trainer
+restarts from its last committed checkpoint (just run the same command again).
+SIGINT / SIGTERM: finish the current step, commit, publish, release unused leases, exit 0.
+Outputs: RUN_DIR/{config.yaml, metrics.jsonl, tb/, checkpoints/, adapters/, trained_pairs.jsonl}.
+"""
+
+SFT_EPILOG = """\
+examples:
+  trainer sft --env toy --model runs/tiny --out runs/sft --epochs 2
+  trainer sft --env pacific --split train --limit 50 --model HuggingFaceH4/zephyr-7b-beta --out runs/sft50
+  trainer sft --data conversations.jsonl --model runs/tiny --out runs/sft --merge
+The adapter lands in RUN_DIR/adapter (serve it with load_lora_adapter), merged weights in RUN_DIR/merged.
+"""
+
+
+def _wrap(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, 100)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trainer",
+        description="simkit trainer: queue-fed DPO (ACT Phase 2) with a PEFT LoRA adapter, hot-published into "
+                    "the policy servers; the SFT baseline; learning-curve plots.",
+        epilog="Run `trainer COMMAND --help` for each command's options. Options can also come from "
+               "--config FILE.yaml (flags override it).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="train DPO on pairs from the queue; publish LoRA versions to the policy servers",
+                       description=_wrap("Queue-fed DPO with TRL's DPOTrainer and a LoRA adapter (the reference model "
+                                         "is the base with the adapter off). One trainer, one optimizer state for the "
+                                         "whole run."),
+                       epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(r, RunConfig)
+    r.set_defaults(func=_run, parser=r)
+
+    s = sub.add_parser("sft", help="the SFT baseline on reference conversations (env split or JSONL)",
+                       description=_wrap("Supervised fine-tuning (TRL SFTTrainer, LoRA) on an environment's reference "
+                                         "conversations or a JSONL of conversations; the same base model, LoRA and "
+                                         "metrics as `trainer run`, for SFT-vs-ACT comparisons."),
+                       epilog=SFT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(s, SFTRunConfig)
+    s.set_defaults(func=_sft, parser=s)
+
+    pl = sub.add_parser("plot", help="write learning-curve PNGs of a run directory",
+                        description="Read RUN_DIR/metrics.jsonl (from `trainer run` or `trainer sft`) and write "
+                                    "loss, rewards, reward accuracy, log-probs, throughput, staleness and learning "
+                                    "rate curves as PNGs (default: RUN_DIR/plots).")
+    pl.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
+    pl.add_argument("--out", help="output directory (default: RUN_DIR/plots)")
+    pl.add_argument("--smooth", type=int, default=1, help="moving-average window in steps (default 1: raw)")
+    pl.set_defaults(func=_plot, parser=pl)
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .dpo import run
+
+    return run(config_from_args(RunConfig, args, args.parser))
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from .sft import run_sft
+
+    run_sft(config_from_args(SFTRunConfig, args, args.parser))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out, args.smooth):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Configs for `trainer run` and `trainer sft`: pydantic models, loadable from YAML, overridable
+by CLI flags (DESIGN.md "Conventions": one config type per command).
+
+Precedence: field defaults < `--config FILE.yaml` < flags given on the command line.
+The CLI flags are generated from the fields (`--publish-every` ↔ `publish_every`), so `--help`
+always lists every option with its description and default.
+"""
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class CommonConfig(BaseModel):
+    """Model, LoRA and optimiser settings shared by `trainer run` and `trainer sft`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="base model: a local directory or a hub id (anything from_pretrained loads)")
+    out: str = Field(description="run directory: config snapshot, checkpoints, adapters, metrics, plots")
+    batch_size: int = Field(4, ge=1, description="pairs (DPO) or examples (SFT) per device per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(2e-5, gt=0, description="peak learning rate (authors' slides: AdamW 2e-5)")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant, ...)")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    optim: str = Field("adamw_torch", description="transformers optimizer name (adamw_torch, rmsprop, ...)")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 disables)")
+    max_length: int = Field(1024, ge=8, description="max tokens of prompt + response (authors: 1024)")
+    lora_r: int = Field(16, ge=1, description="LoRA rank (a vLLM server needs --max-lora-rank >= this)")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"], description="LoRA target modules ('all-linear' = every linear but lm_head)")
+    dtype: Dtype = Field("auto", description="weights dtype; auto = bfloat16 on GPU, float32 on CPU")
+    gradient_checkpointing: bool = Field(False, description="trade compute for memory (large models on GPU)")
+    seed: int = Field(0, description="random seed (LoRA init, dropout)")
+    tensorboard: bool = Field(True, description="also write metrics to RUN_DIR/tb for TensorBoard")
+    merge: bool = Field(False, description="also save merged full weights (base + adapter) for restart-based reloads")
+    log_level: str = Field("info", description="python logging level")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out)
+
+
+class RunConfig(CommonConfig):
+    """`trainer run`: queue-fed DPO that publishes LoRA versions into the policy servers."""
+
+    queue: str = Field(description="pair queue: a SQLite path or sqlite:///path (the one `simkit serve` appends to)")
+    policy_url: list[str] = Field(
+        default_factory=list, description="OpenAI-style base URL(s) of the policy server(s) to load each version into "
+                                          "(e.g. http://127.0.0.1:8000/v1); none = publish on the queue only")
+    max_steps: int = Field(1000, ge=1, description="total optimizer steps of the run (resumes count from the checkpoint)")
+    publish_every: int = Field(10, ge=1, description="publish a new policy version every N optimizer steps")
+    save_every: int | None = Field(None, ge=1, description="checkpoint + ack the trained pairs every N steps "
+                                                           "(default: publish_every)")
+    beta: float = Field(0.05, gt=0, description="DPO beta (authors: 0.05)")
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"],
+                                 description="TRL DPO loss type(s): sigmoid, hinge, ipo, exo_pair, nca_pair, robust, "
+                                             "bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, "
+                                             "sft, sigmoid_norm")
+    loss_weights: list[float] | None = Field(None, description="weights when combining several loss types")
+    label_smoothing: float = Field(0.0, ge=0, description="label smoothing (robust / exo_pair losses)")
+    consumer: str = Field("trainer", description="consumer name on the queue (leases are owned by it)")
+    lease_s: float = Field(3600.0, gt=0, description="lease length; held leases are renewed until their pairs are acked")
+    poll_s: float = Field(0.5, gt=0, description="wait between lease attempts while the queue is empty")
+    idle_timeout_s: float | None = Field(None, gt=0, description="stop cleanly after this long without new pairs "
+                                                                 "(default: wait forever)")
+    max_staleness: int | None = Field(None, ge=0, description="drop queued pairs more than this many versions behind "
+                                                             "the current one before leasing (default: keep all)")
+    adapter_name: str = Field("policy", description="adapter name on the servers (versioned naming adds -vN)")
+    adapter_naming: Literal["versioned", "inplace"] = Field(
+        "versioned", description="versioned: a new name per version (policy-v3); inplace: reuse one name with "
+                                 "load_inplace (the path is still new per version)")
+    keep_loaded: int = Field(0, ge=0, description="unload versions older than the newest K from the servers "
+                                                  "(0 = never unload)")
+    keep_checkpoints: int = Field(2, ge=1, description="committed checkpoints to keep on disk")
+    publish_retries: int = Field(5, ge=1, description="attempts per server to load + verify an adapter")
+    publish_timeout_s: float = Field(60.0, gt=0, description="HTTP timeout of one load / list call")
+    api_key_env: str = Field("SIMKIT_SERVER_API_KEY", description="environment variable holding the servers' bearer "
+                                                                  "token (unset = none)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError("loss_weights needs one weight per loss_type")
+        return self
+
+    @property
+    def commit_every(self) -> int:
+        return self.save_every or self.publish_every
+
+
+class SFTRunConfig(CommonConfig):
+    """`trainer sft`: the SFT baseline on reference conversations (TRL SFTTrainer + LoRA)."""
+
+    data: str | None = Field(None, description="JSONL of conversations ({'messages': [...]}) or prompt/completion rows")
+    env: str | None = Field(None, description="environment name (simkit.make(NAME)); its reference conversations")
+    split: str = Field("train", description="environment split")
+    limit: int | None = Field(None, ge=1, description="use only the first N conversations (paper: n=50 / n=250)")
+    followup: bool = Field(True, description="for CLARIFY tasks also train the final answer after the user's reply")
+    epochs: float = Field(8.0, gt=0, description="training epochs (authors' SFT baseline: 8)")
+    max_steps: int = Field(-1, description="stop after N optimizer steps (overrides epochs when > 0)")
+    lr: float = Field(2e-5, gt=0, description="peak learning rate")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SFTRunConfig":
+        if bool(self.data) == bool(self.env):
+            raise ValueError("give exactly one of data (a JSONL file) or env (an environment name)")
+        return self
+
+
+# --------------------------------------------------------------------------- YAML + CLI
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of `X | None`."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type[BaseModel]) -> None:
+    """One flag per config field; defaults are SUPPRESSed so only given flags override."""
+    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
+                        help="YAML file with any of these options (flags given here override it)")
+    fields = sorted(cls.model_fields.items(), key=lambda kv: not kv[1].is_required())  # required first
+    for name, field in fields:
+        ann, _ = _unwrap(field.annotation)
+        default = field.get_default(call_default_factory=True)
+        desc = field.description or ""
+        help_ = desc + (" (required)" if field.is_required() else "" if "default" in desc else f" (default: {default})")
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_, "dest": name}
+        origin = typing.get_origin(ann)
+        if ann is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            (inner,) = typing.get_args(ann)
+            kw.update(nargs="+", type=inner, metavar=name.upper().split("_")[-1])
+        elif origin is Literal:
+            choices = typing.get_args(ann)
+            kw.update(choices=choices, type=type(choices[0]))
+        elif ann in (int, float, str):
+            kw.update(type=ann, metavar=name.upper().split("_")[-1])
+        parser.add_argument(_flag(name), **kw)
+
+
+def config_from_args(cls: type[BaseModel], args: argparse.Namespace, parser: argparse.ArgumentParser | None = None):
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    values.update({k: v for k, v in vars(args).items() if k in cls.model_fields})
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        msg = "; ".join(f"{_flag(str(err['loc'][0])) if err['loc'] else 'config'}: {err['msg']}" for err in e.errors())
+        if parser is not None:
+            parser.error(msg)
+        raise
+
+
+def save_snapshot(cfg: BaseModel, run_dir: Path, name: str) -> Path:
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / name
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path

@@ -1,0 +1,185 @@
+"""Queue → tokenised DPO examples, on the fly.
+
+`QueueSource` is a torch IterableDataset over the pair queue: it leases a batch at a time,
+tokenises each pair exactly as TRL's `DPOTrainer` tokenises a conversational dataset, and yields
+examples carrying their pair id, so that the ids of every optimizer step are known (and acked
+only once that step is in a committed checkpoint, see `ledger.py`).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+from trl.data_utils import common_prefix_length
+
+from simkit.types import PreferencePair
+
+log = logging.getLogger("trainer")
+META = "_pairs"  # batch key with [(pair id, policy version)]; popped before the model sees the batch
+
+
+def _ids(tokenizer, messages: list[dict], **kw: Any) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)
+    return list(out["input_ids"])
+
+
+def tokenize_pair(tokenizer, row: dict, max_length: int | None) -> dict | None:
+    """TRL `DPOTrainer._prepare_dataset` for one conversational row: prompt ids (with the generation
+    prompt), chosen / rejected ids after the common prefix. None when the prompt alone fills
+    `max_length` (TRL drops those rows: no completion token would survive truncation)."""
+    prompt_ids = _ids(tokenizer, row["prompt"], add_generation_prompt=True)
+    chosen = _ids(tokenizer, row["prompt"] + row["chosen"])
+    rejected = _ids(tokenizer, row["prompt"] + row["rejected"])
+    n = min(common_prefix_length(prompt_ids, chosen), common_prefix_length(prompt_ids, rejected))
+    if max_length is not None and n >= max_length:
+        return None
+    return {"prompt_ids": prompt_ids[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
+
+
+class PairCollator:
+    """TRL's preference collator, plus the (id, version) list of the pairs in the batch."""
+
+    def __init__(self, collator: Callable[[list[dict]], dict]):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collator([{k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for e in examples])
+        batch[META] = [(e["pair_id"], e["policy_version"]) for e in examples]
+        return batch
+
+
+class QueueSource(torch.utils.data.IterableDataset):
+    """Lease → tokenise → yield, until `budget()` examples were yielded or `stop` is set.
+
+    A feeder thread leases and tokenises up to `prefetch` batches ahead of the batch being trained
+    (one by default: the next batch is ready when the step ends, and at most one extra batch is
+    leased-but-untrained at any time). The ledger callbacks `on_lease(lease)` and
+    `on_skip(pair, reason)` run on the consuming (training) thread, when a lease's first example is
+    taken. While the queue is empty the feeder polls every `poll_s`; once the training thread has
+    waited `idle_timeout_s` for a pair, iteration ends and `idle` is set (a clean end of the run).
+    """
+
+    def __init__(self, queue, tokenizer, *, lease_n: int, budget: Callable[[], int], stop: threading.Event,
+                 on_lease: Callable, on_skip: Callable, consumer: str = "trainer", lease_s: float = 3600.0,
+                 poll_s: float = 0.5, max_length: int | None = None, idle_timeout_s: float | None = None,
+                 min_version: Callable[[], int | None] = lambda: None, prefetch: int = 1):
+        super().__init__()
+        self.queue, self.tokenizer = queue, tokenizer
+        self.lease_n, self.budget, self.stop = lease_n, budget, stop
+        self.on_lease, self.on_skip = on_lease, on_skip
+        self.consumer, self.lease_s, self.poll_s = consumer, lease_s, poll_s
+        self.max_length, self.idle_timeout_s, self.min_version = max_length, idle_timeout_s, min_version
+        self.prefetch = max(1, prefetch)
+        self.idle = False  # set when the source stopped because of idle_timeout_s
+        self._feeders: list[_Feeder] = []
+
+    def __iter__(self) -> Iterator[dict]:
+        remaining = self.budget()
+        if remaining <= 0:
+            return
+        feeder = _Feeder(self, remaining)
+        self._feeders.append(feeder)
+        try:
+            while remaining > 0 and not self.stop.is_set():
+                item = feeder.get()
+                if item is None:
+                    return
+                lease, examples, skipped = item
+                self.on_lease(lease)
+                for pair, reason in skipped:
+                    self.on_skip(pair, reason)
+                for ex in examples:
+                    yield ex
+                    remaining -= 1
+        finally:
+            feeder.close()
+
+    def close(self) -> None:
+        """Stop every feeder thread (call before releasing the consumer's leases)."""
+        for f in self._feeders:
+            f.close()
+        self._feeders.clear()
+
+    def load(self, pairs: list[PreferencePair]) -> tuple[list[dict], list[tuple[PreferencePair, str]]]:
+        examples, skipped = [], []
+        for pair in pairs:
+            try:
+                ex = tokenize_pair(self.tokenizer, pair.to_trl(), self.max_length)
+            except Exception as e:  # a malformed pair must not kill the run; it is consumed and counted
+                skipped.append((pair, f"tokenize: {e}"))
+                continue
+            if ex is None:
+                skipped.append((pair, "prompt longer than max_length"))
+                continue
+            ex.update(pair_id=pair.id, policy_version=int(pair.policy_version))
+            examples.append(ex)
+        return examples, skipped
+
+
+class _Feeder:
+    """One background thread per iteration: lease + tokenise ahead, hand over through a queue."""
+
+    _END = object()
+
+    def __init__(self, src: QueueSource, total: int):
+        import queue as _q
+
+        self.src, self.total = src, total
+        self.out: _q.Queue = _q.Queue()
+        self.slots = threading.Semaphore(src.prefetch)
+        self.closed = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="trainer-feeder", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        src, leased = self.src, 0
+        try:
+            while leased < self.total and not self.closed.is_set() and not src.stop.is_set():
+                if not self.slots.acquire(timeout=src.poll_s):
+                    continue
+                lease = src.queue.lease(min(src.lease_n, self.total - leased), consumer=src.consumer,
+                                        lease_s=src.lease_s, min_version=src.min_version())
+                if not lease:
+                    self.slots.release()
+                    self.closed.wait(src.poll_s)
+                    continue
+                leased += len(lease)
+                self.out.put((lease, *src.load(lease.pairs)))
+        except BaseException as e:  # surfaced on the training thread
+            self.error = e
+        finally:
+            self.out.put(self._END)
+
+    def get(self):
+        """The next (lease, examples, skipped); None at the end: feeder done, `stop` set, or the
+        training thread waited `idle_timeout_s` for a pair (then `src.idle` is set)."""
+        import queue as _q
+
+        waiting_since = time.monotonic()
+        while True:
+            try:
+                item = self.out.get(timeout=min(0.25, self.src.poll_s))
+            except _q.Empty:
+                if self.src.stop.is_set():
+                    return None
+                idle = self.src.idle_timeout_s
+                if idle is not None and time.monotonic() - waiting_since > idle:
+                    log.info("no new pairs for %.1fs: stopping", idle)
+                    self.src.idle = True
+                    return None
+                continue
+            if item is self._END:
+                if self.error is not None:
+                    raise RuntimeError(f"pair feeder failed: {self.error}") from self.error
+                return None
+            self.slots.release()
+            return item
+
+    def close(self) -> None:
+        self.closed.set()
+        self.slots.release()
+        self.thread.join(timeout=60)

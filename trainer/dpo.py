@@ -1,0 +1,268 @@
+"""`trainer run`: queue-fed DPO with one long-lived TRL `DPOTrainer` (one optimizer state).
+
+    queue ──lease──► QueueSource (tokenise on the fly) ──► DPOTrainer.train()  (PEFT LoRA;
+                                                              │                reference = adapter off)
+          on_step_end: ledger, metrics, decide save/publish   │
+          on_save: commit marker → ack → Publisher ───────────┘──► policy servers + queue version
+
+`QueueDPOTrainer` changes three things only, through documented Trainer extension points: the
+train dataloader (the queue), `training_step` (records the ids of the micro-batch it trains),
+and `log` (adds queue metrics). The loss, reference model, precision and the optimizer /
+scheduler / checkpoint machinery are TRL's and transformers' own.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from torch.utils.data import DataLoader
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from trl import DPOConfig, DPOTrainer
+
+from simkit.queue import open_queue
+
+from .config import RunConfig, save_snapshot
+from .data import META, PairCollator, QueueSource
+from .ledger import Ledger, latest_committed, rotate
+from .metrics import MetricsCallback, MetricsWriter
+from .models import checkpointing_args, load_model, load_tokenizer, lora_config, precision_args
+from .publish import PublishError, Publisher
+
+log = logging.getLogger("trainer")
+
+
+def _placeholder_dataset():
+    """DPOTrainer.__init__ wants a dataset to inspect; the real data comes from the queue."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": "hello"}],
+                               "chosen": [{"role": "assistant", "content": "yes"}],
+                               "rejected": [{"role": "assistant", "content": "no"}]}])
+
+
+class QueueDPOTrainer(DPOTrainer):
+    """DPOTrainer fed by a `QueueSource`; knows which pairs each optimizer step used."""
+
+    def __init__(self, *args: Any, source: QueueSource, on_micro_batch: Callable[[list], None],
+                 step_extras: Callable[[], dict] = dict, **kwargs: Any):
+        self._source, self._on_micro_batch, self._step_extras = source, on_micro_batch, step_extras
+        super().__init__(*args, train_dataset=_placeholder_dataset(), **kwargs)
+        if self.accelerator.num_processes > 1:  # one ledger, one lease owner, one publisher
+            raise NotImplementedError("trainer run is single-process (one GPU or CPU); multi-process "
+                                      "data parallelism over the queue is not supported yet")
+
+    def get_train_dataloader(self) -> DataLoader:
+        # A plain DataLoader (no accelerate prefetch): a batch is trained as soon as it is leased,
+        # not when the next one has arrived. Tensors are moved to the device by _prepare_inputs.
+        return DataLoader(self._source, batch_size=self._train_batch_size, num_workers=0,
+                          collate_fn=PairCollator(self.data_collator))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._on_micro_batch(inputs.pop(META))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self._step_extras())
+        super().log(logs, start_time)
+
+
+class _RunCallback(TrainerCallback):
+    def __init__(self, run: "DPORun"):
+        self.run = run
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.run.t_last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        run, step = self.run, state.global_step
+        run.after_step(step)
+        final = step >= state.max_steps or run.stopping
+        if step % run.cfg.commit_every == 0 or step % run.cfg.publish_every == 0 or final:
+            control.should_save = True
+        if run.stop.is_set():
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kw):
+        # the source ended between steps (stop signal, idle timeout): commit what is trained
+        if self.run.ledger.uncommitted:
+            control.should_save = True
+        if self.run.stopping:
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kw):
+        final = state.global_step >= state.max_steps or self.run.stopping
+        self.run.commit(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, final)
+
+
+class DPORun:
+    """Everything one `trainer run` process owns: queue, model, ledger, publisher, metrics."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir.resolve()
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.stop = threading.Event()
+        self.version = 0
+        self.last_published_step = 0
+        self.t_last = time.perf_counter()
+        self._extras: dict[str, Any] = {}
+        self.source: QueueSource | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """A signal asked to stop, or the queue stayed empty for idle_timeout_s."""
+        return self.stop.is_set() or (self.source is not None and self.source.idle)
+
+    # ------------------------------------------------------------------ per step
+    def after_step(self, step: int) -> None:
+        pairs = self.ledger.on_step_end()
+        now = time.perf_counter()
+        dt, self.t_last = max(now - self.t_last, 1e-9), now
+        stale = [self.version - v for _, v in pairs] or [0]
+        self._extras = {"pairs": len(pairs), "pairs_per_s": len(pairs) / dt, "step_time_s": dt,
+                        "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
+                        "policy_version": self.version, "queue_depth": self.queue.depth(),
+                        "committed_pairs": self.ledger.committed_total}
+
+    def step_extras(self) -> dict:
+        extras, self._extras = self._extras, {}
+        return extras
+
+    def commit(self, ckpt: Path, step: int, final: bool) -> None:
+        publish = step % self.cfg.publish_every == 0 or (final and step > self.last_published_step)
+        marker = self.ledger.commit(ckpt, step, publish=publish)
+        self.writer.event("commit", step=step, pairs=len(marker["pair_ids"]),
+                          committed_total=marker["committed_total"], checkpoint=str(ckpt))
+        rotate(self.ckpt_dir, self.cfg.keep_checkpoints)
+        if publish:
+            self.publish(ckpt, step)
+
+    def publish(self, ckpt: Path, step: int) -> None:
+        try:
+            res = self.publisher.publish(ckpt, meta={"step": step, "run_dir": str(self.run_dir),
+                                                    "checkpoint": str(ckpt)})
+        except PublishError as e:  # keep training; the next publish point tries again
+            log.error("publishing step %d failed: %s", step, e)
+            self.writer.event("publish_failed", step=step, error=str(e))
+            return
+        self.version, self.last_published_step = res.version, step
+        self.writer.event("publish", step=step, version=res.version, adapter=res.adapter, path=res.path,
+                          save_s=round(res.save_s, 4), load_s=round(res.load_s, 4), total_s=round(res.total_s, 4),
+                          servers=res.servers, merged_path=res.merged_path)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _install_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self.stop.is_set() and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            log.info("%s: finishing the current step, committing, then stopping", signal.Signals(signum).name)
+            self.stop.set()
+
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _resume_state(self) -> Path | None:
+        """Ack what the last committed checkpoint trained, release the rest, republish if due."""
+        found = latest_committed(self.ckpt_dir)
+        path, marker = found if found else (None, None)
+        released = self.ledger.restore(marker, self.cfg.consumer)
+        cur = self.queue.current_version()
+        self.version = cur.version if cur else 0
+        if cur is not None and cur.meta.get("run_dir") == str(self.run_dir):
+            self.last_published_step = int(cur.meta.get("step", 0))
+        self.writer.event("resume" if path else "start", checkpoint=str(path) if path else None,
+                          step=marker["step"] if marker else 0, committed_total=self.ledger.committed_total,
+                          released=released, version=self.version)
+        if path is not None:
+            log.info("resuming from %s (step %d, %d pairs committed, %d leases released)", path, marker["step"],
+                     self.ledger.committed_total, released)
+            if marker.get("publish") and self.last_published_step < marker["step"]:
+                self.publish(path, marker["step"])  # died between commit and publish
+        return path
+
+    def dpo_config(self) -> DPOConfig:
+        c = self.cfg
+        return DPOConfig(
+            output_dir=str(self.ckpt_dir), per_device_train_batch_size=c.batch_size,
+            gradient_accumulation_steps=c.grad_accum, max_steps=c.max_steps, learning_rate=c.lr,
+            lr_scheduler_type=c.lr_scheduler, warmup_steps=c.warmup_steps, optim=c.optim,
+            weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm, beta=c.beta, loss_type=list(c.loss_type),
+            loss_weights=c.loss_weights, label_smoothing=c.label_smoothing, max_length=c.max_length,
+            seed=c.seed, logging_steps=1, save_strategy="no",
+            save_total_limit=None, report_to="none", remove_unused_columns=False, ignore_data_skip=True,
+            dataloader_num_workers=0, disable_tqdm=True, **precision_args(c.dtype),
+            **checkpointing_args(DPOConfig, c.gradient_checkpointing))
+
+    def main(self) -> int:
+        c = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_snapshot(c, self.run_dir, "config.yaml")
+        self.queue = open_queue(c.queue)
+        self.writer = MetricsWriter(self.run_dir, tensorboard=c.tensorboard)
+        self.ledger = Ledger(self.queue, self.run_dir, c.lease_s)
+        self.publisher = Publisher(
+            self.queue, c.policy_url, self.run_dir / "adapters", adapter_name=c.adapter_name,
+            naming=c.adapter_naming, keep_loaded=c.keep_loaded, retries=c.publish_retries,
+            timeout_s=c.publish_timeout_s, api_key=os.environ.get(c.api_key_env) or None,
+            merge_base=c.model if c.merge else None, merge_dtype=c.dtype)
+        previous = self._install_signals()
+        self.source = None
+        try:
+            resume = self._resume_state()
+            tokenizer = load_tokenizer(c.model)
+            self.source = source = QueueSource(
+                self.queue, tokenizer, lease_n=c.batch_size, stop=self.stop,
+                budget=lambda: (c.max_steps - self.trainer.state.global_step) * c.batch_size * c.grad_accum,
+                on_lease=self.ledger.on_lease, on_skip=self.ledger.on_skip, consumer=c.consumer,
+                lease_s=c.lease_s, poll_s=c.poll_s, max_length=c.max_length, idle_timeout_s=c.idle_timeout_s,
+                min_version=(lambda: None) if c.max_staleness is None else
+                (lambda: max(0, self.version - c.max_staleness)))
+            self.trainer = QueueDPOTrainer(
+                model=load_model(c.model, c.dtype), args=self.dpo_config(), processing_class=tokenizer,
+                peft_config=lora_config(c), source=source, on_micro_batch=self.ledger.on_micro_batch,
+                step_extras=self.step_extras, callbacks=[_RunCallback(self), MetricsCallback(self.writer)])
+            self.trainer.remove_callback(PrinterCallback)  # MetricsCallback logs one concise line per step
+            if self.stop.is_set():
+                return 0
+            self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            self.writer.event("stop", step=self.trainer.state.global_step, reason="idle" if source.idle else
+                              "signal" if self.stop.is_set() else "max_steps",
+                              committed_total=self.ledger.committed_total, skipped_total=self.ledger.skipped_total,
+                              version=self.version)
+            return 0
+        finally:
+            try:
+                if self.source is not None:
+                    self.source.close()  # no feeder may lease after the release below
+                self.queue.release(c.consumer)  # leased but not committed: back to the queue
+            finally:
+                for sig, h in previous.items():
+                    signal.signal(sig, h)
+                self.writer.close()
+                self.publisher.close()
+                self.queue.close()
+
+
+def quiet_libraries() -> None:
+    """CLI runs: no dataset progress bars, no deprecation chatter from library internals."""
+    import warnings
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def run(cfg: RunConfig) -> int:
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_libraries()
+    return DPORun(cfg).main()

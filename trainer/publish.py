@@ -1,0 +1,157 @@
+"""Publisher: adapter version → every policy server → verified → announced on the queue.
+
+    save  : copy the checkpoint's adapter into adapters/vNNNNNN/ (a NEW directory per version:
+            vLLM keys its prefix cache and adapter registry by name and path)
+    load  : POST {url}/load_lora_adapter {lora_name, lora_path, load_inplace} on every server,
+            with retries (load_inplace when the name is already loaded there)
+    verify: GET {url}/models lists the name with root == lora_path
+    publish: queue.publish_version(version, adapter=name, path) — only now does serve switch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+log = logging.getLogger("trainer")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+class PublishRefused(PublishError):
+    """The server answered 4xx: retrying the same request cannot help."""
+
+
+@dataclass
+class PublishResult:
+    version: int
+    adapter: str
+    path: str
+    servers: list[str]
+    save_s: float
+    load_s: float
+    merged_path: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_s(self) -> float:
+        return self.save_s + self.load_s
+
+
+class Publisher:
+    def __init__(self, queue, policy_urls: list[str], adapters_dir: str | Path, *, adapter_name: str = "policy",
+                 naming: str = "versioned", keep_loaded: int = 0, retries: int = 5, timeout_s: float = 60.0,
+                 api_key: str | None = None, merge_base: str | None = None, merge_dtype: str = "auto",
+                 backoff_s: float = 0.5):
+        self.queue = queue
+        self.urls = [u.rstrip("/") for u in policy_urls]
+        self.adapters_dir = Path(adapters_dir)
+        self.adapter_name, self.naming, self.keep_loaded = adapter_name, naming, keep_loaded
+        self.retries, self.backoff_s = retries, backoff_s
+        self.merge_base, self.merge_dtype = merge_base, merge_dtype
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(timeout=timeout_s, headers=headers)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def name_for(self, version: int) -> str:
+        return f"{self.adapter_name}-v{version}" if self.naming == "versioned" else self.adapter_name
+
+    def next_version(self) -> int:
+        cur = self.queue.current_version()
+        return 1 if cur is None else cur.version + 1
+
+    # ------------------------------------------------------------------ steps
+    def save(self, src_dir: str | Path, version: int) -> Path:
+        """Copy the adapter files into a fresh per-version directory (atomically renamed)."""
+        src = Path(src_dir)
+        if not (src / "adapter_config.json").is_file():
+            raise PublishError(f"{src} holds no adapter (adapter_config.json missing)")
+        dst = self.adapters_dir / f"v{version:06d}"
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in ADAPTER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        if dst.exists():  # re-publishing the same version after a crash: same weights, fresh copy
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+        return dst.resolve()
+
+    def listed(self, url: str) -> dict[str, dict]:
+        r = self.http.get(url + "/models")
+        r.raise_for_status()
+        return {m["id"]: m for m in r.json().get("data", [])}
+
+    def load(self, url: str, name: str, path: Path) -> None:
+        """Load (or reload in place) `name` from `path` on one server and verify it is listed."""
+        err: Exception | None = None
+        for attempt in range(1, self.retries + 1):
+            try:
+                inplace = name in self.listed(url)
+                r = self.http.post(url + "/load_lora_adapter",
+                                   json={"lora_name": name, "lora_path": str(path), "load_inplace": inplace})
+                if r.status_code >= 500 or r.status_code == 429:
+                    raise PublishError(f"{url}: HTTP {r.status_code}: {r.text[:300]}")
+                if r.status_code >= 400:  # a request the server will never accept: fail now
+                    raise PublishRefused(f"{url} refused {name} from {path}: HTTP {r.status_code}: {r.text[:300]}")
+                entry = self.listed(url).get(name)
+                if entry is None or (entry.get("root") not in (None, str(path))):
+                    raise PublishError(f"{url} does not list {name} at {path} after loading it (got {entry})")
+                return
+            except PublishRefused:
+                raise
+            except PublishError as e:
+                err = e
+            except (httpx.HTTPError, ValueError) as e:
+                err = e
+            log.warning("loading %s into %s failed (attempt %d/%d): %s", name, url, attempt, self.retries, err)
+            if attempt < self.retries:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        raise PublishError(f"could not load {name} into {url} after {self.retries} attempts: {err}")
+
+    def unload_old(self, version: int) -> None:
+        if self.naming != "versioned" or self.keep_loaded <= 0:
+            return
+        old = version - self.keep_loaded
+        if old < 1:
+            return
+        for url in self.urls:
+            try:
+                self.http.post(url + "/unload_lora_adapter", json={"lora_name": self.name_for(old)})
+            except httpx.HTTPError as e:
+                log.warning("unloading %s from %s failed: %s", self.name_for(old), url, e)
+
+    # ------------------------------------------------------------------ all of it
+    def publish(self, src_dir: str | Path, version: int | None = None, meta: dict[str, Any] | None = None
+                ) -> PublishResult:
+        version = self.next_version() if version is None else version
+        name = self.name_for(version)
+        t0 = time.perf_counter()
+        path = self.save(src_dir, version)
+        merged = None
+        if self.merge_base:
+            from .models import merge_adapter
+
+            merged = str(merge_adapter(self.merge_base, path, path.with_name(path.name + "-merged"), self.merge_dtype))
+        t1 = time.perf_counter()
+        for url in self.urls:
+            self.load(url, name, path)
+        t2 = time.perf_counter()
+        self.queue.publish_version(version, name, str(path),
+                                   meta={**(meta or {}), "servers": self.urls, "merged_path": merged})
+        self.unload_old(version)
+        res = PublishResult(version, name, str(path), list(self.urls), t1 - t0, time.perf_counter() - t1, merged)
+        log.info("published v%d (%s) in %.2fs: %s", version, name, res.total_s, path)
+        return res

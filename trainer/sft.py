@@ -1,0 +1,131 @@
+"""`trainer sft`: the SFT baseline on reference conversations (TRL `SFTTrainer` + the same LoRA,
+base model, precision and metrics code path as `trainer run`), so SFT-vs-ACT comparisons differ
+only in the objective.
+
+Rows are conversational prompt/completion pairs, one per assistant turn, so the loss covers
+assistant tokens only:
+  env task → system prompt + task prompt ⟶ reference
+             (+ for CLARIFY tasks with a user reply, with --followup:
+              system + prompt + reference + user reply ⟶ the goal as the final answer)
+  JSONL    → {"messages": [...]}: one row per assistant message (everything before it is the
+             prompt); rows that already have prompt/completion are used as they are.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .config import SFTRunConfig, save_snapshot
+from .metrics import MetricsCallback, MetricsWriter
+from .models import (checkpointing_args, load_model, load_tokenizer, lora_config, merge_adapter, precision_args,
+                     use_cuda)
+
+log = logging.getLogger("trainer")
+
+
+def goal_text(goal: Any) -> str:
+    if isinstance(goal, str):
+        return goal
+    if isinstance(goal, (list, tuple)):
+        return ", ".join(goal_text(g) for g in goal)
+    if isinstance(goal, dict):
+        for key in ("answer", "text", "sql", "query"):
+            if key in goal:
+                return goal_text(goal[key])
+        return json.dumps(goal, ensure_ascii=False)
+    return "" if goal is None else str(goal)
+
+
+def _msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def env_rows(env_name: str, split: str, followup: bool = True, limit: int | None = None) -> list[dict]:
+    import simkit
+    from simkit.types import CLARIFY
+
+    env = simkit.make(env_name)
+    tasks = env.tasks(split)[:limit] if limit else env.tasks(split)
+    rows = []
+    for t in tasks:
+        prompt = [_msg("system", env.system_prompt), *[m.model_dump() for m in t.prompt]]
+        rows.append({"prompt": prompt, "completion": [_msg("assistant", t.reference)]})
+        if followup and t.gold_action == CLARIFY and t.user_reply and goal_text(t.goal):
+            rows.append({"prompt": prompt + [_msg("assistant", t.reference), _msg("user", t.user_reply)],
+                         "completion": [_msg("assistant", goal_text(t.goal))]})
+    return rows
+
+
+def conversation_rows(messages: list[dict]) -> list[dict]:
+    return [{"prompt": messages[:i], "completion": [m]} for i, m in enumerate(messages)
+            if m.get("role") == "assistant" and i > 0]
+
+
+def jsonl_rows(path: str | Path, limit: int | None = None) -> list[dict]:
+    rows, n = [], 0
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        if limit and n >= limit:
+            break
+        n += 1
+        if "messages" in obj:
+            rows.extend(conversation_rows([_msg(m["role"], m["content"]) for m in obj["messages"]]))
+        elif "prompt" in obj and "completion" in obj:
+            rows.append({"prompt": obj["prompt"], "completion": obj["completion"]})
+        else:
+            raise ValueError(f"{path}:{lineno}: expected 'messages' or 'prompt' + 'completion'")
+    return rows
+
+
+def build_rows(cfg: SFTRunConfig) -> list[dict]:
+    rows = jsonl_rows(cfg.data, cfg.limit) if cfg.data else env_rows(cfg.env, cfg.split, cfg.followup, cfg.limit)
+    if not rows:
+        raise ValueError("no training rows: the data has no assistant turns")
+    return rows
+
+
+def run_sft(cfg: SFTRunConfig) -> Path:
+    """Train and save the adapter to RUN_DIR/adapter (and RUN_DIR/merged with --merge)."""
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from .dpo import quiet_libraries
+
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_libraries()
+    run_dir = cfg.run_dir.resolve()
+    save_snapshot(cfg, run_dir, "sft_config.yaml")
+    rows = build_rows(cfg)
+    log.info("SFT on %d rows", len(rows))
+    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
+    try:
+        args = SFTConfig(
+            output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+            learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, optim=cfg.optim,
+            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length,
+            seed=cfg.seed, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+            dataloader_pin_memory=use_cuda(),
+            **precision_args(cfg.dtype), **checkpointing_args(SFTConfig, cfg.gradient_checkpointing))
+        tok = load_tokenizer(cfg.model)
+        trainer = SFTTrainer(model=load_model(cfg.model, cfg.dtype), args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tok, peft_config=lora_config(cfg), callbacks=[MetricsCallback(writer)])
+        trainer.remove_callback(PrinterCallback)
+        writer.event("start", kind="sft", rows=len(rows), source=cfg.data or f"{cfg.env}:{cfg.split}")
+        trainer.train()
+        out = run_dir / "adapter"
+        trainer.save_model(str(out))
+        tok.save_pretrained(out)
+        writer.event("saved", step=trainer.state.global_step, adapter=str(out))
+        if cfg.merge:
+            merged = merge_adapter(cfg.model, out, run_dir / "merged", cfg.dtype)
+            writer.event("merged", path=str(merged))
+        log.info("SFT adapter written to %s", out)
+        return out
+    finally:
+        writer.close()
