@@ -44,14 +44,14 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                                     "enabled) instead of starting the embedded model server")
     p.add_argument("--env", default="ambigsql", help="environment (default ambigsql)")
     p.add_argument("--sft-tasks", type=int, default=256, help="training conversations for SFT (default 256)")
-    p.add_argument("--sft-steps", type=int, default=60, help="SFT optimizer steps (default 60)")
+    p.add_argument("--sft-steps", type=int, default=100, help="SFT optimizer steps (default 100)")
     p.add_argument("--act-tasks", type=int, default=128, help="training conversations for ACT (default 128)")
     p.add_argument("--act-steps", type=int, default=24, help="DPO optimizer steps (default 24)")
     p.add_argument("--publish-every", type=int, default=8, help="publish a policy version every N steps (default 8)")
     p.add_argument("--eval-tasks", type=int, default=96, help="evaluation tasks (default 96)")
     p.add_argument("--max-tokens", type=int, default=48, help="policy completion tokens (default 48)")
     p.add_argument("--max-length", type=int, default=1024, help="training max tokens (default 1024)")
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate for SFT and DPO (default 2e-3: tiny model)")
+    p.add_argument("--lr", type=float, default=5e-3, help="learning rate for SFT and DPO (default 5e-3: tiny model)")
     p.set_defaults(func=run_demo)
 
 
@@ -129,14 +129,13 @@ def run_demo(args: argparse.Namespace) -> int:
         evaluate("ACT", v.adapter)
 
         _step("6/6 results")
-        subprocess.run([py, "-m", "trainer.cli", "plot", str(out / "act")], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        _run([py, "-m", "trainer.cli", "plot", str(out / "act")], logs / "plot.log", 300)
         table = compare(evals)
         (out / "results.md").write_text(table + "\n")
         plot_side_by_side(evals, out / "sft_vs_act.png")
         print(table)
         print(f"\nplots: {out / 'sft_vs_act.png'}, {evals[0] / 'confusion.png'}, {evals[1] / 'confusion.png'}, "
-              f"{out / 'act'}/*.png")
+              f"{out / 'act' / 'plots'}/*.png")
 
     if args.policy:
         pipeline(args.policy)
