@@ -1,8 +1,10 @@
 """`simkit demo`: the whole ACT pipeline, offline on CPU, in a few minutes.
 
-    tiny model ─► trainer sft (AmbigSQL references, merged) ─► model-server ─► eval (SFT)
-        ─► simkit serve ‖ trainer run  (two processes; versions hot-loaded) ─► eval (ACT)
+    tiny model ─► model-server (base) ─► trainer sft (LoRA "sft", hot-loaded) ─► eval (SFT)
+        ─► simkit serve ‖ trainer run  (ACT from the same base; versions hot-loaded) ─► eval (ACT)
         ─► both tables side by side + plots
+
+As in the paper, SFT and ACT are each trained from the same base model on the same task pool.
 
 Every step is the real command as a subprocess, so the demo is also a smoke test of the CLI.
 With `--model DIR` it starts from a real checkpoint; with `--policy URL` it uses a running
@@ -82,12 +84,13 @@ def run_demo(args: argparse.Namespace) -> int:
     train_common = ["--lr", str(args.lr), "--max-length", str(args.max_length), "--batch-size", "4",
                     "--no-tensorboard", "--lora-r", "16", "--lora-alpha", "32"]
     _run([py, "-m", "trainer.cli", "sft", "--model", str(base), "--env", args.env, "--split", "train",
-          "--limit", str(args.sft_tasks), "--max-steps", str(args.sft_steps), "--out", str(out / "sft"), "--merge",
+          "--limit", str(args.sft_tasks), "--max-steps", str(args.sft_steps), "--out", str(out / "sft"),
           *train_common], logs / "sft.log", 1200)
-    sft_model = out / "sft" / "merged"
+    sft_adapter = out / "sft" / "adapter"
 
     def pipeline(policy_url: str) -> None:
         evals = []
+        load_adapter(policy_url, "sft", sft_adapter)
 
         def evaluate(label: str, model: str | None) -> Path:
             d = out / f"eval-{label.lower()}"
@@ -99,7 +102,7 @@ def run_demo(args: argparse.Namespace) -> int:
             return d
 
         _step(f"3/6 evaluate SFT on {args.eval_tasks} held-out tasks")
-        evaluate("SFT", None)
+        evaluate("SFT", "sft")
 
         _step(f"4/6 ACT loop: simkit serve ‖ trainer run ({args.act_steps} DPO steps, "
               f"a version every {args.publish_every})")
@@ -109,7 +112,7 @@ def run_demo(args: argparse.Namespace) -> int:
                      policy_url, "--max-tokens", str(args.max_tokens), "--concurrency", "32", "--poll-s", "0.5",
                      "--max-pending", "256"]
         with start_process(serve_cmd, None, logs / "serve.log"):
-            _run([py, "-m", "trainer.cli", "run", "--model", str(sft_model), "--queue", str(queue), "--out",
+            _run([py, "-m", "trainer.cli", "run", "--model", str(base), "--queue", str(queue), "--out",
                   str(out / "act"), "--policy-url", policy_url, "--max-steps", str(args.act_steps),
                   "--publish-every", str(args.publish_every), "--adapter-name", "act", *train_common],
                  logs / "trainer.log", 1800)
@@ -140,11 +143,23 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.policy:
         pipeline(args.policy)
     else:
-        with start_model_server(sft_model, port=free_port(), log_path=logs / "model_server.log",
-                                extra_args=["--served-model-name", "sft"]) as srv:
+        with start_model_server(base, port=free_port(), log_path=logs / "model_server.log") as srv:
             pipeline(srv.url)
     print(f"\ndemo finished in {time.monotonic() - t_start:.0f}s; everything is in {out}")
     return 0
+
+
+def load_adapter(policy_url: str, name: str, path: Path) -> None:
+    """vLLM's runtime LoRA load (the embedded server speaks the same API)."""
+    import urllib.request
+
+    req = urllib.request.Request(policy_url.rstrip("/") + "/load_lora_adapter", method="POST",
+                                 data=json.dumps({"lora_name": name, "lora_path": str(path),
+                                                  "load_inplace": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        if r.status != 200:
+            raise SystemExit(f"could not load adapter {name} into {policy_url}: HTTP {r.status}")
 
 
 def write_corpus(env_name: str, path: Path, n: int) -> None:
