@@ -6,11 +6,40 @@ without a model: `RuleClassifier` and `GroundedSimulator` need no server at all.
 from __future__ import annotations
 
 import re
+from string import Template
 from typing import Any, Protocol, Sequence
 
 from . import prompts
 from .client import RoleClient
 from .types import ANSWER, CLARIFY, Message, Reply, Task
+
+
+def _compile(text: str) -> list:
+    """A `string.Template` as [literal, (name, original), literal, ...] so rendering is one join."""
+    parts: list = []
+    pos = 0
+    for m in Template.pattern.finditer(text):
+        parts.append(text[pos:m.start()])
+        name = m.group("named") or m.group("braced")
+        if m.group("escaped") is not None:
+            parts.append("$")
+        elif name is not None:
+            parts.append((name, m.group(0)))
+        else:  # invalid placeholder: kept as written (safe_substitute)
+            parts.append(m.group(0))
+        pos = m.end()
+    parts.append(text[pos:])
+    return parts
+
+
+def _render(cache: dict, name: str, env: str | None, **values: object) -> str:
+    """`prompts.render` (same output as Template.safe_substitute) with the template looked up
+    and parsed once per agent (`cache`): the lookup stats files, which cost more than the rest
+    of a classifier call on the rollout hot path."""
+    parts = cache.get(name)
+    if parts is None:
+        parts = cache[name] = _compile(prompts.load(name, env))
+    return "".join(p if p.__class__ is str else (str(values[p[0]]) if p[0] in values else p[1]) for p in parts)
 
 
 # --------------------------------------------------------------------------- classifier
@@ -46,9 +75,10 @@ class LLMClassifier:
 
     def __init__(self, client: RoleClient, model: str | None = None, env: str | None = None, max_tokens: int = 4):
         self.client, self.model, self.env, self.max_tokens = client, model, env, max_tokens
+        self._templates: dict[str, list] = {}  # prompt templates, parsed on first use
 
     async def classify(self, text: str, task: Task | None = None) -> str:
-        prompt = prompts.render("classifier_fewshot", env=self.env, response=text.strip())
+        prompt = _render(self._templates, "classifier_fewshot", self.env, response=text.strip())
         reply = await self.client.complete(
             [{"role": "user", "content": prompt}], model=self.model, temperature=0.0, max_tokens=self.max_tokens
         )
@@ -83,13 +113,14 @@ class LLMSimulator:
 
     def __init__(self, client: RoleClient, model: str | None = None, env: str | None = None, max_tokens: int = 96):
         self.client, self.model, self.env, self.max_tokens = client, model, env, max_tokens
+        self._templates: dict[str, list] = {}  # prompt templates, parsed on first use
         self._intents: dict[str, str] = {}
 
     async def intent(self, task: Task) -> str:
         if task.id not in self._intents:
             question = next((m.content for m in reversed(task.prompt) if m.role == "user"), "")
             grounding = "; ".join(f"{k}: {v}" for k, v in task.grounding.items()) or (task.user_reply or str(task.goal))
-            prompt = prompts.render("simulator_intent", env=self.env, grounding=grounding, question=question)
+            prompt = _render(self._templates, "simulator_intent", self.env, grounding=grounding, question=question)
             r = await self.client.complete([{"role": "user", "content": prompt}], model=self.model,
                                            temperature=0.0, max_tokens=self.max_tokens)
             self._intents[task.id] = r.text.strip()
@@ -97,7 +128,7 @@ class LLMSimulator:
 
     async def reply(self, task: Task, dialogue: Sequence[Message]) -> str:
         intent = await self.intent(task)
-        prompt = prompts.render("simulator_reply", env=self.env, intent=intent, dialogue=_render_dialogue(dialogue))
+        prompt = _render(self._templates, "simulator_reply", self.env, intent=intent, dialogue=_render_dialogue(dialogue))
         r = await self.client.complete([{"role": "user", "content": prompt}], model=self.model,
                                        temperature=0.0, max_tokens=self.max_tokens)
         return r.text.strip()

@@ -40,7 +40,7 @@ class RoleConfig(BaseModel):
     max_retries: int = 3
     backoff_s: float = 0.05  # first backoff; jittered exponential, capped at backoff_max_s
     backoff_max_s: float = 2.0
-    transport: str = "aiohttp"  # "aiohttp" (hot path) | "openai" (SDK)
+    transport: str = "fast"  # "fast" (raw HTTP/1.1 hot path) | "aiohttp" | "openai" (SDK)
     sampling: dict[str, Any] = Field(default_factory=dict)  # temperature, max_tokens, ...
 
 

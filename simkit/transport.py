@@ -1,16 +1,21 @@
 """HTTP transports for OpenAI-compatible chat completions.
 
-One small interface (`ChatTransport.post_chat`) with two implementations:
-- `AiohttpTransport`: the rollout hot path. A single pooled aiohttp session, JSON in, dict
-  out, no per-request object building (~0.1 ms CPU/request; see bench/RESULTS.md).
-- `OpenAITransport`: the official `openai.AsyncOpenAI` SDK, for API models and exotic
+One small interface (`ChatTransport.post_chat`) with three implementations:
+- `FastHTTPTransport` ("fast", the default): the rollout hot path. A minimal HTTP/1.1
+  keep-alive client on `asyncio.Protocol`: ~4x less client CPU per request than aiohttp
+  (bench/bench_engine.py), which is what lets the engine outrun a bare aiohttp loop.
+- `AiohttpTransport` ("aiohttp"): one pooled aiohttp session, JSON in, dict out (~0.1-0.2 ms
+  CPU/request); the safe fallback for anything the fast client does not speak (proxies, redirects).
+- `OpenAITransport` ("openai"): the official `openai.AsyncOpenAI` SDK, for API models and exotic
   parameters where its features matter more than its ~2.7 ms CPU/request.
-Both raise `TransportError` with a `retryable` flag; retries live in the role client.
+All raise `TransportError` with a `retryable` flag; retries live in the role client.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+import zlib
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -115,9 +120,279 @@ class OpenAITransport(ChatTransport):
             await c.close()
 
 
+class _Stale(ConnectionError):
+    """A reused keep-alive connection closed before any response byte: safe to resend once."""
+
+
+class _HttpConn(asyncio.Protocol):
+    """One HTTP/1.1 client connection, one request at a time (no pipelining)."""
+
+    __slots__ = ("transport", "buf", "waiter", "closed", "got", "status", "hend", "clen", "chunked", "keep",
+                 "gzip", "idle_since", "reused")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.got = False  # any response byte since the request was sent
+        self.status = 0
+        self.hend = -1  # end of the headers in buf (-1: not parsed yet)
+        self.clen: int | None = None
+        self.chunked = False
+        self.keep = True
+        self.gzip = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        w = self.waiter
+        if w is not None and not w.done():
+            if self.hend >= 0 and self.clen is None and not self.chunked:  # body delimited by close
+                self._finish(bytes(self.buf[self.hend:]))
+            elif not self.got and self.reused:
+                w.set_exception(_Stale("keep-alive connection closed by the server"))
+            else:
+                w.set_exception(ConnectionResetError(f"connection lost mid-response: {exc or 'closed by peer'}"))
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost completes a read-until-close body
+
+    def request(self, data: bytes) -> asyncio.Future:
+        self._reset()
+        self.buf.clear()
+        self.waiter = w = asyncio.get_running_loop().create_future()
+        self.transport.write(data)  # type: ignore[union-attr]
+        return w
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        w = self.waiter
+        if w is None or w.done():  # unsolicited bytes on an idle connection: unusable
+            self.close()
+            return
+        self.got = True
+        buf = self.buf
+        buf += data
+        try:
+            while self.hend < 0:
+                i = buf.find(b"\r\n\r\n")
+                if i < 0:
+                    if len(buf) > 1 << 20:
+                        raise ValueError("response headers too large")
+                    return
+                lines = bytes(buf[:i]).split(b"\r\n")
+                status = int(lines[0][9:12])
+                if 100 <= status < 200:  # 100 Continue etc.: skip the interim response
+                    del buf[:i + 4]
+                    continue
+                self.status, self.hend = status, i + 4
+                self.keep = not lines[0].startswith(b"HTTP/1.0")
+                for h in lines[1:]:
+                    name, _, value = h.partition(b":")
+                    name = name.strip().lower()
+                    if name == b"content-length":
+                        self.clen = int(value)
+                    elif name == b"transfer-encoding":
+                        self.chunked = b"chunked" in value.lower()
+                    elif name == b"connection":
+                        v = value.strip().lower()
+                        self.keep = v != b"close" if v in (b"close", b"keep-alive") else self.keep
+                    elif name == b"content-encoding":
+                        self.gzip = value.strip().lower()
+                if self.chunked:
+                    self.clen = None
+                elif self.clen is None and (status in (204, 304)):
+                    self.clen = 0
+                if self.clen is None and not self.chunked:
+                    self.keep = False  # read until close
+            if self.clen is not None:
+                end = self.hend + self.clen
+                if len(buf) >= end:
+                    if len(buf) > end:
+                        self.keep = False  # stray bytes: do not reuse
+                    self._finish(bytes(buf[self.hend:end]))
+            elif self.chunked:
+                body = self._dechunk()
+                if body is not None:
+                    self._finish(body)
+        except (ValueError, IndexError) as e:
+            self.close()
+            if not w.done():
+                w.set_exception(ConnectionError(f"malformed HTTP response: {e}"))
+
+    def _dechunk(self) -> bytes | None:
+        buf, pos, out = self.buf, self.hend, []
+        while True:
+            i = buf.find(b"\r\n", pos)
+            if i < 0:
+                return None
+            size = int(bytes(buf[pos:i]).split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                j = buf.find(b"\r\n\r\n", i) if buf[i + 2:i + 4] != b"\r\n" else i
+                if j < 0:
+                    return None
+                return b"".join(out)
+            start, pos = i + 2, i + 2 + size + 2
+            if len(buf) < pos:
+                return None
+            out.append(bytes(buf[start:start + size]))
+
+    def _finish(self, body: bytes) -> None:
+        if self.gzip in (b"gzip", b"deflate"):
+            body = zlib.decompress(body, 47 if self.gzip == b"gzip" else 15)
+        w, self.waiter = self.waiter, None
+        self.buf.clear()
+        if w is not None and not w.done():
+            w.set_result((self.status, body, self.keep))
+
+
+class _Target:
+    __slots__ = ("key", "url", "head", "host", "port", "ssl", "idle")
+
+    def __init__(self, base_url: str, extra_headers: bytes):
+        from urllib.parse import urlsplit
+
+        u = urlsplit(base_url.rstrip("/") + "/chat/completions")
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"unsupported URL {base_url!r} (http:// or https:// only)")
+        self.ssl = u.scheme == "https"
+        self.host = u.hostname
+        self.port = u.port or (443 if self.ssl else 80)
+        self.key = (self.host, self.port, self.ssl)
+        self.url = u.geturl()
+        default_port = self.port == (443 if self.ssl else 80)
+        hosthdr = (f"[{self.host}]" if ":" in self.host else self.host) + ("" if default_port else f":{self.port}")
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        self.head = (f"POST {path} HTTP/1.1\r\nHost: {hosthdr}\r\nContent-Type: application/json\r\n"
+                     "Accept: application/json\r\nAccept-Encoding: identity\r\nUser-Agent: simkit\r\n").encode() \
+            + extra_headers + b"Content-Length: "
+        self.idle: list[_HttpConn] = []
+
+
+class FastHTTPTransport(ChatTransport):
+    """A minimal HTTP/1.1 keep-alive client on `asyncio.Protocol` (~3x less CPU per request than
+    aiohttp; see bench/RESULTS.md): prebuilt request head, one write, a hand-written response
+    parser (Content-Length, chunked, read-until-close, gzip), a LIFO idle pool per host, TLS for
+    https. A reused connection the server closed while idle is retried once on a fresh one;
+    idle connections older than `idle_timeout_s` are dropped (uvicorn closes them after 5 s).
+    No proxies, no redirects: for those, use the aiohttp or openai transport."""
+
+    def __init__(self, api_key: str | None = None, idle_timeout_s: float = 4.0):
+        self._extra = f"Authorization: Bearer {api_key}\r\n".encode() if api_key else b""
+        self.idle_timeout_s = idle_timeout_s
+        self._targets: dict[str, _Target] = {}
+        self._pools: dict[tuple, list[_HttpConn]] = {}
+        self._all: set[_HttpConn] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ssl: Any = None
+
+    def _target(self, base_url: str) -> _Target:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # connections belong to one event loop
+            self._drop_all()
+            self._loop = loop
+        t = self._targets.get(base_url)
+        if t is None:
+            t = self._targets[base_url] = _Target(base_url, self._extra)
+            t.idle = self._pools.setdefault(t.key, [])
+        return t
+
+    async def _connect(self, t: _Target) -> _HttpConn:
+        ssl_ctx = None
+        if t.ssl:
+            if self._ssl is None:
+                import ssl
+
+                self._ssl = ssl.create_default_context()
+            ssl_ctx = self._ssl
+        _, conn = await self._loop.create_connection(_HttpConn, t.host, t.port, ssl=ssl_ctx)  # type: ignore[union-attr]
+        self._all.add(conn)
+        return conn
+
+    async def _roundtrip(self, t: _Target, data: bytes) -> tuple[int, bytes]:
+        for _ in range(2):
+            conn = None
+            idle, now = t.idle, time.monotonic()
+            while idle:
+                c = idle.pop()
+                if not c.closed and now - c.idle_since < self.idle_timeout_s:
+                    conn = c
+                    break
+                c.close()
+                self._all.discard(c)
+            if conn is None:
+                conn = await self._connect(t)
+            try:
+                status, body, keep = await conn.request(data)
+            except _Stale:  # the server closed it while idle: so probably the rest; resend on a fresh one
+                self._all.discard(conn)
+                for c in idle:
+                    c.close()
+                    self._all.discard(c)
+                idle.clear()
+                continue
+            except BaseException:  # timeout/cancel/error mid-request: the connection is unusable
+                conn.close()
+                self._all.discard(conn)
+                raise
+            if keep and not conn.closed:
+                conn.idle_since, conn.reused = now, True
+                idle.append(conn)
+            else:
+                conn.close()
+                self._all.discard(conn)
+            return status, body
+        raise ConnectionResetError("keep-alive connections keep closing")
+
+    async def post_chat(self, base_url: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+        t = self._targets.get(base_url)
+        if t is None or self._loop is not asyncio.get_running_loop():
+            t = self._target(base_url)
+        body = json.dumps(payload).encode()
+        try:
+            async with asyncio.timeout(timeout):
+                status, resp = await self._roundtrip(t, b"%s%d\r\n\r\n%s" % (t.head, len(body), body))
+        except TimeoutError as e:
+            raise TransportError(f"timeout after {timeout:.1f}s from {t.url}", retryable=True) from e
+        except (OSError, ValueError, zlib.error) as e:  # ConnectionError is an OSError
+            raise TransportError(f"{type(e).__name__} from {t.url}: {e}", retryable=True) from e
+        if status != 200:
+            raise TransportError(f"HTTP {status} from {t.url}: {resp[:300].decode(errors='replace')}",
+                                 status=status, retryable=status in RETRYABLE_STATUS)
+        try:
+            return json.loads(resp)
+        except ValueError as e:
+            raise TransportError(f"malformed JSON from {t.url}: {resp[:200]!r}", retryable=True) from e
+
+    def _drop_all(self) -> None:
+        for c in list(self._all):
+            c.close()
+        self._all.clear()
+        for p in self._pools.values():
+            p.clear()
+
+    async def aclose(self) -> None:
+        self._drop_all()
+
+
 def make_transport(kind: str, api_key: str | None = None) -> ChatTransport:
     if kind == "aiohttp":
         return AiohttpTransport(api_key)
     if kind == "openai":
         return OpenAITransport(api_key)
-    raise ValueError(f"unknown transport {kind!r}; choose 'aiohttp' (fast) or 'openai' (SDK)")
+    if kind == "fast":
+        return FastHTTPTransport(api_key)
+    raise ValueError(f"unknown transport {kind!r}; choose 'aiohttp' (default), 'fast' (raw HTTP/1.1, "
+                     "least CPU) or 'openai' (SDK)")
