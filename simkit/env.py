@@ -185,12 +185,12 @@ def _discover(name: str | None = None) -> None:
     for n in names:
         if n in _REGISTRY:
             continue
-        for mod in (f"environments.{n}", f"simkit.{n}env"):
+        for mod in (f"simkit.{n}env", f"environments.{n}"):
             try:
                 importlib.import_module(mod)
                 break
             except ModuleNotFoundError as e:
-                if e.name not in (mod, mod.rsplit(".", 1)[0]) and not mod.startswith(str(e.name)):
+                if e.name is None or not mod.startswith(e.name):  # a plug-in's own import failed: say so
                     raise
     try:
         from importlib.metadata import entry_points

@@ -180,7 +180,8 @@ class Server:
                 f"stale dropped {s['dropped_stale']}")
         if sys.stderr.isatty():
             print("\r" + line[:200].ljust(120), end="", file=sys.stderr, flush=True)
-        elif now_tick(self):
+        elif time.monotonic() - self._last_tick >= 5.0:  # logs: one line every 5 s
+            self._last_tick = time.monotonic()
             print(line, file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ main
@@ -229,14 +230,6 @@ class Server:
         if t.terminated:
             m["terminated"] += 1
             m["successes"] += bool(t.info.get("success"))
-
-
-def now_tick(server: Server, every: float = 5.0) -> bool:
-    now = time.monotonic()
-    if now - server._last_tick >= every:
-        server._last_tick = now
-        return True
-    return False
 
 
 async def serve(cfg: ServeConfig, role_args: argparse.Namespace) -> dict[str, Any]:
