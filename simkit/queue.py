@@ -262,7 +262,7 @@ class SQLiteQueue(PairQueue):
         # each instead of spilling every one onto an overflow page: ~1.5x the append throughput
         conn.execute(f"PRAGMA page_size = {self._page_size}")
         if self.path != ":memory:":
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             if str(mode).lower() != "wal":
                 raise RuntimeError(f"could not put {self.path} in WAL mode (got {mode!r})")
         conn.execute(f"PRAGMA synchronous = {self._sync}")
@@ -273,7 +273,7 @@ class SQLiteQueue(PairQueue):
         # a batch then writes ~5x more WAL. FAST still scrubs b-tree pages, not the freelist.
         conn.execute("PRAGMA secure_delete = FAST")
         if conn.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
-            conn.execute("BEGIN IMMEDIATE")
+            self._retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
             try:
                 have = conn.execute("PRAGMA user_version").fetchone()[0]
                 if have not in (0, _SCHEMA_VERSION):
@@ -289,6 +289,23 @@ class SQLiteQueue(PairQueue):
                 raise
         self._conn, self._pid = conn, os.getpid()
         return conn
+
+    def _retry_locked(self, fn: Any) -> Any:
+        """Run `fn`, retrying 'database is locked' for up to the busy timeout.
+
+        Switching a brand-new file to WAL takes an exclusive lock, and SQLite does not call the
+        busy handler for it: processes that open the same new file at once must retry by hand.
+        """
+        deadline = time.monotonic() + self._busy_ms / 1000
+        delay = 0.005
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def _db(self) -> sqlite3.Connection:
         if self._closed:

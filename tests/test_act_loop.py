@@ -31,7 +31,7 @@ async def test_serve_and_trainer_close_the_loop(model_server, tiny_model, tmp_pa
         assert [v.adapter for v in versions] == ["act-v1", "act-v2", "act-v3"]
         assert len({v.path for v in versions}) == 3  # a new directory per version
         # serve follows: wait until its rollouts come from the newest adapter
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             lines = (serve_dir / "metrics.jsonl").read_text().splitlines() if (serve_dir / "metrics.jsonl").exists() else []
