@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    return dispatch(build_parser(), argv)
+
+
+def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse, run the chosen subcommand's `func`, map Ctrl-C to exit 130 (shared with `trainer`)."""
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

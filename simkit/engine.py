@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterable
 
 from .client import RoleError

@@ -148,7 +148,6 @@ class Publisher:
         t1 = time.perf_counter()
         for url in self.urls:
             self.load(url, name, path)
-        t2 = time.perf_counter()
         self.queue.publish_version(version, name, str(path),
                                    meta={**(meta or {}), "servers": self.urls, "merged_path": merged})
         self.unload_old(version)
