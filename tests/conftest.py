@@ -34,3 +34,15 @@ def model_server(tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "model_server.log"
     with start_model_server(tiny_model, log_path=log) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Trainer tests: one intra-op thread. The CI box is a small shared CPU where OpenMP spin
+    contention makes tiny-model steps swing several-fold. Restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,16 +14,7 @@ from trainer.plot import plot_run
 from trainer.synthetic import toy_pairs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The CI box is a small shared CPU: one intra-op thread avoids OpenMP spin contention that
-    makes tiny-model steps swing several-fold. Restored afterwards."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_queue_fed_dpo_publishes_new_adapter_dir_per_version(tiny_model, model_server, tmp_path):

@@ -21,7 +21,7 @@ def _start(tmp_path, tiny_model, run_dir, *extra, log_name="trainer.log"):
             "--out", str(run_dir), "--batch-size", "2", "--max-length", "256", "--no-tensorboard", "--poll-s", "0.1",
             "--lr", "1e-3", *extra]
     log = open(tmp_path / log_name, "ab")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # small shared CI CPU: see test_trainer_dpo._one_torch_thread
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # small shared CI CPU: see conftest.one_torch_thread
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 

@@ -10,16 +10,7 @@ from trainer.plot import plot_run
 from trainer.sft import run_sft
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The CI box is a small shared CPU: one intra-op thread avoids OpenMP spin contention that
-    makes tiny-model steps swing several-fold. Restored afterwards."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_sft_on_env_writes_adapter_and_metrics(tiny_model, tmp_path):
