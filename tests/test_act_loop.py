@@ -34,7 +34,8 @@ async def test_serve_and_trainer_close_the_loop(model_server, tiny_model, tmp_pa
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            lines = (serve_dir / "metrics.jsonl").read_text().splitlines() if (serve_dir / "metrics.jsonl").exists() else []
+            text = (serve_dir / "metrics.jsonl").read_text() if (serve_dir / "metrics.jsonl").exists() else ""
+            lines = text.split("\n")[:-1]  # complete lines only: serve may be mid-append
             if lines and json.loads(lines[-1])["version"] == 3 and json.loads(lines[-1])["adapter"] == "act-v3":
                 break
             time.sleep(0.3)
