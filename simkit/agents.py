@@ -42,6 +42,17 @@ def _render(cache: dict, name: str, env: str | None, **values: object) -> str:
     return "".join(p if p.__class__ is str else (str(values[p[0]]) if p[0] in values else p[1]) for p in parts)
 
 
+def _endpoint(client: Any, model: str | None) -> str:
+    name = model or getattr(client, "model", None) or "server's first model"
+    urls = ",".join(e.url for e in getattr(client, "endpoints", []) if getattr(e, "url", None))
+    return f"{name} @ {urls}" if urls else str(name)
+
+
+def describe(agent: Any) -> str:
+    """A one-line description of a classifier or simulator for results tables and metrics files."""
+    return str(getattr(agent, "description", None) or type(agent).__name__)
+
+
 # --------------------------------------------------------------------------- classifier
 class ActionClassifier(Protocol):
     async def classify(self, text: str, task: Task | None = None) -> str: ...
@@ -56,6 +67,8 @@ _CLARIFY_CUES = re.compile(
 
 class RuleClassifier:
     """Offline: a response is CLARIFY if it ends in a question or uses a clarifying cue."""
+
+    description = "rule (offline: ends in '?' or a clarifying cue)"
 
     async def classify(self, text: str, task: Task | None = None) -> str:
         return self.classify_sync(text)
@@ -77,6 +90,10 @@ class LLMClassifier:
         self.client, self.model, self.env, self.max_tokens = client, model, env, max_tokens
         self._templates: dict[str, list] = {}  # prompt templates, parsed on first use
 
+    @property
+    def description(self) -> str:
+        return f"LLM few-shot Yes/No ({_endpoint(self.client, self.model)})"
+
     async def classify(self, text: str, task: Task | None = None) -> str:
         prompt = _render(self._templates, "classifier_fewshot", self.env, response=text.strip())
         reply = await self.client.complete(
@@ -95,6 +112,8 @@ class GroundedSimulator:
 
     For a task whose gold action is ANSWER there is nothing to clarify; the user restates.
     """
+
+    description = "grounded (offline: replays the dataset's clarification)"
 
     async def reply(self, task: Task, dialogue: Sequence[Message]) -> str:
         if task.user_reply:
@@ -115,6 +134,10 @@ class LLMSimulator:
         self.client, self.model, self.env, self.max_tokens = client, model, env, max_tokens
         self._templates: dict[str, list] = {}  # prompt templates, parsed on first use
         self._intents: dict[str, str] = {}
+
+    @property
+    def description(self) -> str:
+        return f"LLM intent summary + reply ({_endpoint(self.client, self.model)})"
 
     async def intent(self, task: Task) -> str:
         if task.id not in self._intents:

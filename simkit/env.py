@@ -35,14 +35,15 @@ class StepResult:
 class Episode:
     """State of one episode. Create with `env.episode(task)`."""
 
-    __slots__ = ("env", "task", "turns", "first_action", "turn_score", "reward", "terminated",
-                 "truncated", "t0", "_messages", "info")
+    __slots__ = ("env", "task", "turns", "first_action", "turn_score", "turn_score_question_only", "reward",
+                 "terminated", "truncated", "t0", "_messages", "info")
 
     def __init__(self, env: "Env", task: Task):
         self.env, self.task = env, task
         self.turns: list[Turn] = []
         self.first_action: str | None = None
         self.turn_score: float | None = None
+        self.turn_score_question_only: float | None = None
         self.reward = 0.0
         self.terminated = self.truncated = False
         self.t0 = time.time()
@@ -71,6 +72,8 @@ class Episode:
         if n_assistant == 1:
             self.first_action = action
             self.turn_score = await env.turn_score(text, task)
+            self.turn_score_question_only = (await env.turn_score_question_only(text, task)
+                                             if task.gold_action == CLARIFY else self.turn_score)
         info = {"action": action, "turn": n_assistant}
         if action == CLARIFY:
             if n_assistant >= env.max_turns:
@@ -92,25 +95,35 @@ class Episode:
         return Trajectory(
             task_id=self.task.id, env=self.env.name, prompt=self.task.prompt, turns=self.turns,
             gold_action=self.task.gold_action, first_action=self.first_action, reward=self.reward,
-            turn_score=self.turn_score, terminated=self.terminated, truncated=self.truncated,
+            turn_score=self.turn_score, turn_score_question_only=self.turn_score_question_only,
+            terminated=self.terminated, truncated=self.truncated,
             started_at=self.t0, duration_s=time.time() - self.t0, info=self.info, **extra,
         )
 
 
 class Env:
     """Base class of every task environment. Subclasses set `name` and implement the data and
-    scoring hooks; they may override `turn_score` when the turn-level target differs."""
+    scoring hooks; they may override `turn_score` when the turn-level target differs.
+
+    Simulation depth: `clarify_rounds` is how many times the simulated user answers a clarifying
+    question before the episode must end. Default 1, as the authors simulate (question → user's
+    clarification → final response); a policy that asks again after the last round is truncated
+    (trajectory score 0). `max_turns` (assistant turns, = clarify_rounds + 1) is the older spelling
+    of the same limit and wins when given."""
 
     name: ClassVar[str] = ""
     success_threshold: ClassVar[float] = 0.5  # ε: a trajectory with score >= ε is a success
-    default_max_turns: ClassVar[int] = 3
+    default_clarify_rounds: ClassVar[int] = 1  # the authors simulate one clarification round
     metric_name: ClassVar[str] = "score"  # the content metric's name in tables (F1, Exec Match, …)
 
     def __init__(self, classifier: ActionClassifier | None = None, simulator: UserSimulator | None = None,
-                 max_turns: int | None = None, data_dir: str | os.PathLike | None = None, seed: int = 0, **cfg: Any):
+                 max_turns: int | None = None, data_dir: str | os.PathLike | None = None, seed: int = 0,
+                 clarify_rounds: int | None = None, **cfg: Any):
         self.classifier = classifier or RuleClassifier()
         self.simulator = simulator or GroundedSimulator()
-        self.max_turns = max_turns or self.default_max_turns
+        if clarify_rounds is not None and clarify_rounds < 0:
+            raise ValueError("clarify_rounds must be >= 0")
+        self.max_turns = max_turns or (self.default_clarify_rounds if clarify_rounds is None else clarify_rounds) + 1
         self.data_dir = Path(data_dir) if data_dir else data_root()
         self.seed = seed
         self.cfg = cfg
@@ -129,8 +142,20 @@ class Env:
         """The task heuristic H(outcome, goal) in [0, 1]."""
         raise NotImplementedError
 
+    @property
+    def clarify_rounds(self) -> int:
+        return self.max_turns - 1
+
     async def turn_score(self, text: str, task: Task) -> float:
-        """Turn-level content score: the first response against the reference response."""
+        """Turn-level content score: the first response against the reference winner — for a
+        CLARIFY turn the whole gold continuation (question, user's reply, answer) as the authors'
+        metrics/base_metrics.py scores it, for an ANSWER turn the reference answer."""
+        target = task.gold_continuation_text() if task.gold_action == CLARIFY else task.reference
+        return await self.score(text, target, task)
+
+    async def turn_score_question_only(self, text: str, task: Task) -> float:
+        """The older turn-level form: the first response against the reference response alone
+        (for a CLARIFY turn: the clarifying question only)."""
         return await self.score(text, task.reference, task)
 
     def success(self, score: float) -> bool:

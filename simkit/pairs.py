@@ -41,24 +41,55 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
     return out
 
 
+def new_phase1_stats() -> dict[str, int]:
+    """Counters of a Phase 1 build: how each forced loser was obtained, and what was dropped."""
+    return {"forced_ok": 0, "retried_ok": 0, "fallback": 0, "identical_dropped": 0, "random_flips": 0}
+
+
+def stats_path(out: Path) -> Path:
+    """Where a pairs file keeps its Phase 1 counters and dropped task ids (survives resumes)."""
+    return out.with_name(out.stem + ".stats.json")
+
+
 async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, annotator=None,
                       random_actions: bool = False, seed: int = 0, concurrency: int = 64,
-                      progress: bool | None = None) -> tuple[list[PreferencePair], int]:
-    """Run Phase 1 over `tasks`; return (pairs, failures). Appends to `out` as pairs finish."""
-    from .act import phase1_pair
+                      progress: bool | None = None, classifier=None,
+                      stats: dict[str, int] | None = None) -> tuple[list[PreferencePair], int]:
+    """Run Phase 1 over `tasks`; return (pairs, failures). Appends to `out` as pairs finish.
+
+    `stats` (see `new_phase1_stats`) is updated in place: forced-ok / retried-ok / fallback per
+    new pair, pairs dropped because chosen == rejected, random-actions flips. With `out`, the
+    counters and the dropped task ids are kept in `stats_path(out)` so a resume neither redoes nor
+    forgets them (the counters then cover the whole file, not only this call)."""
+    from .act import identical_sides, phase1_pair
     from .engine import run_episodes
 
+    stats = stats if stats is not None else new_phase1_stats()
+    saved: dict[str, Any] = {}
+    spath = stats_path(out) if out else None
+    if spath and spath.exists():
+        saved = json.loads(spath.read_text())
+        for k, v in saved.get("counts", {}).items():
+            stats[k] = stats.get(k, 0) + v
+    dropped_ids: list[str] = list(saved.get("dropped_task_ids", []))
     done = {p.task_id for p in read_pairs(out)} if out and out.exists() else set()
+    done |= set(dropped_ids)
     todo = [t for t in tasks if t.id not in done]
+    counts = {k: saved.get("counts", {}).get(k, 0) for k in new_phase1_stats()}
 
     async def one(env, task, policy) -> Phase1Result:
         from .client import RoleError
 
         rng = random.Random(f"{seed}-{task.id}") if random_actions else None
         try:
-            return Phase1Result(await phase1_pair(env, task, policy, annotator=annotator, rng=rng), task.id)
+            return Phase1Result(await phase1_pair(env, task, policy, annotator=annotator, rng=rng,
+                                                  classifier=classifier), task.id)
         except RoleError as e:
             return Phase1Result(None, task.id, str(e))
+
+    def save_stats() -> None:
+        if spath:
+            spath.write_text(json.dumps({"counts": counts, "dropped_task_ids": dropped_ids}, indent=1))
 
     pairs, failures = [], 0
     fh = open(out, "a", encoding="utf-8") if out else None
@@ -67,20 +98,34 @@ async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, a
             if r.pair is None:
                 failures += 1
                 continue
-            pairs.append(r.pair)
+            p = r.pair
+            key = p.meta.get("forced_path", "forced-ok").replace("-", "_")
+            for d in (stats, counts):
+                d[key] = d.get(key, 0) + 1
+                d["random_flips"] += p.source == "random-flip"
+            if identical_sides(p):
+                for d in (stats, counts):
+                    d["identical_dropped"] += 1
+                dropped_ids.append(p.task_id)
+                save_stats()
+                continue
+            pairs.append(p)
             if fh:
-                fh.write(r.pair.model_dump_json() + "\n")
+                fh.write(p.model_dump_json() + "\n")
                 fh.flush()
+                save_stats()
             if queue is not None:
-                await queue.append([r.pair])
+                await queue.append([p])
     finally:
         if fh:
             fh.close()
+        save_stats()
     return pairs, failures
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     from .roles import add_role_args
+    from .sampling import conversations_help
 
     p = sub.add_parser("pairs", help="ACT Phase 1: build contrastive action pairs (D_pref)",
                        description="Preference-pair datasets for ACT.")
@@ -88,19 +133,30 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     b = psub.add_parser(
         "build", help="write D_pref: reference vs the policy forced to take the other action",
         description="ACT Phase 1 (Algorithm 1): for each task the gold action (data, or --pseudo-label), the "
-                    "rejected action, winning response = reference, losing response = the policy forced to take "
-                    "the rejected action. Writes TRL-ready JSONL (conversational prompt/chosen/rejected + "
-                    "metadata); resumable (tasks already in --out are skipped).")
+                    "rejected action, winning response = the reference (for a CLARIFY turn the whole gold "
+                    "continuation: clarifying question, the user's clarification, the gold answer), losing "
+                    "response = the policy forced to take the rejected action. Each forced reply is checked by the "
+                    "classifier in use; a reply that takes the wrong action is retried once with a stronger "
+                    "few-shot instruction, then replaced by the authors' fallback (forced ANSWER -> the gold "
+                    "answer; forced CLARIFY -> the reply cut at its first '?', else a template question). Pairs "
+                    "whose two sides are identical are dropped. Writes TRL-ready JSONL (conversational "
+                    "prompt/chosen/rejected + metadata), OUT's .stats.json (forced-ok / retried-ok / fallback / "
+                    "identical-dropped counts) and .conversations.json (the conversations used); resumable "
+                    "(tasks already in --out are skipped).")
     b.add_argument("--env", required=True, help="environment name (see `simkit envs`)")
     b.add_argument("--split", default=None, help="task split (default: the env's first split)")
     b.add_argument("--out", required=True, help="output JSONL path (appended to; resumable)")
     b.add_argument("--queue", help="also append the pairs to this queue (SQLite path)")
-    b.add_argument("--limit", type=int, help="use only the first N tasks")
+    b.add_argument("--n-conversations", "--n", "--limit", dest="n_conversations", type=int, metavar="N",
+                   help=conversations_help() + " (--limit is the old name of this option)")
     b.add_argument("--pseudo-label", action="store_true",
                    help="label gold actions with the LLM classifier (--classifier URL) instead of the data")
-    b.add_argument("--random-actions", action="store_true", help="ablation: random gold actions")
+    b.add_argument("--random-actions", action="store_true",
+                   help="ablation: a random label replaces the gold action; where it differs from the reference's "
+                        "action the policy forced to take the random action wins over the reference")
     b.add_argument("--concurrency", type=int, default=64, help="episodes in flight (default 64)")
-    b.add_argument("--seed", type=int, default=0, help="seed for task order and ablations")
+    b.add_argument("--seed", type=int, default=0,
+                   help="seed of the conversation sample and of the random-actions labels (default 0)")
     b.add_argument("--data-dir", help="task data folder (default $SIMKIT_DATA_DIR)")
     add_role_args(b)
     b.set_defaults(func=_run_build)
@@ -111,15 +167,30 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 async def _build_main(args: argparse.Namespace) -> int:
+    from .agents import describe
     from .env import make
     from .roles import build_roles
 
-    env = make(args.env, **({"data_dir": args.data_dir} if args.data_dir else {}))
-    split = args.split or next(iter(env.splits()))
-    tasks = env.tasks(split)[: args.limit] if args.limit else env.tasks(split)
-    roles = build_roles(args, env.name)
+    from .sampling import TooFewConversations, sample_conversations
+
+    env_kw = {"data_dir": args.data_dir} if args.data_dir else {}
+    probe = make(args.env, **env_kw)
+    roles = build_roles(args, probe.name)
     if args.pseudo_label and args.classifier == "rule":
+        await roles.aclose()
         raise SystemExit("--pseudo-label needs an LLM annotator: pass --classifier URL")
+    env = make(args.env, classifier=roles.classifier, simulator=roles.simulator, **env_kw)
+    split = args.split or next(iter(env.splits()))
+    try:
+        sample = sample_conversations(env.tasks(split), args.n_conversations, args.seed, env=env.name, split=split)
+    except TooFewConversations as e:
+        await roles.aclose()
+        raise SystemExit(f"simkit pairs build: {e}")
+    tasks = sample.tasks
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sample.write(out.with_name(out.stem + ".conversations.json"))
+    stats = new_phase1_stats()
     queue = None
     if args.queue:
         from .queue import AsyncPairQueue, open_queue
@@ -127,13 +198,14 @@ async def _build_main(args: argparse.Namespace) -> int:
         queue = AsyncPairQueue(open_queue(args.queue))
     try:
         pairs, failures = await build_pairs(
-            env, tasks, roles.policy, Path(args.out), queue, roles.classifier if args.pseudo_label else None,
-            args.random_actions, args.seed, args.concurrency)
+            env, tasks, roles.policy, out, queue, roles.classifier if args.pseudo_label else None,
+            args.random_actions, args.seed, args.concurrency, classifier=roles.classifier, stats=stats)
     finally:
         await roles.aclose()
         if queue is not None:
             await queue.close()
-    summary: dict[str, Any] = {"env": env.name, "split": split, "tasks": len(tasks), "new_pairs": len(pairs),
-                               "failures": failures, "out": args.out}
+    summary: dict[str, Any] = {"env": env.name, "split": split, "conversations": len(sample.conversation_ids),
+                               "tasks": len(tasks), "new_pairs": len(pairs), "failures": failures,
+                               "phase1": stats, "classifier": describe(roles.classifier), "out": args.out}
     print(json.dumps(summary))
     return 1 if failures and not pairs else 0

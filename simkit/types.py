@@ -84,6 +84,43 @@ class Task(BaseModel):
     def _known_action(cls, v: str) -> str:
         return ACTIONS.validate(v)
 
+    @property
+    def conversation_id(self) -> str:
+        """The conversation (dialogue) this turn belongs to: `meta["conversation"]` or
+        `meta["dialogue"]` when an env groups several turns into one dialogue (PACIFIC), else the
+        task itself (AmbigSQL, Abg-CoQA and toy tasks are one conversation each)."""
+        return str(self.meta.get("conversation") or self.meta.get("dialogue") or self.id)
+
+    def gold_continuation(self) -> list[Message]:
+        """The reference winner as chat messages. ANSWER: the reference answer. CLARIFY: the whole
+        gold continuation — clarifying question, the user's clarification, the gold answer — as
+        the authors' `data/base_dataset.py` builds it (only the question when the data has no
+        user reply or no answer)."""
+        out = [Message(role="assistant", content=self.reference)]
+        answer = goal_text(self.goal)
+        if self.gold_action == CLARIFY and self.user_reply and answer:
+            out += [Message(role="user", content=self.user_reply), Message(role="assistant", content=answer)]
+        return out
+
+    def gold_continuation_text(self) -> str:
+        """`gold_continuation()` as one text (message contents, one per line): the target of the
+        turn-level content score of a CLARIFY turn (authors' metrics/base_metrics.py)."""
+        return "\n".join(m.content for m in self.gold_continuation())
+
+
+def goal_text(goal: Any) -> str:
+    """An information goal as the text of a final answer (SQL, answer spans, ...)."""
+    if isinstance(goal, str):
+        return goal
+    if isinstance(goal, (list, tuple)):
+        return ", ".join(goal_text(g) for g in goal)
+    if isinstance(goal, dict):
+        for key in ("answer", "text", "sql", "query"):
+            if key in goal:
+                return goal_text(goal[key])
+        return json.dumps(goal, ensure_ascii=False)
+    return "" if goal is None else str(goal)
+
 
 # --------------------------------------------------------------------------- replies
 class Usage(BaseModel):
@@ -123,7 +160,8 @@ class Trajectory(BaseModel):
     gold_action: str
     first_action: str | None = None
     reward: float = 0.0  # trajectory-level score of the final answer against the goal
-    turn_score: float | None = None  # first response against the reference
+    turn_score: float | None = None  # first response against the reference winner (CLARIFY: the gold continuation)
+    turn_score_question_only: float | None = None  # first response against the reference response alone
     terminated: bool = False
     truncated: bool = False
     status: Literal["ok", "failed"] = "ok"

@@ -15,7 +15,10 @@ Scores (execution match, Spider test-suite semantics, see `sqlexec`):
 * `turn_score` (first response only): gold ANSWER -> execution match of the first
   response; gold CLARIFY -> 1.0 when the first response asks (contains no SQL and reads as
   a clarifying question by the offline rule classifier), 0.0 when it commits to SQL — even
-  SQL that happens to match (a guess is the wrong turn, whatever its luck).
+  SQL that happens to match (a guess is the wrong turn, whatever its luck). Execution match
+  cannot compare a question with the gold continuation (question, reply, SQL), so here the
+  continuation form and `turn_score_question_only` are the same number; the paper reports
+  no turn-level AmbigSQL score.
 
 All SQL from the policy is untrusted and runs in sandboxed worker processes off the event
 loop (`sqlexec.SQLRunner`).
@@ -48,7 +51,6 @@ _DESCRIPTIONS = {
 class AmbigSQLEnv(Env):
     success_threshold = 1.0
     metric_name = "Exec Match"
-    default_max_turns = 3
 
     def __init__(self, path: str | os.PathLike | None = None, spider_dir: str | os.PathLike | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, max_rows: int = DEFAULT_MAX_ROWS,
@@ -138,6 +140,9 @@ class AmbigSQLEnv(Env):
             asks = extract_sql(text) is None and RuleClassifier.classify_sync(text) == CLARIFY
             return 1.0 if asks else 0.0
         return await self.exec_match(text, str(task.goal), task.meta["db_id"])
+
+    async def turn_score_question_only(self, text: str, task: Task) -> float:
+        return await self.turn_score(text, task)
 
     async def aclose(self) -> None:
         self.runner.close()
