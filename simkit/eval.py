@@ -5,6 +5,12 @@ episodes finish: an interrupted run resumes where it stopped), `metrics.json`, `
 `confusion.png` and `usage.json` (tokens per role: the cost of the run).
 ICL baselines (`--icl-shots K`): K demonstrations from the env's tuning pool, chosen at random
 or by similarity to the task (TF-IDF cosine), the model told it may answer or ask.
+
+Decoding: greedy (temperature 0) with at most 128 new tokens unless --temperature / --max-tokens
+say otherwise, as the authors evaluate; training rollouts (`serve`, `pairs build`) keep their own
+sampling settings. Every metrics file and table names the simulator and the classifier used, and
+the classifier's CLARIFY precision/recall on the evaluated tasks' reference responses
+(`classifier_check`; `simkit eval-classifier` measures it alone, per split).
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .metrics import markdown_table, summarize
+from .metrics import action_report, classifier_cell, markdown_table, summarize
 from .types import CLARIFY, Message, Task, Trajectory
 
 
@@ -107,9 +113,59 @@ def task_order(tasks: Sequence[Task], seed: int, limit: int | None) -> list[Task
     return order[:limit] if limit else order
 
 
+EVAL_TEMPERATURE, EVAL_MAX_TOKENS = 0.0, 128  # the authors' evaluation decoding
+
+
+async def classifier_check(classifier: Any, tasks: Sequence[Task], concurrency: int = 64) -> dict[str, Any]:
+    """The action classifier against gold labels on the tasks' reference responses: does it call
+    the reference clarifying questions CLARIFY and the reference answers ANSWER?"""
+    from .agents import describe
+
+    sem = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(t: Task) -> str | None:
+        async with sem:
+            try:
+                return await classifier.classify(t.reference, t)
+            except Exception:  # a failed call counts as a wrong label, as in the action metrics
+                return None
+
+    pred = await asyncio.gather(*(one(t) for t in tasks))
+    return {"classifier": describe(classifier), **action_report([t.gold_action for t in tasks], list(pred)),
+            "failed": sum(p is None for p in pred)}
+
+
+async def _cached_check(env, tasks: Sequence[Task], out_dir: Path, concurrency: int) -> dict[str, Any]:
+    from .agents import describe
+
+    path = out_dir / "classifier_check.json"
+    ids = sorted(t.id for t in tasks)
+    key = {"classifier": describe(env.classifier), "tasks": len(ids), "ids_hash": hash_ids(ids)}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            if old.get("key") == key:
+                return old["check"]
+        except (ValueError, KeyError):
+            pass
+    check = await classifier_check(env.classifier, tasks, concurrency)
+    path.write_text(json.dumps({"key": key, "check": check}, indent=1))
+    return check
+
+
+def hash_ids(ids: Sequence[str]) -> str:
+    import hashlib
+
+    return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
+
+
 async def evaluate(env, tasks: Sequence[Task], policy: Any, out_dir: Path, concurrency: int = 64,
-                   label: str | None = None, meta: dict | None = None, progress: bool | None = None) -> dict[str, Any]:
-    """Run (or resume) an eval; write every artefact; return the metrics dict."""
+                   label: str | None = None, meta: dict | None = None, progress: bool | None = None,
+                   check_classifier: bool = True) -> dict[str, Any]:
+    """Run (or resume) an eval; write every artefact; return the metrics dict (with the
+    simulator and classifier used and, unless `check_classifier` is off, the classifier's
+    CLARIFY precision/recall on the tasks' reference responses)."""
+    from .agents import describe
     from .engine import run_episodes
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +182,11 @@ async def evaluate(env, tasks: Sequence[Task], policy: Any, out_dir: Path, concu
     order = {t.id: i for i, t in enumerate(tasks)}
     trajs = sorted((t for t in done.values() if t.task_id in order), key=lambda t: order[t.task_id])
     metrics = summarize(trajs)
-    metrics.update(env=env.name, metric=getattr(env, "metric_name", "score"), label=label or out_dir.name, **(meta or {}))
+    metrics.update(env=env.name, metric=getattr(env, "metric_name", "score"), label=label or out_dir.name,
+                   classifier=describe(env.classifier), simulator=describe(env.simulator),
+                   clarify_rounds=getattr(env, "clarify_rounds", None), **(meta or {}))
+    if check_classifier:
+        metrics["classifier_check"] = await _cached_check(env, tasks, out_dir, concurrency)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "table.md").write_text(markdown_table([(metrics["label"], metrics)], metrics["metric"]) + "\n")
     plot_confusion(metrics, out_dir / "confusion.png")
@@ -167,7 +227,8 @@ def plot_vs_n(runs: Sequence[dict[str, Any]], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
     for key, name in (("macro_f1", "Macro F1"), ("turn_score", "Turn"), ("trajectory_score", "Traj"),
-                      ("post_clarify_score", "Post-Clarify")):
+                      ("post_clarify_score", "Post-Clarify (gold CLARIFY)"),
+                      ("post_clarify_score_asked", "Post-Clarify (asked)")):
         ax.plot([n for n, _ in pts], [100 * (r.get(key) or 0) for _, r in pts], marker="o", label=name)
     ax.set_xlabel("training conversations")
     ax.set_ylabel("score (x100)")
@@ -193,28 +254,66 @@ def compare(run_dirs: Sequence[str | Path], plot: Path | None = None) -> str:
 # --------------------------------------------------------------------------- CLI
 def register_cli(sub: argparse._SubParsersAction) -> None:
     from .roles import add_role_args
+    from .sampling import conversations_help
 
     p = sub.add_parser(
         "eval", help="score a model on an environment with the paper's metrics",
         description="Run every evaluation task through the env (policy, simulator, classifier) and report "
                     "action-level (accuracy, macro F1, CLARIFY precision/recall, confusion matrix) and "
-                    "content-level (turn, trajectory, post-clarify) scores with the task's own metric. "
-                    "Writes OUT/episodes.jsonl, metrics.json, table.md, confusion.png, usage.json. Resumable.")
+                    "content-level scores with the task's own metric: Turn (first response vs the reference "
+                    "winner: for a CLARIFY turn the gold continuation question + user's reply + answer, as the "
+                    "authors), Turn (question only) (vs the reference response alone), Traj, Post-Clarify (gold "
+                    "CLARIFY) (trajectory score over turns whose gold action is CLARIFY) and Post-Clarify (asked) "
+                    "(over turns where the model asked). Decoding is greedy with at most 128 new tokens unless "
+                    "--temperature / --max-tokens say otherwise. Every table and metrics.json names the "
+                    "simulator and classifier used, with the classifier's CLARIFY precision/recall on the "
+                    "evaluated reference responses. Writes OUT/episodes.jsonl, metrics.json, table.md, "
+                    "confusion.png, usage.json, classifier_check.json. Resumable.")
     p.add_argument("--env", required=True, help="environment name (see `simkit envs`)")
     p.add_argument("--split", help="evaluation split (default: the env's last split)")
     p.add_argument("--out", required=True, help="run directory (resumes if it holds episodes)")
-    p.add_argument("--limit", type=int, help="evaluate only N tasks (the same N for the same --seed)")
-    p.add_argument("--seed", type=int, default=0, help="task order seed (default 0)")
+    p.add_argument("--limit", type=int,
+                   help="evaluate only N tasks (turns), a seeded random subset (the same N for the same --seed)")
+    p.add_argument("--n-conversations", type=int, metavar="N", help=conversations_help())
+    p.add_argument("--seed", type=int, default=0, help="task order and conversation-sample seed (default 0)")
+    p.add_argument("--clarify-rounds", type=int,
+                   help="simulated clarification rounds before an episode must end (default 1, as the authors)")
+    p.add_argument("--no-classifier-check", dest="classifier_check", action="store_false",
+                   help="skip measuring the classifier on the reference responses (it costs one classifier call "
+                        "per task with an LLM classifier; free with the rule classifier)")
     p.add_argument("--concurrency", type=int, default=64, help="episodes in flight (default 64)")
     p.add_argument("--icl-shots", type=int, default=0, help="K in-context examples from the tuning pool (default 0)")
     p.add_argument("--icl-select", choices=["random", "similar"], default="random",
                    help="how shots are chosen: random (seeded) or most similar to the task (TF-IDF)")
     p.add_argument("--icl-pool", help="split to draw shots from (default: the env's first split)")
     p.add_argument("--label", help="row label in tables (default: the run directory name)")
-    p.add_argument("--n-train", type=int, help="training conversations behind this model (for the vs-n plot)")
+    p.add_argument("--n-train", type=int,
+                   help="training conversations (dialogues, not turns) behind this model, for tables and the "
+                        "vs-n plot (default: read from --train-conversations)")
+    p.add_argument("--train-conversations", metavar="FILE",
+                   help="conversations.json written by the training run (`trainer sft`, `serve`, `pairs build`): "
+                        "its count becomes --n-train and its ids are recorded in metrics.json")
     p.add_argument("--data-dir", help="task data folder (default $SIMKIT_DATA_DIR)")
     add_role_args(p)
+    greedy_defaults(p)
     p.set_defaults(func=_run_eval)
+
+    k = sub.add_parser(
+        "eval-classifier", help="measure the action classifier against gold labels on reference responses",
+        description="Classify every task's reference response (the clarifying question of a CLARIFY turn, the "
+                    "answer of an ANSWER turn) with the classifier in use (--classifier rule, the default, or an "
+                    "LLM URL) and report accuracy, CLARIFY precision / recall / F1 and the confusion matrix per "
+                    "split. `simkit eval` reports the same numbers for its tasks next to the action metrics.")
+    k.add_argument("--env", required=True, help="environment name (see `simkit envs`)")
+    k.add_argument("--split", action="append", help="split(s) to measure (repeatable; default: every split)")
+    k.add_argument("--limit", type=int, help="only the first N tasks of each split")
+    k.add_argument("--classifier", default="rule", metavar="rule|URL",
+                   help="'rule' (offline heuristics, default) or an OpenAI-compatible URL (few-shot Yes/No)")
+    k.add_argument("--classifier-model", help="classifier model name (default: the server's first model)")
+    k.add_argument("--concurrency", type=int, default=64, help="classifier calls in flight (default 64)")
+    k.add_argument("--out", help="also write the report as JSON here")
+    k.add_argument("--data-dir", help="task data folder (default $SIMKIT_DATA_DIR)")
+    k.set_defaults(func=_run_eval_classifier)
 
     c = sub.add_parser("compare", help="print several eval runs side by side",
                        description="Print the metrics of several `simkit eval` runs as one markdown table in the "
@@ -224,21 +323,89 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=lambda a: print(compare(a.runs, Path(a.plot) if a.plot else None)) or 0)
 
 
+def greedy_defaults(p: argparse.ArgumentParser) -> None:
+    """Eval decodes greedily with at most 128 new tokens (the authors'); the role flags' help says so."""
+    p.set_defaults(temperature=EVAL_TEMPERATURE, max_tokens=EVAL_MAX_TOKENS)
+    for a in p._actions:
+        if a.dest == "temperature":
+            a.help = f"policy sampling temperature (default {EVAL_TEMPERATURE:g}: greedy, as the authors evaluate)"
+        elif a.dest == "max_tokens":
+            a.help = f"policy max new tokens (default {EVAL_MAX_TOKENS}, as the authors evaluate)"
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     return asyncio.run(_eval_main(args))
+
+
+def _run_eval_classifier(args: argparse.Namespace) -> int:
+    return asyncio.run(_eval_classifier_main(args))
+
+
+async def _eval_classifier_main(args: argparse.Namespace) -> int:
+    from .env import make
+
+    env = make(args.env, **({"data_dir": args.data_dir} if args.data_dir else {}))
+    client = None
+    if args.classifier == "rule":
+        from .agents import RuleClassifier
+
+        clf: Any = RuleClassifier()
+    else:
+        from .agents import LLMClassifier
+        from .client import RoleClient, RoleConfig
+
+        client = RoleClient("classifier", RoleConfig(base_urls=[u.strip() for u in args.classifier.split(",")],
+                                                      model=args.classifier_model))
+        clf = LLMClassifier(client, env=env.name)
+    report: dict[str, Any] = {"env": env.name}
+    try:
+        for split in args.split or list(env.splits()):
+            tasks = env.tasks(split)
+            report[split] = await classifier_check(clf, tasks[: args.limit] if args.limit else tasks, args.concurrency)
+    finally:
+        if client is not None:
+            await client.aclose()
+    lines = [f"| {env.name} split | classifier | n | Acc | CLARIFY P | CLARIFY R | CLARIFY F1 | confusion [[CC, CA], [AC, AA]] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for split, r in report.items():
+        if split == "env":
+            continue
+        pct = lambda x: "—" if x is None else f"{100 * x:.1f}"  # noqa: E731
+        lines.append(f"| {split} | {r['classifier']} | {r['n']} | {pct(r['accuracy'])} | {pct(r['clarify_precision'])} | "
+                     f"{pct(r['clarify_recall'])} | {pct(r['clarify_f1'])} | {r['confusion']['matrix']} |")
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
 
 
 async def _eval_main(args: argparse.Namespace) -> int:
     from .env import make
     from .roles import build_roles
 
-    env_kw = {"data_dir": args.data_dir} if args.data_dir else {}
+    from .sampling import TooFewConversations, sample_conversations
+
+    env_kw: dict[str, Any] = {"data_dir": args.data_dir} if args.data_dir else {}
+    if args.clarify_rounds is not None:
+        env_kw["clarify_rounds"] = args.clarify_rounds
     probe = make(args.env, **env_kw)
     roles = build_roles(args, probe.name)
     env = make(args.env, classifier=roles.classifier, simulator=roles.simulator, **env_kw)
     splits = list(env.splits())
     split = args.split or splits[-1]
-    tasks = task_order(env.tasks(split), args.seed, args.limit)
+    try:
+        sample = sample_conversations(env.tasks(split), args.n_conversations, args.seed, env=env.name, split=split)
+    except TooFewConversations as e:
+        await roles.aclose()
+        raise SystemExit(f"simkit eval: {e}")
+    tasks = task_order(sample.tasks, args.seed, args.limit)
+    n_train, train_ids = args.n_train, None
+    if args.train_conversations:
+        rec = json.loads(Path(args.train_conversations).read_text())
+        train_ids = rec.get("conversation_ids")
+        if n_train is None and train_ids is not None:
+            n_train = len(train_ids)
     policy: Any = roles.policy
     if args.icl_shots:
         pool_split = args.icl_pool or splits[0]
@@ -248,15 +415,23 @@ async def _eval_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
+    if args.n_conversations is not None:
+        sample.write(out / "eval_conversations.json")
+    meta = {"split": split, "n_train": n_train, "icl_shots": args.icl_shots,
+            "model": roles.policy.model or roles.policy.client.model,
+            "decoding": {"temperature": args.temperature, "max_tokens": args.max_tokens}}
+    if train_ids is not None:
+        meta["train_conversations"] = {"file": args.train_conversations, "n": len(train_ids)}
     try:
-        metrics = await evaluate(env, tasks, policy, out, args.concurrency, args.label,
-                                 {"split": split, "n_train": args.n_train, "icl_shots": args.icl_shots,
-                                  "model": roles.policy.model or roles.policy.client.model})
+        metrics = await evaluate(env, tasks, policy, out, args.concurrency, args.label, meta,
+                                 check_classifier=args.classifier_check)
     finally:
         usage = {c.role: c.stats.as_dict() for c in roles.clients}
         (out / "usage.json").write_text(json.dumps(usage, indent=2))
         await roles.aclose()
     print(markdown_table([(metrics["label"], metrics)], metrics["metric"]))
+    print(f"\nsimulator: {metrics['simulator']}; classifier: {classifier_cell(metrics)}; "
+          f"clarification rounds: {metrics.get('clarify_rounds')}")
     tokens = sum(u["prompt_tokens"] + u["completion_tokens"] for u in usage.values())
     print(f"\nartefacts in {out}/ (episodes.jsonl, metrics.json, table.md, confusion.png); "
           f"tokens used this run: {tokens:,}")

@@ -3,9 +3,14 @@
 Action level: accuracy, macro F1 over {CLARIFY, ANSWER}, CLARIFY precision/recall, confusion
 matrix (rows = gold, columns = predicted first action).
 Content level, with each env's own metric (DROP F1, embedding similarity, execution match):
-- turn: the first response against the reference response, over all tasks;
+- turn (`turn_score`): the first response against the reference winner — for a CLARIFY turn the
+  whole gold continuation (question, user's reply, answer), as the authors' metrics score it;
+- turn, question only (`turn_score_question_only`): against the reference response alone (for a
+  CLARIFY turn the clarifying question) — the older form;
 - trajectory: the final answer after simulated clarification against the goal, over all tasks;
-- post-clarify: the trajectory score over tasks whose gold action is CLARIFY.
+- post-clarify, two ways: over tasks whose gold action is CLARIFY (`post_clarify_score`, ACT.md's
+  definition) and over tasks where the model asked, i.e. its first action was CLARIFY
+  (`post_clarify_score_asked`, the authors' evaluate code).
 Failed episodes (a role gave up) score 0 and are counted separately.
 """
 from __future__ import annotations
@@ -57,32 +62,63 @@ def summarize(trajs: Sequence[Trajectory]) -> dict[str, Any]:
     p_c, r_c, f_c = prf(m, 0)
     ok = [t for t in trajs if t.status == "ok"]
     turn = [t.turn_score or 0.0 for t in trajs]
+    turn_q = [(t.turn_score if t.turn_score_question_only is None else t.turn_score_question_only) or 0.0
+              for t in trajs]
     traj = [t.reward if t.terminated else 0.0 for t in trajs]
     pc = [t.reward if t.terminated else 0.0 for t in trajs if t.gold_action == CLARIFY]
+    pc_asked = [t.reward if t.terminated else 0.0 for t in trajs if t.first_action == CLARIFY]
     return {
         "n": len(trajs), "failed": len(trajs) - len(ok),
         "accuracy": _mean(g == p for g, p in zip(gold, pred)) if trajs else None,
         "macro_f1": macro_f1(m) if trajs else None,
         "clarify_precision": p_c, "clarify_recall": r_c, "clarify_f1": f_c,
         "confusion": {"labels": list(LABELS), "matrix": m},
-        "turn_score": _mean(turn), "trajectory_score": _mean(traj), "post_clarify_score": _mean(pc),
-        "n_clarify_gold": sum(g == CLARIFY for g in gold),
+        "turn_score": _mean(turn), "turn_score_question_only": _mean(turn_q), "trajectory_score": _mean(traj),
+        "post_clarify_score": _mean(pc), "post_clarify_score_asked": _mean(pc_asked),
+        "n_clarify_gold": sum(g == CLARIFY for g in gold), "n_clarify_asked": len(pc_asked),
         "truncated": sum(t.truncated for t in trajs),
         "avg_assistant_turns": _mean(len(t.assistant_turns) for t in trajs),
     }
 
 
 COLUMNS = [("accuracy", "Acc"), ("macro_f1", "Macro F1"), ("clarify_precision", "CLARIFY P"),
-           ("clarify_recall", "CLARIFY R"), ("turn_score", "Turn"), ("trajectory_score", "Traj"),
-           ("post_clarify_score", "Post-Clarify")]
+           ("clarify_recall", "CLARIFY R"), ("turn_score", "Turn"),
+           ("turn_score_question_only", "Turn (question only)"), ("trajectory_score", "Traj"),
+           ("post_clarify_score", "Post-Clarify (gold CLARIFY)"), ("post_clarify_score_asked", "Post-Clarify (asked)")]
+CONTENT = {"turn_score", "turn_score_question_only", "trajectory_score", "post_clarify_score",
+           "post_clarify_score_asked"}
+
+
+def _pct(x: Any) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def classifier_cell(s: dict[str, Any]) -> str:
+    """The classifier that labelled the episodes, with its CLARIFY P/R on the reference responses."""
+    name = s.get("classifier") or "?"
+    chk = s.get("classifier_check") or {}
+    if chk.get("n"):
+        name += f" (on references: CLARIFY P {_pct(chk.get('clarify_precision'))} / R {_pct(chk.get('clarify_recall'))})"
+    return name
 
 
 def markdown_table(rows: Sequence[tuple[str, dict[str, Any]]], metric_name: str = "score") -> str:
-    """The paper's layout: one row per run, action metrics then content metrics (x100)."""
-    head = ["run"] + [f"{label} {metric_name}" if key in ("turn_score", "trajectory_score", "post_clarify_score")
-                      else label for key, label in COLUMNS] + ["n", "failed"]
+    """The paper's layout: one row per run, action metrics then content metrics (x100), then the
+    classifier (with its precision/recall on the reference responses) and simulator it used."""
+    head = ["run"] + [f"{label} {metric_name}" if key in CONTENT else label for key, label in COLUMNS] + \
+        ["n", "failed", "classifier", "simulator"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in rows:
-        cells = [name] + [("—" if s.get(k) is None else f"{100 * s[k]:.1f}") for k, _ in COLUMNS]
-        lines.append("| " + " | ".join(cells + [str(s.get("n", "")), str(s.get("failed", ""))]) + " |")
+        cells = [name] + [_pct(s.get(k)) for k, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells + [str(s.get("n", "")), str(s.get("failed", "")), classifier_cell(s),
+                                                 str(s.get("simulator") or "?")]) + " |")
     return "\n".join(lines)
+
+
+def action_report(gold: Sequence[str], pred: Sequence[str | None]) -> dict[str, Any]:
+    """Accuracy and CLARIFY precision/recall of predicted actions against gold labels."""
+    m = confusion(gold, pred)
+    p, r, f = prf(m, 0)
+    return {"n": len(gold), "accuracy": _mean(g == q for g, q in zip(gold, pred)) if gold else None,
+            "clarify_precision": p, "clarify_recall": r, "clarify_f1": f, "macro_f1": macro_f1(m) if gold else None,
+            "confusion": {"labels": list(LABELS), "matrix": m}}
