@@ -22,15 +22,22 @@ already loaded), verified in GET /v1/models, and only then announced on the queu
 Pairs are acked once a checkpoint containing their step is committed; a killed trainer
 restarts from its last committed checkpoint (just run the same command again).
 SIGINT / SIGTERM: finish the current step, commit, publish, release unused leases, exit 0.
+Schedules: asynchronous by default (publish every --publish-every steps, pairs up to --max-staleness
+versions old). --sync is the paper's: publish every step and train each step only on pairs made by
+the latest version (stale ones are dropped, also if leased before the publish); run `simkit serve
+--sync` with it. IRPO baseline: --rpo-alpha A (DPO + A x NLL of the chosen) on `simkit serve --mode irpo`.
 Outputs: RUN_DIR/{config.yaml, metrics.jsonl, tb/, checkpoints/, adapters/, trained_pairs.jsonl}.
 """
 
 SFT_EPILOG = """\
 examples:
   trainer sft --env toy --model runs/tiny --out runs/sft --epochs 2
-  trainer sft --env pacific --split train --limit 50 --model HuggingFaceH4/zephyr-7b-beta --out runs/sft50
+  trainer sft --env pacific --split tune --n-conversations 50 --model HuggingFaceH4/zephyr-7b-beta --out runs/sft50
   trainer sft --data conversations.jsonl --model runs/tiny --out runs/sft --merge
 The adapter lands in RUN_DIR/adapter (serve it with load_lora_adapter), merged weights in RUN_DIR/merged.
+--n-conversations N counts dialogues, not turns: a seeded sample stratified by gold action, drawn by the
+same helper as `simkit serve --n-conversations N --seed S` (same N and seed: same conversations); the
+ids go to RUN_DIR/conversations.json. N larger than the split's conversations is an error.
 """
 
 
@@ -83,9 +90,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sft(args: argparse.Namespace) -> int:
+    from simkit.sampling import TooFewConversations
+
     from .sft import run_sft
 
-    run_sft(config_from_args(SFTRunConfig, args, args.parser))
+    try:
+        run_sft(config_from_args(SFTRunConfig, args, args.parser))
+    except TooFewConversations as e:
+        args.parser.exit(2, f"trainer sft: error: {e}\n")
     return 0
 
 

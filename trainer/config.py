@@ -59,6 +59,11 @@ class RunConfig(CommonConfig):
         default_factory=list, description="OpenAI-style base URL(s) of the policy server(s) to load each version into "
                                           "(e.g. http://127.0.0.1:8000/v1); none = publish on the queue only")
     max_steps: int = Field(1000, ge=1, description="total optimizer steps of the run (resumes count from the checkpoint)")
+    sync: bool = Field(False, description="the paper's schedule: publish (and checkpoint) every step and train each "
+                                          "step only on pairs made by the latest version (max_staleness 0; stale "
+                                          "pairs are dropped, even ones leased before the publish); pair it with "
+                                          "`simkit serve --sync`. Off: asynchronous, the publish_every / "
+                                          "max_staleness below")
     publish_every: int = Field(10, ge=1, description="publish a new policy version every N optimizer steps")
     save_every: int | None = Field(None, ge=1, description="checkpoint + ack the trained pairs every N steps "
                                                            "(default: publish_every)")
@@ -68,6 +73,10 @@ class RunConfig(CommonConfig):
                                              "bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, "
                                              "sft, sigmoid_norm")
     loss_weights: list[float] | None = Field(None, description="weights when combining several loss types")
+    rpo_alpha: float | None = Field(None, ge=0, description="IRPO / RPO: add rpo_alpha x the NLL of the chosen "
+                                                          "response to the DPO loss (TRL's rpo_alpha; on TRL "
+                                                          "versions without it, loss_type + ['sft'] weighted "
+                                                          "rpo_alpha). Default: off")
     label_smoothing: float = Field(0.0, ge=0, description="label smoothing (robust / exo_pair losses)")
     consumer: str = Field("trainer", description="consumer name on the queue (leases are owned by it)")
     lease_s: float = Field(3600.0, gt=0, description="lease length; held leases are renewed until their pairs are acked")
@@ -75,7 +84,9 @@ class RunConfig(CommonConfig):
     idle_timeout_s: float | None = Field(None, gt=0, description="stop cleanly after this long without new pairs "
                                                                  "(default: wait forever)")
     max_staleness: int | None = Field(None, ge=0, description="drop queued pairs more than this many versions behind "
-                                                             "the current one before leasing (default: keep all)")
+                                                             "the current one, when leasing and again when a leased "
+                                                             "pair is about to be trained (default: keep all; "
+                                                             "--sync: 0)")
     adapter_name: str = Field("policy", description="adapter name on the servers (versioned naming adds -vN)")
     adapter_naming: Literal["versioned", "inplace"] = Field(
         "versioned", description="versioned: a new name per version (policy-v3); inplace: reuse one name with "
@@ -92,6 +103,17 @@ class RunConfig(CommonConfig):
     def _check(self) -> "RunConfig":
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError("loss_weights needs one weight per loss_type")
+        if self.rpo_alpha is not None and "sft" in self.loss_type:
+            raise ValueError("rpo_alpha adds the 'sft' (NLL) term itself: drop 'sft' from loss_type")
+        if self.sync:
+            given = self.model_fields_set
+            if "publish_every" in given and self.publish_every != 1:
+                raise ValueError("sync publishes every step: drop publish_every or sync")
+            if "max_staleness" in given and self.max_staleness not in (None, 0):
+                raise ValueError("sync trains only on current-version pairs (max_staleness 0): drop one of them")
+            if "save_every" in given and self.save_every not in (None, 1):
+                raise ValueError("sync commits every step: drop save_every or sync")
+            self.publish_every, self.max_staleness, self.save_every = 1, 0, None
         return self
 
     @property
@@ -105,7 +127,16 @@ class SFTRunConfig(CommonConfig):
     data: str | None = Field(None, description="JSONL of conversations ({'messages': [...]}) or prompt/completion rows")
     env: str | None = Field(None, description="environment name (simkit.make(NAME)); its reference conversations")
     split: str = Field("train", description="environment split")
-    limit: int | None = Field(None, ge=1, description="use only the first N conversations (paper: n=50 / n=250)")
+    n_conversations: int | None = Field(
+        None, ge=1, description="train on N conversations (dialogues, not turns; paper: n=50 / n=250): a seeded random "
+                                "sample stratified by gold action (the CLARIFY share matches the split), the same as "
+                                "`simkit serve` / `pairs build` draw for the same seed; ids written to "
+                                "RUN_DIR/conversations.json. An error if N exceeds the split's conversations. "
+                                "JSONL data: N lines (one conversation each), a seeded sample. Default: all")
+    limit: int | None = Field(None, ge=1, description="old name of n_conversations (same meaning)")
+    sample_seed: int | None = Field(None, description="seed of the conversation sample (default: seed); give the "
+                                                      "ACT run's `simkit serve --seed` to train SFT on the same "
+                                                      "conversations")
     followup: bool = Field(True, description="for CLARIFY tasks also train the final answer after the user's reply")
     epochs: float = Field(8.0, gt=0, description="training epochs (authors' SFT baseline: 8)")
     max_steps: int = Field(-1, description="stop after N optimizer steps (overrides epochs when > 0)")
@@ -115,6 +146,10 @@ class SFTRunConfig(CommonConfig):
     def _check(self) -> "SFTRunConfig":
         if bool(self.data) == bool(self.env):
             raise ValueError("give exactly one of data (a JSONL file) or env (an environment name)")
+        if self.limit is not None:
+            if self.n_conversations not in (None, self.limit):
+                raise ValueError("limit is the old name of n_conversations: give one")
+            self.n_conversations = self.limit
         return self
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -60,6 +61,12 @@ class QueueSource(torch.utils.data.IterableDataset):
     `on_skip(pair, reason)` run on the consuming (training) thread, when a lease's first example is
     taken. While the queue is empty the feeder polls every `poll_s`; once the training thread has
     waited `idle_timeout_s` for a pair, iteration ends and `idle` is set (a clean end of the run).
+
+    Staleness: `min_version()` is applied twice — when leasing (the queue drops older pairs) and
+    again when an example is handed to the trainer, because a batch leased ahead may have been
+    made by a version that was replaced meanwhile. A pair found stale then is consumed without
+    training (`on_skip`, counted in `stale_skipped`), so with min_version = the current version (the
+    sync schedule) no step ever trains on a pair older than the policy version in force.
     """
 
     def __init__(self, queue, tokenizer, *, lease_n: int, budget: Callable[[], int], stop: threading.Event,
@@ -74,6 +81,7 @@ class QueueSource(torch.utils.data.IterableDataset):
         self.max_length, self.idle_timeout_s, self.min_version = max_length, idle_timeout_s, min_version
         self.prefetch = max(1, prefetch)
         self.idle = False  # set when the source stopped because of idle_timeout_s
+        self.stale_skipped = 0  # leased pairs found stale when about to be trained
         self._feeders: list[_Feeder] = []
 
     def __iter__(self) -> Iterator[dict]:
@@ -92,6 +100,12 @@ class QueueSource(torch.utils.data.IterableDataset):
                 for pair, reason in skipped:
                     self.on_skip(pair, reason)
                 for ex in examples:
+                    floor = self.min_version()
+                    if floor is not None and ex["policy_version"] < floor:
+                        self.stale_skipped += 1
+                        self.on_skip(SimpleNamespace(id=ex["pair_id"]),
+                                     f"stale: made by v{ex['policy_version']}, oldest allowed v{floor}")
+                        continue
                     yield ex
                     remaining -= 1
         finally:

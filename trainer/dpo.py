@@ -128,6 +128,7 @@ class DPORun:
         stale = [self.version - v for _, v in pairs] or [0]
         self._extras = {"pairs": len(pairs), "pairs_per_s": len(pairs) / dt, "step_time_s": dt,
                         "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
+                        "stale_skipped": self.source.stale_skipped if self.source is not None else 0,
                         "policy_version": self.version, "queue_depth": self.queue.depth(),
                         "committed_pairs": self.ledger.committed_total}
 
@@ -195,8 +196,8 @@ class DPORun:
             output_dir=str(self.ckpt_dir), per_device_train_batch_size=c.batch_size,
             gradient_accumulation_steps=c.grad_accum, max_steps=c.max_steps, learning_rate=c.lr,
             lr_scheduler_type=c.lr_scheduler, warmup_steps=c.warmup_steps, optim=c.optim,
-            weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm, beta=c.beta, loss_type=list(c.loss_type),
-            loss_weights=c.loss_weights, label_smoothing=c.label_smoothing, max_length=c.max_length,
+            weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm, beta=c.beta,
+            label_smoothing=c.label_smoothing, max_length=c.max_length, **loss_args(c),
             seed=c.seed, logging_steps=1, save_strategy="no",
             save_total_limit=None, report_to="none", remove_unused_columns=False, ignore_data_skip=True,
             dataloader_num_workers=0, disable_tqdm=True, **precision_args(c.dtype),
@@ -250,6 +251,17 @@ class DPORun:
                 self.writer.close()
                 self.publisher.close()
                 self.queue.close()
+
+
+def loss_args(c: RunConfig) -> dict:
+    """loss_type / loss_weights (and rpo_alpha): IRPO's DPO + alpha x NLL of the chosen response is
+    TRL's `rpo_alpha` where DPOConfig has it, else the equivalent `sft` loss term weighted alpha."""
+    types_, weights = list(c.loss_type), c.loss_weights
+    if c.rpo_alpha is None:
+        return {"loss_type": types_, "loss_weights": weights}
+    if "rpo_alpha" in getattr(DPOConfig, "__dataclass_fields__", {}):
+        return {"loss_type": types_, "loss_weights": weights, "rpo_alpha": c.rpo_alpha}
+    return {"loss_type": [*types_, "sft"], "loss_weights": [*(weights or [1.0] * len(types_)), c.rpo_alpha]}
 
 
 def quiet_libraries() -> None:

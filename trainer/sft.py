@@ -17,6 +17,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from simkit.types import goal_text  # noqa: F401  (re-exported: trainer.sft.goal_text)
+
 from .config import SFTRunConfig, save_snapshot
 from .metrics import MetricsCallback, MetricsWriter
 from .models import (checkpointing_args, load_model, load_tokenizer, lora_config, merge_adapter, precision_args,
@@ -25,36 +27,43 @@ from .models import (checkpointing_args, load_model, load_tokenizer, lora_config
 log = logging.getLogger("trainer")
 
 
-def goal_text(goal: Any) -> str:
-    if isinstance(goal, str):
-        return goal
-    if isinstance(goal, (list, tuple)):
-        return ", ".join(goal_text(g) for g in goal)
-    if isinstance(goal, dict):
-        for key in ("answer", "text", "sql", "query"):
-            if key in goal:
-                return goal_text(goal[key])
-        return json.dumps(goal, ensure_ascii=False)
-    return "" if goal is None else str(goal)
-
-
 def _msg(role: str, content: str) -> dict:
     return {"role": role, "content": content}
 
 
-def env_rows(env_name: str, split: str, followup: bool = True, limit: int | None = None) -> list[dict]:
+def env_sample(env_name: str, split: str, n_conversations: int | None = None, seed: int = 0):
+    """(env, the conversation sample): the same helper and draw as `simkit serve` / `pairs build`."""
     import simkit
-    from simkit.types import CLARIFY
+    from simkit.sampling import sample_conversations
 
     env = simkit.make(env_name)
-    tasks = env.tasks(split)[:limit] if limit else env.tasks(split)
-    rows = []
-    for t in tasks:
+    return env, sample_conversations(env.tasks(split), n_conversations, seed, env=env.name, split=split)
+
+
+def env_rows(env_name: str, split: str, followup: bool = True, n_conversations: int | None = None,
+             seed: int = 0) -> list[dict]:
+    """One row per assistant turn of the sampled conversations' reference turns (the CLARIFY
+    follow-up: the gold continuation's final answer after the user's reply)."""
+    return task_rows(*env_sample(env_name, split, n_conversations, seed), followup=followup)
+
+
+def task_rows(env, sample, followup: bool = True) -> list[dict]:
+    from simkit.types import CLARIFY
+
+    rows, seen = [], set()
+
+    def add(row: dict) -> None:  # a PACIFIC follow-up is also the dialogue's next turn: train it once
+        key = json.dumps(row, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+
+    for t in sample.tasks:
         prompt = [_msg("system", env.system_prompt), *[m.model_dump() for m in t.prompt]]
-        rows.append({"prompt": prompt, "completion": [_msg("assistant", t.reference)]})
+        add({"prompt": prompt, "completion": [_msg("assistant", t.reference)]})
         if followup and t.gold_action == CLARIFY and t.user_reply and goal_text(t.goal):
-            rows.append({"prompt": prompt + [_msg("assistant", t.reference), _msg("user", t.user_reply)],
-                         "completion": [_msg("assistant", goal_text(t.goal))]})
+            add({"prompt": prompt + [_msg("assistant", t.reference), _msg("user", t.user_reply)],
+                 "completion": [_msg("assistant", goal_text(t.goal))]})
     return rows
 
 
@@ -63,15 +72,18 @@ def conversation_rows(messages: list[dict]) -> list[dict]:
             if m.get("role") == "assistant" and i > 0]
 
 
-def jsonl_rows(path: str | Path, limit: int | None = None) -> list[dict]:
-    rows, n = [], 0
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+def jsonl_rows(path: str | Path, n_conversations: int | None = None, seed: int = 0) -> list[dict]:
+    """Rows of a JSONL of conversations (one per line); with n, a seeded sample of n lines."""
+    from simkit.sampling import TooFewConversations, sample_items
+
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    try:
+        lines = sample_items(lines, n_conversations, seed)
+    except TooFewConversations as e:
+        raise TooFewConversations(f"{path}: {e}") from None
+    rows = []
+    for lineno, line in lines:
         obj = json.loads(line)
-        if limit and n >= limit:
-            break
-        n += 1
         if "messages" in obj:
             rows.extend(conversation_rows([_msg(m["role"], m["content"]) for m in obj["messages"]]))
         elif "prompt" in obj and "completion" in obj:
@@ -81,8 +93,16 @@ def jsonl_rows(path: str | Path, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def build_rows(cfg: SFTRunConfig) -> list[dict]:
-    rows = jsonl_rows(cfg.data, cfg.limit) if cfg.data else env_rows(cfg.env, cfg.split, cfg.followup, cfg.limit)
+def build_rows(cfg: SFTRunConfig, record_dir: Path | None = None) -> list[dict]:
+    """The SFT rows of the config; with `record_dir`, the conversation sample is written there."""
+    seed = cfg.seed if cfg.sample_seed is None else cfg.sample_seed
+    if cfg.data:
+        rows = jsonl_rows(cfg.data, cfg.n_conversations, seed)
+    else:
+        env, sample = env_sample(cfg.env, cfg.split, cfg.n_conversations, seed)
+        if record_dir is not None:
+            sample.write(record_dir)
+        rows = task_rows(env, sample, cfg.followup)
     if not rows:
         raise ValueError("no training rows: the data has no assistant turns")
     return rows
@@ -100,7 +120,7 @@ def run_sft(cfg: SFTRunConfig) -> Path:
     quiet_libraries()
     run_dir = cfg.run_dir.resolve()
     save_snapshot(cfg, run_dir, "sft_config.yaml")
-    rows = build_rows(cfg)
+    rows = build_rows(cfg, record_dir=run_dir)
     log.info("SFT on %d rows", len(rows))
     writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
     try:
