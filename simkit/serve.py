@@ -17,33 +17,80 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
-from .act import Rollout, phase2_rollout
+from .act import Rollout, irpo_rollout, phase2_rollout
+from .types import PreferencePair
+
+ASYNC_MAX_PENDING, ASYNC_MAX_STALENESS = 4096, 2
 
 
 class ServeConfig(BaseModel):
-    """Everything `simkit serve` needs; loadable from YAML (`--config`), overridden by flags."""
+    """Everything `simkit serve` needs; loadable from YAML (`--config`), overridden by flags.
+
+    Schedules: the default is asynchronous (rollouts keep flowing while the trainer trains; pairs
+    up to `max_staleness` versions old are kept). `sync=True` is the paper's quasi-online schedule:
+    staleness 0 (a pair made by an older policy is dropped as soon as a new version is published),
+    bounded pending (`max_pending` defaults to `concurrency`), the version re-read before every
+    episode; run `trainer run --sync` (publish every step, train only current-version pairs)."""
 
     env: str
     split: str | None = None
     queue: str
     run_dir: str = "runs/serve"
     data_dir: str | None = None
-    limit: int | None = None
+    n_conversations: int | None = None  # training conversations (seeded stratified sample); `limit` is an alias
     concurrency: int = 64
-    max_pending: int = 4096
-    max_staleness: int = 2
+    max_pending: int | None = None  # default: 4096, or `concurrency` with sync
+    max_staleness: int | None = None  # default: 2, or 0 with sync (nothing else is allowed then)
+    sync: bool = False
     ablation: Literal["none", "random-actions", "no-sampling", "no-simulation"] = "none"
+    mode: Literal["act", "irpo"] = "act"
+    irpo_samples: int = 4
+    pseudo_label: bool = False
+    clarify_rounds: int | None = None  # default: the env's (1, as the authors)
     max_episodes: int | None = None
     max_epochs: int | None = None
     poll_s: float = 1.0
     flush_s: float = 0.25
     seed: int = 0
     save_trajectories: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "limit" in data:
+            data = dict(data)
+            limit = data.pop("limit")
+            if data.get("n_conversations") is None:
+                data["n_conversations"] = limit
+        return data
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "ServeConfig":
+        if self.sync:
+            if self.max_staleness not in (None, 0):
+                raise ValueError("sync means max_staleness 0; drop --max-staleness or --sync")
+            self.max_staleness = 0
+            if self.max_pending is None:
+                self.max_pending = self.concurrency
+        else:
+            self.max_staleness = ASYNC_MAX_STALENESS if self.max_staleness is None else self.max_staleness
+            self.max_pending = ASYNC_MAX_PENDING if self.max_pending is None else self.max_pending
+        if self.mode == "irpo" and self.ablation != "none":
+            raise ValueError("--mode irpo is a baseline of its own: no --ablation with it")
+        return self
+
+
+@dataclass
+class _TaskRef:
+    """A stream item without a D_pref pair (IRPO samples its own pairs)."""
+
+    task_id: str
 
 
 class _State:
@@ -72,7 +119,8 @@ class Server:
         self.depth = 0
         self.stop = asyncio.Event()
         self.m = dict(episodes=0, pairs=0, failures=0, right_action=0, successes=0, terminated=0,
-                      dropped_stale=0, duplicates=0)
+                      dropped_stale=0, duplicates=0, identical_dropped=0, no_contrast=0)
+        self.phase1: dict[str, int] = {}
         self._done_positions: dict[tuple[int, int], bool] = {}
         self._buf: list = []
 
@@ -98,6 +146,7 @@ class Server:
 
     # ------------------------------------------------------------------ task stream
     def _stream(self, dpref: list, tasks: dict):
+        """(epoch, position, D_pref pair or None (IRPO), task) in a seeded order per epoch."""
         st, cfg = self.state, self.cfg
         epoch = st.epoch
         while not self.stop.is_set() and (cfg.max_epochs is None or epoch < cfg.max_epochs):
@@ -111,7 +160,7 @@ class Server:
                     return
                 self._started += 1
                 pair = dpref[order[pos]]
-                yield (epoch, pos, pair, tasks[pair.task_id])
+                yield (epoch, pos, pair if isinstance(pair, PreferencePair) else None, tasks[pair.task_id])
             epoch += 1
 
     async def _episode(self, env, item, policy) -> Rollout:
@@ -119,8 +168,13 @@ class Server:
         while self.depth >= self.cfg.max_pending and not self.stop.is_set():  # back-pressure
             await asyncio.sleep(self.cfg.poll_s / 4)
             self.depth = await self.queue.depth()
-        r = await phase2_rollout(env, base, task, policy, version=self.version, epoch=epoch,
-                                 simulate=self.cfg.ablation != "no-simulation")
+        if self.cfg.sync:  # never start an episode on a policy the trainer has already replaced
+            await self.follow_version()
+        if self.cfg.mode == "irpo":
+            r = await irpo_rollout(env, task, policy, version=self.version, epoch=epoch, samples=self.cfg.irpo_samples)
+        else:
+            r = await phase2_rollout(env, base, task, policy, version=self.version, epoch=epoch,
+                                     simulate=self.cfg.ablation != "no-simulation")
         r.trajectory.info.update(epoch=epoch, position=pos)
         return r
 
@@ -141,7 +195,7 @@ class Server:
         st = self.state
         for r in self._buf:
             info = r.trajectory.info
-            if r.pair is not None:
+            if r.pair is not None or r.dropped:  # a dropped pair (identical sides, no contrast) is done too
                 self._done_positions[(info["epoch"], info["position"])] = True
                 st.pairs += 1
             st.episodes += 1
@@ -163,7 +217,14 @@ class Server:
                 "episodes_per_s": round(m["episodes"] / el, 3), "pairs_per_s": round(m["pairs"] / el, 3),
                 "action_accuracy": round(m["right_action"] / m["episodes"], 4) if m["episodes"] else None,
                 "success_rate": round(m["successes"] / m["terminated"], 4) if m["terminated"] else None,
-                "epoch": self.state.epoch, "position": self.state.position}
+                "epoch": self.state.epoch, "position": self.state.position, "sync": self.cfg.sync,
+                "mode": self.cfg.mode, "max_staleness": self.cfg.max_staleness, "phase1": self.phase1,
+                "classifier": self._describe("classifier"), "simulator": self._describe("simulator")}
+
+    def _describe(self, role: str) -> str:
+        from .agents import describe
+
+        return describe(getattr(self.roles, role, None))
 
     def _write_metrics(self, final: bool) -> None:
         now = time.monotonic()
@@ -223,7 +284,12 @@ class Server:
         m, t = self.m, r.trajectory
         m["episodes"] += 1
         if r.pair is None:
-            m["failures"] += 1
+            if r.dropped == "identical":
+                m["identical_dropped"] += 1
+            elif r.dropped == "no-contrast":
+                m["no_contrast"] += 1
+            else:
+                m["failures"] += 1
             return
         m["pairs"] += 1
         m["right_action"] += bool(t.info.get("right_action"))
@@ -234,19 +300,32 @@ class Server:
 
 async def serve(cfg: ServeConfig, role_args: argparse.Namespace) -> dict[str, Any]:
     from .env import make
-    from .pairs import build_pairs, read_pairs
+    from .pairs import build_pairs, new_phase1_stats, read_pairs
     from .queue import AsyncPairQueue, open_queue
     from .roles import build_roles
+    from .sampling import TooFewConversations, sample_conversations
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     env_kw: dict[str, Any] = {"data_dir": cfg.data_dir} if cfg.data_dir else {}
+    if cfg.clarify_rounds is not None:
+        env_kw["clarify_rounds"] = cfg.clarify_rounds
     probe = make(cfg.env, **env_kw)
     roles = build_roles(role_args, probe.name)
-    env = make(cfg.env, classifier=roles.classifier, simulator=roles.simulator, seed=cfg.seed, **env_kw)
+    if cfg.pseudo_label and getattr(role_args, "classifier", None) == "rule":
+        await roles.aclose()
+        raise SystemExit("simkit serve: --pseudo-label needs an LLM annotator: pass --classifier URL")
+    # the env's own data seed stays the default: the same tasks as `trainer sft`, `pairs build`, `eval`
+    env = make(cfg.env, classifier=roles.classifier, simulator=roles.simulator, **env_kw)
     split = cfg.split or next(iter(env.splits()))
-    tasks = env.tasks(split)[: cfg.limit] if cfg.limit else env.tasks(split)
+    try:
+        sample = sample_conversations(env.tasks(split), cfg.n_conversations, cfg.seed, env=env.name, split=split)
+    except TooFewConversations as e:
+        await roles.aclose()
+        raise SystemExit(f"simkit serve: {e}")
+    sample.write(run_dir)
+    tasks = sample.tasks
     queue = AsyncPairQueue(open_queue(cfg.queue))
     server = Server(cfg, env, roles, queue)
     server.split = split
@@ -255,16 +334,23 @@ async def serve(cfg: ServeConfig, role_args: argparse.Namespace) -> dict[str, An
         loop.add_signal_handler(sig, server.stop.set)
     try:
         await server.follow_version()
+        if cfg.mode == "irpo":  # the baseline samples its own pairs: no D_pref
+            return await server.run([_TaskRef(t.id) for t in tasks])
         dpref_path = run_dir / "dpref.jsonl"
+        server.phase1 = new_phase1_stats()
         _, failures = await build_pairs(env, tasks, roles.policy, dpref_path,
+                                        annotator=roles.classifier if cfg.pseudo_label else None,
                                         random_actions=cfg.ablation == "random-actions", seed=cfg.seed,
-                                        concurrency=cfg.concurrency, progress=None)
-        dpref = [p for p in read_pairs(dpref_path) if p.task_id in {t.id for t in tasks}]
+                                        concurrency=cfg.concurrency, progress=None, classifier=roles.classifier,
+                                        stats=server.phase1)
+        ids = {t.id for t in tasks}
+        dpref = [p for p in read_pairs(dpref_path) if p.task_id in ids]
         if not dpref:
             raise SystemExit(f"no Phase 1 pairs could be built ({failures} failures): is the policy server up?")
         if cfg.ablation == "no-sampling":  # offline DPO on D_pref only
             added = await queue.append(dpref)
-            return {"phase1_pairs": len(dpref), "appended": added}
+            return {"phase1_pairs": len(dpref), "appended": added, "phase1": server.phase1,
+                    "conversations": len(sample.conversation_ids)}
         return await server.run(dpref)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -275,6 +361,7 @@ async def serve(cfg: ServeConfig, role_args: argparse.Namespace) -> dict[str, An
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     from .roles import add_role_args
+    from .sampling import conversations_help
 
     p = sub.add_parser(
         "serve", help="run ACT rollouts non-stop and stream scored pairs into the queue",
@@ -289,17 +376,39 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queue", help="queue path (SQLite file) shared with `trainer run`")
     p.add_argument("--run-dir", help="run directory: config, state, metrics.jsonl, dpref.jsonl (default runs/serve)")
     p.add_argument("--data-dir", help="task data folder (default $SIMKIT_DATA_DIR)")
-    p.add_argument("--limit", type=int, help="use only the first N tasks of the split")
+    p.add_argument("--n-conversations", "--n", "--limit", dest="n_conversations", type=int, metavar="N",
+                   help=conversations_help() + " (--limit is the old name of this option)")
     p.add_argument("--concurrency", type=int, help="episodes in flight (default 64)")
-    p.add_argument("--max-pending", type=int, help="back-pressure: pause while the queue holds this many (default 4096)")
+    p.add_argument("--max-pending", type=int,
+                   help="back-pressure: pause while the queue holds this many unacked pairs (default 4096; with "
+                        "--sync: --concurrency — set it to the trainer's batch_size x grad_accum to waste least)")
     p.add_argument("--max-staleness", type=int,
-                   help="drop pairs more than this many versions behind the current policy (default 2)")
+                   help="drop pairs more than this many versions behind the current policy (default 2; --sync: 0)")
+    p.add_argument("--sync", action="store_true", default=None,
+                   help="the paper's schedule: every trainer step trains only on pairs of the latest policy version "
+                        "(staleness 0, bounded pending, version re-read before each episode); pair it with "
+                        "`trainer run --sync` (publish every step). Default: asynchronous (staleness up to "
+                        "--max-staleness, rollouts never wait for the trainer)")
     p.add_argument("--ablation", choices=["none", "random-actions", "no-sampling", "no-simulation"],
-                   help="ACT ablations: random gold actions; Phase 1 pairs only; judge by action only")
+                   help="ACT ablations: random-actions (a random label replaces the gold action and, where it "
+                        "differs, the forced response for it wins over the reference); no-sampling (Phase 1 pairs "
+                        "only: offline DPO); no-simulation (Phase 2 judges by the action only)")
+    p.add_argument("--mode", choices=["act", "irpo"],
+                   help="act (default) or the IRPO baseline: pairs from K samples of the current policy, best "
+                        "success vs worst failure by the env's heuristic (train with `trainer run --rpo-alpha`)")
+    p.add_argument("--irpo-samples", type=int, help="IRPO: samples per task (default 4)")
+    p.add_argument("--pseudo-label", action="store_true", default=None,
+                   help="Phase 1 gold actions from the LLM classifier/annotator (--classifier URL) labelling each "
+                        "reference, instead of the data's labels (ACT's pseudo-labelled setting)")
+    p.add_argument("--clarify-rounds", type=int,
+                   help="simulated clarification rounds per episode before it must end (default 1, as the "
+                        "authors: question -> user's reply -> final response)")
     p.add_argument("--max-episodes", type=int, help="stop after this many Phase 2 episodes (default: never)")
     p.add_argument("--max-epochs", type=int, help="stop after this many passes over D_pref (default: never)")
     p.add_argument("--poll-s", type=float, help="how often to check for a new policy version (default 1.0)")
-    p.add_argument("--seed", type=int, help="seed for task order (default 0)")
+    p.add_argument("--seed", type=int,
+                   help="seed of the conversation sample (the same as `trainer sft --seed`), task order and "
+                        "random-actions labels (default 0)")
     p.add_argument("--save-trajectories", action="store_true", default=None,
                    help="also write every trajectory to RUN_DIR/trajectories.jsonl")
     add_role_args(p, policy_required=False)
@@ -316,6 +425,8 @@ def load_config(args: argparse.Namespace, model: type[BaseModel]) -> BaseModel:
             raise ValueError(f"{args.config}: expected a mapping of options")
         for k, v in values.items():
             k = k.replace("-", "_")
+            if k == "limit":
+                k = "n_conversations"
             if getattr(args, k, None) is None:
                 setattr(args, k, ",".join(v) if isinstance(v, list) and k in ("policy",) else v)
     return model.model_validate({k: getattr(args, k) for k in model.model_fields if getattr(args, k, None) is not None})

@@ -203,3 +203,26 @@ async def test_random_actions_ablation_flips_winners():
     p = flipped[0]
     r = await phase2_rollout(env, p, by_task[p.task_id], simkit.OraclePolicy())  # the oracle takes the gold action
     assert r.pair.source == "wrong-action" and r.pair.chosen == p.chosen
+
+
+async def test_irpo_pairs_best_success_against_worst_failure(env):
+    from simkit.act import irpo_rollout
+
+    clarify_task = env.tasks("train")[0]
+
+    class Alternating:  # asks, then answers right on even calls and wrong on odd ones
+        def __init__(self):
+            self.n = 0
+
+        async def respond(self, messages, instruction=None, task=None, **kw):
+            if messages[-1].role == "user" and len(messages) == 2:
+                return Reply(text="Which one do you mean?")
+            self.n += 1
+            return Reply(text=task.goal if self.n % 2 else "no idea")
+
+    r = await irpo_rollout(env, clarify_task, Alternating(), version=2, samples=4)
+    assert r.pair is not None and r.pair.source == "irpo" and r.pair.policy_version == 2
+    assert r.pair.chosen[-1].content == clarify_task.goal and r.pair.rejected[-1].content == "no idea"
+    assert r.pair.meta["successes"] == 2 and r.pair.meta["samples"] == 4
+    same = await irpo_rollout(env, clarify_task, FixedPolicy("no idea"), samples=3)  # no contrast: no pair
+    assert same.pair is None and same.dropped == "no-contrast"
