@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-COMMANDS = ["demo", "model-server", "model", "envs", "data", "pairs", "serve", "eval", "compare", "loadtest"]
+COMMANDS = ["demo", "model-server", "model", "envs", "data", "pairs", "serve", "eval", "eval-classifier", "compare",
+            "loadtest"]
 
 
 def _help(*args):
@@ -23,9 +24,12 @@ def test_top_level_help_lists_every_command():
 @pytest.mark.parametrize("args,must", [
     (["model-server"], ["--model", "--port", "--served-model-name", "--max-batch", "load_lora_adapter", "--api-key"]),
     (["model", "init-tiny"], ["--out", "--seed", "--corpus"]),
-    (["serve"], ["--env", "--queue", "--policy", "--max-staleness", "--max-pending", "--ablation", "--config"]),
-    (["pairs", "build"], ["--pseudo-label", "--out", "--policy", "--classifier"]),
-    (["eval"], ["--icl-shots", "--icl-select", "--split", "--out", "--api-key-env"]),
+    (["serve"], ["--env", "--queue", "--policy", "--max-staleness", "--max-pending", "--ablation", "--config",
+                 "--sync", "--pseudo-label", "--n-conversations", "--mode", "--clarify-rounds", "error if N exceeds"]),
+    (["pairs", "build"], ["--pseudo-label", "--out", "--policy", "--classifier", "--n-conversations", "dialogues"]),
+    (["eval"], ["--icl-shots", "--icl-select", "--split", "--out", "--api-key-env", "--n-conversations",
+                "--train-conversations", "--clarify-rounds", "default 0: greedy", "default 128"]),
+    (["eval-classifier"], ["--env", "--classifier", "--split"]),
     (["data", "build-ambigsql"], ["--spider", "--out", "--seed"]),
     (["loadtest"], ["--concurrency"]),
     (["demo"], ["--model", "--policy", "--out"]),
@@ -57,6 +61,11 @@ def test_every_option_of_every_command_has_help():
 def test_trainer_help():
     res = subprocess.run([sys.executable, "-m", "trainer.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and all(c in res.stdout for c in ("run", "sft", "plot"))
+    for cmd, flags in ((["run"], ["--sync", "--rpo-alpha", "--max-staleness"]),
+                       (["sft"], ["--n-conversations", "--sample-seed"])):
+        res = subprocess.run([sys.executable, "-m", "trainer.cli", *cmd, "--help"], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 0 and all(f in res.stdout for f in flags), (cmd, res.stdout[-500:])
 
 
 def test_clear_error_for_unknown_env():
