@@ -104,14 +104,16 @@ def classifier_cell(s: dict[str, Any]) -> str:
 
 def markdown_table(rows: Sequence[tuple[str, dict[str, Any]]], metric_name: str = "score") -> str:
     """The paper's layout: one row per run, action metrics then content metrics (x100), then the
-    classifier (with its precision/recall on the reference responses) and simulator it used."""
+    eval size, failures, training conversations, and the classifier (with its precision/recall on
+    the reference responses) and simulator it used."""
     head = ["run"] + [f"{label} {metric_name}" if key in CONTENT else label for key, label in COLUMNS] + \
-        ["n", "failed", "classifier", "simulator"]
+        ["n", "failed", "train n", "classifier", "simulator"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in rows:
         cells = [name] + [_pct(s.get(k)) for k, _ in COLUMNS]
-        lines.append("| " + " | ".join(cells + [str(s.get("n", "")), str(s.get("failed", "")), classifier_cell(s),
-                                                 str(s.get("simulator") or "?")]) + " |")
+        train_n = "—" if s.get("n_train") is None else str(s["n_train"])
+        lines.append("| " + " | ".join(cells + [str(s.get("n", "")), str(s.get("failed", "")), train_n,
+                                                 classifier_cell(s), str(s.get("simulator") or "?")]) + " |")
     return "\n".join(lines)
 
 

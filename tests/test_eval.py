@@ -94,3 +94,18 @@ def test_eval_defaults_greedy_and_names_its_roles(tmp_path):
     table = (out / "table.md").read_text()
     assert "Post-Clarify (asked)" in table and "grounded" in table and "on references" in table
     assert "simulator: grounded" in res.stdout
+
+
+def test_compare_plots_one_line_per_method(tmp_path):
+    from simkit.eval import method_of
+
+    assert method_of("ACT (sync) n=50") == "ACT (sync)" and method_of("SFT n=100") == "SFT"
+    runs = []
+    for label, n, f1 in (("SFT n=50", 50, 0.5), ("ACT n=50", 50, 0.6), ("SFT n=100", 100, 0.55), ("ACT n=100", 100, 0.7)):
+        d = tmp_path / label.replace(" ", "_")
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({"label": label, "n_train": n, "macro_f1": f1, "metric": "F1",
+                                                    "n": 10, "failed": 0}))
+        runs.append(d)
+    table = compare(runs, tmp_path / "vs_n.png")  # equal n for two methods must not break the plot
+    assert (tmp_path / "vs_n.png").stat().st_size > 1000 and "| train n |" in table and "| 100 |" in table
