@@ -74,7 +74,9 @@ async def test_episodes_end_to_end(data_dir):
     trajs = await simkit.collect(env, tasks, ReferenceThenGoal(), concurrency=50)
     assert len(trajs) == 50 and all(t.status == "ok" and t.terminated for t in trajs)
     assert all(t.first_action == t.gold_action for t in trajs)
-    assert all(t.reward == 1.0 and t.turn_score == 1.0 and env.success(t.reward) for t in trajs)
+    assert all(t.reward == 1.0 and t.turn_score_question_only == 1.0 and env.success(t.reward) for t in trajs)
+    # a CLARIFY turn's turn score compares with the gold continuation (question, reply, answer)
+    assert all(t.turn_score == 1.0 for t in trajs if t.gold_action != CLARIFY)
     oracle = await simkit.collect(env, tasks, simkit.OraclePolicy(), concurrency=50)
     assert all(t.reward == 1.0 for t in oracle)
     # answering the other reading after clarifying: a worse trajectory score on the same tasks

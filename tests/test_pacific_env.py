@@ -100,7 +100,10 @@ async def test_episodes_end_to_end(data_dir):
     trajs = await simkit.collect(env, tasks, ReferenceThenGoal(), concurrency=16)
     assert len(trajs) == 50 and all(t.status == "ok" and t.terminated for t in trajs)
     assert all(t.first_action == t.gold_action for t in trajs)
-    assert all(t.reward == 1.0 and t.turn_score == 1.0 for t in trajs)
+    assert all(t.reward == 1.0 and t.turn_score_question_only == 1.0 for t in trajs)
+    # the turn score of a CLARIFY turn compares with the gold continuation (question, reply, answer)
+    assert all(t.turn_score == 1.0 for t in trajs if t.gold_action != CLARIFY)
+    assert all(t.turn_score < 1.0 for t in trajs if t.gold_action == CLARIFY)
     by_id = {t.id: t for t in tasks}
     for traj in trajs:
         if traj.gold_action == CLARIFY:
