@@ -1,8 +1,10 @@
 """`simkit pairs build`: ACT Phase 1 — write D_pref (TRL-ready JSONL, and/or into the queue).
 
 Each line is a `PreferencePair`: TRL's conversational `prompt`/`chosen`/`rejected` columns plus
-metadata (gold and rejected action, policy version, adapter, provenance). Resumable: tasks whose
-pair is already in the output file are skipped.
+metadata (gold and rejected action, policy version, adapter, provenance, how the forced loser was
+obtained). Beside OUT: `OUT.stats.json` (forced-ok / retried-ok / fallback / identical-dropped /
+random-flip counts, dropped task ids) and `OUT.conversations.json` (the conversation sample).
+Resumable: tasks whose pair is already in the output file (or was dropped) are skipped.
 """
 from __future__ import annotations
 
