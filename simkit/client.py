@@ -36,10 +36,13 @@ class RoleConfig(BaseModel):
     model: str | None = None  # None: the first model the server lists
     api_key_env: str | None = None
     max_in_flight: int = 256
-    timeout_s: float = 60.0
+    # Long enough for a CPU model's queue: the server sheds overload with 503 + Retry-After instead
+    # of making clients wait, and cancels work whose client left, so a timeout is a real failure.
+    timeout_s: float = 600.0
     max_retries: int = 3
     backoff_s: float = 0.05  # first backoff; jittered exponential, capped at backoff_max_s
     backoff_max_s: float = 2.0
+    retry_after_max_s: float = 60.0  # the most we wait when a server's Retry-After asks for longer
     transport: str = "fast"  # "fast" (raw HTTP/1.1 hot path) | "aiohttp" | "openai" (SDK)
     sampling: dict[str, Any] = Field(default_factory=dict)  # temperature, max_tokens, ...
 
@@ -159,9 +162,16 @@ class RoleClient:
 
     async def _retry(self, payload: dict[str, Any]) -> tuple[dict[str, Any], Endpoint, float]:
         cfg = self.config
+        backoff = wait_random_exponential(multiplier=cfg.backoff_s, max=cfg.backoff_max_s)
+
+        def wait(state) -> float:  # the server's Retry-After if it gave one, else jittered backoff
+            exc = state.outcome.exception() if state.outcome else None
+            after = getattr(exc, "retry_after", None)
+            return min(after, cfg.retry_after_max_s) if after is not None else backoff(state)
+
         retrying = AsyncRetrying(
             stop=stop_after_attempt(cfg.max_retries),
-            wait=wait_random_exponential(multiplier=cfg.backoff_s, max=cfg.backoff_max_s),
+            wait=wait,
             retry=retry_if_exception(self._retryable),
             reraise=True,
         )

@@ -2,28 +2,30 @@
 LoRA endpoints. The offline default and CI's stand-in for vLLM: requests and responses keep
 vLLM's shapes so everything that talks to it talks to vLLM unchanged.
 
-Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions,
-POST /v1/load_lora_adapter {lora_name, lora_path, load_inplace}, POST /v1/unload_lora_adapter
-{lora_name}. A request's `model` selects the base model or a loaded adapter.
+Endpoints: GET /health, GET /metrics (running, waiting, shed, cancelled), GET /v1/models,
+POST /v1/chat/completions, POST /v1/load_lora_adapter {lora_name, lora_path, load_inplace},
+POST /v1/unload_lora_adapter {lora_name}. A request's `model` selects the base model or an adapter.
 
-Concurrency: requests queue up; one generation thread takes everything waiting, groups it by
-(model, sampling) and runs each group as one left-padded batch (continuous arrival, batched
-decode). Adapter loads run on the same thread, so a load never races a generation.
+Concurrency: continuous batching on one model thread (`simkit.batcher`); a bounded waiting list
+that sheds overload with 503 + Retry-After; a request whose client goes away is cancelled.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import inspect
 import json
 import logging
 import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from .batcher import ContinuousBatcher, GenRequest, GenResult
 
 log = logging.getLogger("simkit.model_server")
 
@@ -40,32 +42,8 @@ class APIError(Exception):
         return web.json_response(body, status=self.status)
 
 
-@dataclass
-class GenRequest:
-    prompt_ids: list[int]
-    model: str
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: list[str]
-    future: asyncio.Future = field(repr=False)
-
-    @property
-    def key(self) -> tuple:
-        return (self.model, self.temperature if self.temperature > 0 else 0.0, self.top_p, self.seed)
-
-
-@dataclass
-class GenResult:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-
-
 class ModelRunner:
-    """Owns the model, the tokenizer and the LoRA adapters. Call only from its own thread."""
+    """Owns the model, the tokenizer and the LoRA adapters. Call only from the model thread."""
 
     def __init__(self, path: str, served_name: str, dtype: str = "auto", device: str | None = None):
         import torch
@@ -77,11 +55,18 @@ class ModelRunner:
         torch_dtype = {"auto": (torch.bfloat16 if self.device == "cuda" else torch.float32),
                        "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
+        gc = self.model.generation_config
+        eos = gc.eos_token_id if gc.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id} - {None}
+        pad = gc.pad_token_id if gc.pad_token_id is not None else self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids)))
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 4096))
+        # transformers renamed forward's `past_key_values` to `cache` (5.x); use whichever it takes
+        params = inspect.signature(type(self.model).forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # only the last position's logits: a full [batch, prompt, vocab] tensor costs seconds on a CPU
+        self.last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.adapters: dict[str, str] = {}  # name -> path
         self.created = int(time.time())
 
@@ -91,6 +76,15 @@ class ModelRunner:
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
+
+    def using(self, model: str | None):
+        """Context in which a forward runs as `model` (the base model or one adapter)."""
+        if not self.adapters:
+            return contextlib.nullcontext()
+        if model == self.served_name:
+            return self.model.disable_adapter()
+        self.model.set_adapter(model)
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, name: str, path: str, inplace: bool) -> None:
@@ -124,103 +118,78 @@ class ModelRunner:
             self._delete(name)
         del self.adapters[name]
 
-    # ------------------------------------------------------------------ generation
-    def generate(self, batch: list[GenRequest]) -> list[GenResult]:
-        torch = self.torch
-        first = batch[0]
-        tok = self.tokenizer
-        width = max(len(r.prompt_ids) for r in batch)
-        pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch], device=self.device)
-        max_new = max(r.max_tokens for r in batch)
-        kwargs: dict[str, Any] = dict(max_new_tokens=max_new, pad_token_id=pad, eos_token_id=tok.eos_token_id)
-        if first.temperature > 0:
-            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
-        else:
-            kwargs.update(do_sample=False)
-        if first.seed is not None:
-            torch.manual_seed(first.seed)
-        with torch.inference_mode():
-            if first.model == self.served_name and self.adapters:
-                with self.model.disable_adapter():
-                    out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-            else:
-                if self.adapters:
-                    self.model.set_adapter(first.model)
-                out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-        results = []
-        for i, r in enumerate(batch):
-            gen = out[i, width:].tolist()
-            finish = "length"
-            if tok.eos_token_id in gen:
-                gen = gen[: gen.index(tok.eos_token_id)]
-                finish = "stop"
-            if len(gen) >= r.max_tokens:
-                gen, finish = gen[: r.max_tokens], ("length" if finish == "length" or len(gen) > r.max_tokens else finish)
-            text = tok.decode(gen, skip_special_tokens=True)
-            for s in r.stop:
-                if s and s in text:
-                    text, finish = text[: text.index(s)], "stop"
-            results.append(GenResult(text, len(r.prompt_ids), len(gen), finish))
-        return results
-
 
 class ModelServer:
+    """HTTP front of one model: admission control, cancellation, vLLM's request/response shapes.
+
+    Overload is shed, not queued: past `max_waiting` requests waiting for a batch slot a request is
+    answered 503 with `Retry-After` (the expected wait), so clients back off instead of timing out
+    and resending work the server is still doing. A request whose client disconnects (or times
+    out) is cancelled: it leaves the waiting list or the running batch at the next decode step."""
+
     def __init__(self, runner_factory, served_name: str, max_batch: int = 32, default_max_tokens: int = 128,
-                 api_key: str | None = None):
+                 api_key: str | None = None, max_waiting: int = 256, status_every_s: float = 10.0):
         self.served_name = served_name
         self.max_batch = max_batch
+        self.max_waiting = max_waiting
         self.default_max_tokens = default_max_tokens
         self.api_key = api_key
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.status_every_s = status_every_s
         self._runner_factory = runner_factory
         self.runner: ModelRunner | None = None
-        self._queue: asyncio.Queue[GenRequest] | None = None
-        self._loop_task: asyncio.Task | None = None
-        self.stats = {"requests": 0, "batches": 0, "completion_tokens": 0}
+        self.batcher: ContinuousBatcher | None = None
+        self._status_task: asyncio.Task | None = None
+        self.stats = {"requests": 0, "completed": 0, "shed": 0, "cancelled": 0, "failed": 0}
+        self._done_times: list[float] = []  # completion times, for the Retry-After estimate
 
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _call(self, fn, *args):
+        """Run `fn(*args)` on the model thread, between decode steps."""
+        return await asyncio.wrap_future(self.batcher.call(lambda: fn(*args)))
 
     # ------------------------------------------------------------------ lifecycle
     async def on_startup(self, app: web.Application) -> None:
-        self.runner = await self._run(self._runner_factory)
-        self._queue = asyncio.Queue()
-        self._loop_task = asyncio.create_task(self._batch_loop())
-        log.info("model %s ready on %s", self.served_name, self.runner.device)
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1) as ex:
+            self.runner = await loop.run_in_executor(ex, self._runner_factory)
+        self.batcher = ContinuousBatcher(self.runner, self.max_batch)
+        if self.status_every_s > 0:
+            self._status_task = asyncio.create_task(self._report())
+        log.info("model %s ready on %s (max batch %d, max waiting %d)", self.served_name, self.runner.device,
+                 self.max_batch, self.max_waiting)
 
     async def on_cleanup(self, app: web.Application) -> None:
-        if self._loop_task:
-            self._loop_task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._status_task:
+            self._status_task.cancel()
+        if self.batcher:
+            self.batcher.close()
 
-    async def _batch_loop(self) -> None:
-        assert self._queue is not None
+    def status(self) -> dict[str, Any]:
+        b = self.batcher
+        return {**self.stats, "running": b.running if b else 0, "waiting": b.waiting if b else 0,
+                "completion_tokens": b.stats["completion_tokens"] if b else 0}
+
+    async def _report(self) -> None:
+        """A status line while there is work, naming any limit that was hit."""
+        last_tokens, last = 0, None
         while True:
-            items = [await self._queue.get()]
-            while len(items) < self.max_batch * 4 and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            items = [r for r in items if not r.future.done()]  # client went away
-            groups: dict[tuple, list[GenRequest]] = {}
-            for r in items:
-                groups.setdefault(r.key, []).append(r)
-            for group in groups.values():
-                for i in range(0, len(group), self.max_batch):
-                    chunk = group[i: i + self.max_batch]
-                    try:
-                        results = await self._run(self.runner.generate, chunk)
-                    except Exception as e:  # report to each caller, keep serving
-                        log.exception("generation failed")
-                        for r in chunk:
-                            if not r.future.done():
-                                r.future.set_exception(APIError(500, f"generation failed: {e}", "InternalServerError"))
-                        continue
-                    self.stats["batches"] += 1
-                    for r, res in zip(chunk, results):
-                        self.stats["completion_tokens"] += res.completion_tokens
-                        if not r.future.done():
-                            r.future.set_result(res)
+            await asyncio.sleep(self.status_every_s)
+            st = self.status()
+            if st == last:
+                continue
+            tps = (st["completion_tokens"] - last_tokens) / self.status_every_s
+            last_tokens, last = st["completion_tokens"], st
+            shed = f", shed {st['shed']} (queue full at {self.max_waiting} waiting: clients told to retry)" \
+                if st["shed"] else ""
+            log.info("status: running %d/%d, waiting %d, completed %d, cancelled %d, %.1f tok/s%s",
+                     st["running"], self.max_batch, st["waiting"], st["completed"], st["cancelled"], tps, shed)
+
+    def _retry_after(self) -> int:
+        """Seconds until a slot is likely free: waiting requests over the recent completion rate."""
+        now = time.monotonic()
+        recent = [t for t in self._done_times if now - t < 60]
+        self._done_times = recent
+        rate = len(recent) / max(1.0, now - recent[0]) if recent else 0.0
+        return int(min(60, max(1, (self.batcher.waiting - self.max_waiting / 2) / rate if rate else 5)))
 
     # ------------------------------------------------------------------ handlers
     @web.middleware
@@ -235,6 +204,9 @@ class ModelServer:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
 
     async def models(self, request: web.Request) -> web.Response:
         r = self.runner
@@ -276,17 +248,41 @@ class ModelServer:
             raise APIError(400, f"This model's maximum context length is {r.max_len} tokens. However, you "
                                 f"requested {len(prompt_ids) + int(max_tokens)} tokens "
                                 f"({len(prompt_ids)} in the messages, {max_tokens} in the completion).")
-        fut = asyncio.get_running_loop().create_future()
-        req = GenRequest(prompt_ids, model, int(max_tokens), float(body.get("temperature", 1.0)),
-                         float(body.get("top_p", 1.0)), body.get("seed"), stop, fut)
         self.stats["requests"] += 1
-        self._queue.put_nowait(req)
-        res: GenResult = await fut
+        if self.batcher.waiting >= self.max_waiting:
+            self.stats["shed"] += 1
+            wait = self._retry_after()
+            body = {"error": {"message": f"server overloaded: {self.batcher.waiting} requests waiting (limit "
+                                         f"--max-waiting {self.max_waiting}); retry after {wait}s",
+                              "type": "ServiceUnavailableError", "param": None, "code": 503}}
+            return web.json_response(body, status=503, headers={"Retry-After": str(wait)})
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def done(res):  # on the model thread
+            loop.call_soon_threadsafe(lambda: fut.done() or (fut.set_exception(res) if isinstance(
+                res, BaseException) else fut.set_result(res)))
+
+        req = GenRequest(prompt_ids, model, int(max_tokens), float(body.get("temperature", 1.0)),
+                         float(body.get("top_p", 1.0)), body.get("seed"), stop, done,
+                         ignore_eos=bool(body.get("ignore_eos", False)))
+        self.batcher.submit(req)
+        try:
+            res: GenResult = await fut
+        except asyncio.CancelledError:  # the client went away: stop generating for it
+            req.cancelled = True
+            self.stats["cancelled"] += 1
+            raise
+        except RuntimeError as e:
+            self.stats["failed"] += 1
+            raise APIError(500, str(e), "InternalServerError")
+        self.stats["completed"] += 1
+        self._done_times.append(time.monotonic())
         return web.json_response({
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text, "tool_calls": []},
-                         "logprobs": None, "finish_reason": res.finish_reason, "stop_reason": None}],
+                         "logprobs": None, "finish_reason": res.finish_reason, "stop_reason": res.stop_reason}],
             "usage": {"prompt_tokens": res.prompt_tokens, "total_tokens": res.prompt_tokens + res.completion_tokens,
                       "completion_tokens": res.completion_tokens},
         })
@@ -298,7 +294,7 @@ class ModelServer:
             raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.")
         if name == self.served_name:
             raise APIError(400, f"'{name}' is the base model's name")
-        await self._run(self.runner.load_adapter, name, path, bool(body.get("load_inplace", False)))
+        await self._call(self.runner.load_adapter, name, path, bool(body.get("load_inplace", False)))
         log.info("loaded LoRA adapter %s from %s", name, path)
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -307,12 +303,13 @@ class ModelServer:
         name = body.get("lora_name")
         if not name:
             raise APIError(400, "'lora_name' must be provided.")
-        await self._run(self.runner.unload_adapter, name)
+        await self._call(self.runner.unload_adapter, name)
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.middleware], client_max_size=64 * 2**20)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/load_lora_adapter", self.load_lora)
@@ -342,7 +339,13 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--max-batch", type=int, default=32, help="largest generation batch (default 32)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="most requests decoded together in the running batch (default 32)")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests allowed to wait for a batch slot; past it the server answers 503 with "
+                        "Retry-After instead of letting clients time out (default 256)")
+    p.add_argument("--status-every", type=float, default=10.0,
+                   help="seconds between status lines while busy; 0 turns them off (default 10)")
     p.add_argument("--default-max-tokens", type=int, default=128,
                    help="completion length when a request gives no max_tokens (default 128)")
     p.add_argument("--api-key", default=os.environ.get("SIMKIT_SERVER_API_KEY"),
@@ -353,7 +356,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     server = build_server(args.model, args.served_model_name, args.dtype, args.device, max_batch=args.max_batch,
-                          default_max_tokens=args.default_max_tokens, api_key=args.api_key)
+                          default_max_tokens=args.default_max_tokens, api_key=args.api_key,
+                          max_waiting=args.max_waiting, status_every_s=args.status_every)
     print(f"simkit model-server: serving {server.served_name} on http://{args.host}:{args.port}/v1", flush=True)
-    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
+    # handler_cancellation: a client that disconnects cancels its handler, which cancels its generation
+    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None,
+                handler_cancellation=True)
     return 0

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from .agents import GroundedSimulator, LLMClassifier, LLMSimulator, Policy, RuleClassifier
 from .client import RoleClient, RoleConfig
 
+_RC = RoleConfig()  # one default per setting: the role config's
+
 
 def add_role_args(p: argparse.ArgumentParser, policy_required: bool = True) -> None:
     g = p.add_argument_group("roles (OpenAI-compatible servers: vLLM, simkit model-server, API models)")
@@ -29,15 +31,21 @@ def add_role_args(p: argparse.ArgumentParser, policy_required: bool = True) -> N
     g.add_argument("--transport", choices=["fast", "aiohttp", "openai"],
                    help="HTTP client: fast (simkit's raw HTTP/1.1 keep-alive client, default; ~45 us CPU/request), "
                         "aiohttp (~190 us; proxies, redirects), or the openai SDK (~2.7 ms; API-model features)")
-    g.add_argument("--max-in-flight", type=int, help="max concurrent requests per role (default 256)")
-    g.add_argument("--timeout", type=float, help="per-request timeout in seconds (default 120)")
-    g.add_argument("--max-retries", type=int, help="retries on 429/5xx/timeouts (default 3)")
+    g.add_argument("--max-in-flight", type=int,
+                   help=f"max concurrent requests per role (default {_RC.max_in_flight})")
+    g.add_argument("--timeout", type=float,
+                   help=f"per-request timeout in seconds (default {_RC.timeout_s:.0f}: a CPU model's queue can be "
+                        "long; overload is shed by the server with 503 + Retry-After, which the client honours)")
+    g.add_argument("--max-retries", type=int,
+                   help=f"retries on 429/5xx/timeouts, waiting Retry-After when the server gives it "
+                        f"(default {_RC.max_retries})")
     g.add_argument("--temperature", type=float, help="policy sampling temperature (default 0.7)")
     g.add_argument("--max-tokens", type=int, help="policy max completion tokens (default 256)")
 
 
-ROLE_DEFAULTS = {"simulator": "grounded", "classifier": "rule", "transport": "fast", "max_in_flight": 256,
-                 "timeout": 120.0, "max_retries": 3, "temperature": 0.7, "max_tokens": 256, "policy_model": None,
+ROLE_DEFAULTS = {"simulator": "grounded", "classifier": "rule", "transport": _RC.transport,
+                 "max_in_flight": _RC.max_in_flight, "timeout": _RC.timeout_s, "max_retries": _RC.max_retries,
+                 "temperature": 0.7, "max_tokens": 256, "policy_model": None,
                  "simulator_model": None, "classifier_model": None, "api_key_env": None}
 
 

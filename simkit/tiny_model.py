@@ -83,8 +83,9 @@ def init_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024, hidden_siz
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("model", help="model utilities (init-tiny)",
-                       description="Model utilities. `init-tiny` writes a tiny random Llama for offline tests and demos.")
+    p = sub.add_parser("model", help="model utilities (fetch, init-tiny)",
+                       description="Model utilities. `fetch` writes a real model (default: SmolLM2-135M-Instruct) as "
+                                   "a checkpoint folder; `init-tiny` writes a tiny random Llama for fast tests.")
     msub = p.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
     t = msub.add_parser("init-tiny", help="write a tiny random Llama + offline BPE tokenizer + chat template",
                         description="Write a tiny randomly initialised Llama (2 layers, hidden 64) with a byte-level "
@@ -97,6 +98,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
     t.add_argument("--corpus", help="text file whose lines also train the tokenizer (e.g. task prompts)")
     t.set_defaults(func=_run)
+    from .model_fetch import register as register_fetch
+
+    register_fetch(msub)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -25,10 +25,24 @@ RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
 class TransportError(Exception):
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False):
+    """A failed request. `retry_after`: seconds the server asked us to wait (its Retry-After header)."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | bytes | None) -> float | None:
+    """Retry-After in seconds (the delta-seconds form; an HTTP date is rare from model servers)."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
 
 
 class ChatTransport(ABC):
@@ -70,6 +84,7 @@ class AiohttpTransport(ChatTransport):
                         raise TransportError(
                             f"HTTP {resp.status} from {url}: {body[:300].decode(errors='replace')}",
                             status=resp.status, retryable=resp.status in RETRYABLE_STATUS,
+                            retry_after=parse_retry_after(resp.headers.get("Retry-After")),
                         )
         except TimeoutError as e:
             raise TransportError(f"timeout after {timeout:.1f}s from {url}", retryable=True) from e
@@ -110,7 +125,8 @@ class OpenAITransport(ChatTransport):
                 **{k: v for k, v in payload.items() if k in known}, extra_body=extra or None, timeout=timeout
             )
         except openai.APIStatusError as e:
-            raise TransportError(str(e), status=e.status_code, retryable=e.status_code in RETRYABLE_STATUS) from e
+            raise TransportError(str(e), status=e.status_code, retryable=e.status_code in RETRYABLE_STATUS,
+                                 retry_after=parse_retry_after(e.response.headers.get("retry-after"))) from e
         except (openai.APITimeoutError, openai.APIConnectionError) as e:
             raise TransportError(f"{type(e).__name__}: {e}", retryable=True) from e
         return resp.model_dump()
@@ -128,7 +144,7 @@ class _HttpConn(asyncio.Protocol):
     """One HTTP/1.1 client connection, one request at a time (no pipelining)."""
 
     __slots__ = ("transport", "buf", "waiter", "closed", "got", "status", "hend", "clen", "chunked", "keep",
-                 "gzip", "idle_since", "reused")
+                 "gzip", "idle_since", "reused", "retry_after")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -147,6 +163,7 @@ class _HttpConn(asyncio.Protocol):
         self.chunked = False
         self.keep = True
         self.gzip = b""
+        self.retry_after: bytes | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -211,6 +228,8 @@ class _HttpConn(asyncio.Protocol):
                         self.keep = v != b"close" if v in (b"close", b"keep-alive") else self.keep
                     elif name == b"content-encoding":
                         self.gzip = value.strip().lower()
+                    elif name == b"retry-after":
+                        self.retry_after = value.strip()
                 if self.chunked:
                     self.clen = None
                 elif self.clen is None and (status in (204, 304)):
@@ -255,7 +274,7 @@ class _HttpConn(asyncio.Protocol):
         w, self.waiter = self.waiter, None
         self.buf.clear()
         if w is not None and not w.done():
-            w.set_result((self.status, body, self.keep))
+            w.set_result((self.status, body, self.keep, self.retry_after))
 
 
 class _Target:
@@ -321,7 +340,7 @@ class FastHTTPTransport(ChatTransport):
         self._all.add(conn)
         return conn
 
-    async def _roundtrip(self, t: _Target, data: bytes) -> tuple[int, bytes]:
+    async def _roundtrip(self, t: _Target, data: bytes) -> tuple[int, bytes, bytes | None]:
         for _ in range(2):
             conn = None
             idle, now = t.idle, time.monotonic()
@@ -335,7 +354,7 @@ class FastHTTPTransport(ChatTransport):
             if conn is None:
                 conn = await self._connect(t)
             try:
-                status, body, keep = await conn.request(data)
+                status, body, keep, retry_after = await conn.request(data)
             except _Stale:  # the server closed it while idle: so probably the rest; resend on a fresh one
                 self._all.discard(conn)
                 for c in idle:
@@ -353,7 +372,7 @@ class FastHTTPTransport(ChatTransport):
             else:
                 conn.close()
                 self._all.discard(conn)
-            return status, body
+            return status, body, retry_after
         raise ConnectionResetError("keep-alive connections keep closing")
 
     async def post_chat(self, base_url: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -363,14 +382,15 @@ class FastHTTPTransport(ChatTransport):
         body = json.dumps(payload).encode()
         try:
             async with asyncio.timeout(timeout):
-                status, resp = await self._roundtrip(t, b"%s%d\r\n\r\n%s" % (t.head, len(body), body))
+                status, resp, retry_after = await self._roundtrip(t, b"%s%d\r\n\r\n%s" % (t.head, len(body), body))
         except TimeoutError as e:
             raise TransportError(f"timeout after {timeout:.1f}s from {t.url}", retryable=True) from e
         except (OSError, ValueError, zlib.error) as e:  # ConnectionError is an OSError
             raise TransportError(f"{type(e).__name__} from {t.url}: {e}", retryable=True) from e
         if status != 200:
             raise TransportError(f"HTTP {status} from {t.url}: {resp[:300].decode(errors='replace')}",
-                                 status=status, retryable=status in RETRYABLE_STATUS)
+                                 status=status, retryable=status in RETRYABLE_STATUS,
+                                 retry_after=parse_retry_after(retry_after))
         try:
             return json.loads(resp)
         except ValueError as e:
@@ -394,5 +414,5 @@ def make_transport(kind: str, api_key: str | None = None) -> ChatTransport:
         return OpenAITransport(api_key)
     if kind == "fast":
         return FastHTTPTransport(api_key)
-    raise ValueError(f"unknown transport {kind!r}; choose 'aiohttp' (default), 'fast' (raw HTTP/1.1, "
-                     "least CPU) or 'openai' (SDK)")
+    raise ValueError(f"unknown transport {kind!r}; choose 'fast' (default: raw HTTP/1.1, least CPU), "
+                     "'aiohttp' (proxies, redirects) or 'openai' (SDK)")
