@@ -110,7 +110,7 @@ async def test_overload_is_shed_with_retry_after_not_timeouts(small_server):
     assert max(r[3] for r in shed) < min(r[3] for r in ok)  # shed at once, not after waiting
     for _, _, body, _ in ok:
         assert body["usage"]["completion_tokens"] == 24 and body["choices"][0]["finish_reason"] == "length"
-    m = httpx.get(small_server.base + "/metrics").json()
+    m = httpx.get(small_server.base_url + "/metrics").json()
     assert m["shed"] >= len(shed)
 
 
@@ -132,19 +132,19 @@ async def test_role_client_honours_retry_after_and_gets_everything_through(small
 def test_a_cancelled_request_stops_consuming_server_time(small_server):
     """A client that times out disconnects; the server drops the row at the next decode step."""
     url = small_server.url + "/chat/completions"
-    before = httpx.get(small_server.base + "/metrics").json()
+    before = httpx.get(small_server.base_url + "/metrics").json()
     with pytest.raises(httpx.TimeoutException):
         httpx.post(url, json=_chat("Write a very long story.", 4000, ignore_eos=True), timeout=3)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        m = httpx.get(small_server.base + "/metrics").json()
+        m = httpx.get(small_server.base_url + "/metrics").json()
         if m["running"] == 0 and m["waiting"] == 0:
             break
         time.sleep(0.2)
     assert m["running"] == 0 and m["waiting"] == 0 and m["cancelled"] == before["cancelled"] + 1
     tokens = m["completion_tokens"]
     time.sleep(1.5)
-    assert httpx.get(small_server.base + "/metrics").json()["completion_tokens"] == tokens  # nothing generates
+    assert httpx.get(small_server.base_url + "/metrics").json()["completion_tokens"] == tokens  # nothing generates
     assert tokens - before["completion_tokens"] < 1000  # far fewer than the 4000 it asked for
 
 
