@@ -1,14 +1,20 @@
-"""`simkit demo`: the whole ACT pipeline, offline on CPU, in a few minutes.
+"""`simkit demo`: ACT on a real model, offline on CPU, in one command.
 
-    tiny model ─► model-server (base) ─► trainer sft (LoRA "sft", hot-loaded) ─► eval (SFT)
-        ─► simkit serve ‖ trainer run  (ACT from the same base; versions hot-loaded) ─► eval (ACT)
-        ─► both tables side by side + plots
+    SmolLM2-135M-Instruct ─► model-server (base) ─► eval: zero-shot, ICL (k shots)
+        ─► trainer sft (n conversations; LoRA hot-loaded) ─► eval SFT
+        ─► simkit serve ‖ trainer run (ACT, same base, same n conversations) ─► eval ACT
+        ─► one table + plot
 
-As in the paper, SFT and ACT are each trained from the same base model on the same task pool.
+Why AmbigSQL: of the three tasks it is where a 135M model shows the clearest action-level effect.
+Its ambiguity has surface cues (an under-specified column, table or ordering) that a small model
+can learn to notice, its prompts are the shortest (~370 tokens, so CPU rollouts are affordable),
+and its base rate (31.6% CLARIFY) leaves room between "never asks" and "always asks". PACIFIC
+needs numeric reasoning over tables and Abg-CoQA long stories, both beyond a 135M model's reach.
 
-Every step is the real command as a subprocess, so the demo is also a smoke test of the CLI.
-With `--model DIR` it starts from a real checkpoint; with `--policy URL` it uses a running
-OpenAI-compatible server (e.g. vLLM with --enable-lora) instead of starting the embedded one.
+Every step is the real command as a subprocess (so the demo is also a smoke test of the CLI) with a
+progress bar that follows its output files. `--model tiny` runs the same pipeline on a 2-layer
+random Llama in a few minutes; `--model DIR --policy URL` uses your checkpoint and a running
+vLLM (`--enable-lora`).
 """
 from __future__ import annotations
 
@@ -18,43 +24,108 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
+
+DEFAULT_MODEL = "smollm2"
 
 
 def _step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
-def _run(cmd: list[str], log: Path, timeout: float) -> None:
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.endswith(b"\n"))
+    except OSError:
+        return 0
+
+
+def _count_steps(run_dir: Path) -> Callable[[], int]:
+    def count() -> int:
+        try:
+            with open(run_dir / "metrics.jsonl", "rb") as f:
+                return sum(b'"event": "step"' in line or b'"event":"step"' in line for line in f)
+        except OSError:
+            return 0
+    return count
+
+
+def _run(cmd: list[str], log: Path, timeout: float, progress: tuple[int, Callable[[], int], str] | None = None) -> None:
+    """Run one stage; a progress bar follows `progress = (total, count(), unit)` while it runs."""
+    from tqdm import tqdm
+
     t0 = time.monotonic()
     with open(log, "ab") as f:
-        res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-    if res.returncode != 0:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        bar = tqdm(total=progress[0], unit=progress[2], leave=False, dynamic_ncols=True) if progress else None
+        try:
+            while proc.poll() is None:
+                if time.monotonic() - t0 > timeout:
+                    proc.kill()
+                    raise SystemExit(f"demo step timed out after {timeout:.0f}s ({' '.join(cmd[:4])} …); log {log}")
+                if bar is not None:
+                    bar.update(min(progress[0], progress[1]()) - bar.n)
+                time.sleep(1.0)
+        finally:
+            if bar is not None:
+                bar.close()
+            if proc.poll() is None:
+                proc.kill()
+    if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-2500:]
-        raise SystemExit(f"demo step failed ({' '.join(cmd[:4])} …, exit {res.returncode}); log {log}:\n{tail}")
+        raise SystemExit(f"demo step failed ({' '.join(cmd[:4])} …, exit {proc.returncode}); log {log}:\n{tail}")
     print(f"    done in {time.monotonic() - t0:.0f}s (log: {log})", flush=True)
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "demo", help="offline end-to-end demo: tiny model → SFT → eval → ACT loop → eval",
-        description="Run the whole ACT pipeline on AmbigSQL, offline on CPU: create a tiny model (or use --model), "
-                    "SFT baseline, evaluate, a short ACT loop (`simkit serve` + `trainer run` as two processes with "
-                    "hot-reloaded LoRA versions), evaluate again, print both tables side by side and write plots.")
+        "demo", help="ACT on SmolLM2 offline: zero-shot, ICL, SFT and ACT from the same base, one table",
+        description="Run the whole ACT pipeline on AmbigSQL, offline on CPU (about 20-30 minutes on 2 cores with "
+                    "SmolLM2-135M-Instruct): fetch the model, evaluate it zero-shot and with k in-context shots, "
+                    "train the SFT baseline on n training conversations, run ACT (`simkit serve` + `trainer run` "
+                    "as two processes with hot-reloaded LoRA versions) on the same n conversations from the same "
+                    "base, evaluate each on the same held-out test tasks (greedy), and print and plot one table.")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; removed first)")
-    p.add_argument("--model", help="base model directory (default: a fresh tiny random Llama)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="base model: 'smollm2' (default; fetched once into $SIMKIT_CACHE_DIR/models or "
+                        "runs/models), 'tiny' (a 2-layer random Llama: the machinery in minutes, no learning), "
+                        "a .gguf file or a checkpoint directory")
     p.add_argument("--policy", help="use this running OpenAI-compatible server (serving --model with LoRA "
                                     "enabled) instead of starting the embedded model server")
-    p.add_argument("--env", default="ambigsql", help="environment (default ambigsql)")
-    p.add_argument("--sft-tasks", type=int, default=256, help="training conversations for SFT (default 256)")
-    p.add_argument("--sft-steps", type=int, default=100, help="SFT optimizer steps (default 100)")
-    p.add_argument("--act-tasks", type=int, default=128, help="training conversations for ACT (default 128)")
-    p.add_argument("--act-steps", type=int, default=24, help="DPO optimizer steps (default 24)")
-    p.add_argument("--publish-every", type=int, default=8, help="publish a policy version every N steps (default 8)")
-    p.add_argument("--eval-tasks", type=int, default=96, help="evaluation tasks (default 96)")
-    p.add_argument("--max-tokens", type=int, default=48, help="policy completion tokens (default 48)")
+    p.add_argument("--env", default="ambigsql", help="environment (default ambigsql; see the module docstring)")
+    p.add_argument("--n", type=int, default=48,
+                   help="training conversations for SFT and ACT (the same seeded, stratified sample; default 48)")
+    p.add_argument("--eval-tasks", type=int, default=48, help="held-out test tasks per evaluation (default 48)")
+    p.add_argument("--icl-shots", type=int, default=2, help="k for the ICL row, random shots from train (default 2)")
+    p.add_argument("--sft-epochs", type=int, default=2, help="SFT epochs over the n conversations (default 2)")
+    p.add_argument("--act-steps", type=int, default=24, help="DPO optimizer steps (default 24: 2 passes of 48)")
+    p.add_argument("--publish-every", type=int, default=4, help="publish a policy version every N steps (default 4)")
+    p.add_argument("--batch-size", type=int, default=4, help="trainer batch size (default 4)")
+    p.add_argument("--max-tokens", type=int, default=128, help="completion tokens, eval and rollouts (default 128)")
     p.add_argument("--max-length", type=int, default=1024, help="training max tokens (default 1024)")
-    p.add_argument("--lr", type=float, default=5e-3, help="learning rate for SFT and DPO (default 5e-3: tiny model)")
+    p.add_argument("--sft-lr", type=float, help="SFT learning rate (default: trainer sft's; tiny: 5e-3)")
+    p.add_argument("--dpo-lr", type=float, help="DPO learning rate (default: trainer run's; tiny: 5e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample, task order and training (default 0)")
     p.set_defaults(func=run_demo)
+
+
+def resolve_model(model: str, out: Path, env_name: str, py: str, logs: Path) -> Path:
+    """A checkpoint folder for `model`: fetched (and cached), made tiny, or the folder as given."""
+    import os
+
+    if model == "tiny":
+        base = out / "tiny-llama"
+        corpus = out / "tokenizer_corpus.txt"
+        write_corpus(env_name, corpus, 1024)
+        _run([py, "-m", "simkit.cli", "model", "init-tiny", "--out", str(base), "--corpus", str(corpus),
+              "--vocab-size", "4096", "--hidden-size", "128"], logs / "init.log", 300)
+        return base
+    if Path(model).is_dir():
+        return Path(model).resolve()
+    cache = Path(os.environ.get("SIMKIT_CACHE_DIR", "runs")) / "models" / Path(model).stem
+    _run([py, "-m", "simkit.cli", "model", "fetch", model, "--out", str(cache)], logs / "fetch.log", 1800)
+    return cache.resolve()
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -71,51 +142,56 @@ def run_demo(args: argparse.Namespace) -> int:
     logs = out / "logs"
     logs.mkdir()
     t_start = time.monotonic()
+    tiny = args.model == "tiny"
+    sft_lr = args.sft_lr or (5e-3 if tiny else None)
+    dpo_lr = args.dpo_lr or (5e-3 if tiny else None)
 
-    base = Path(args.model).resolve() if args.model else out / "tiny-llama"
-    if not args.model:
-        _step("1/6 tiny model (random Llama + offline tokenizer)")
-        corpus = out / "tokenizer_corpus.txt"
-        write_corpus(args.env, corpus, args.sft_tasks * 4)
-        _run([py, "-m", "simkit.cli", "model", "init-tiny", "--out", str(base), "--corpus", str(corpus),
-              "--vocab-size", "4096", "--hidden-size", "128"], logs / "init.log", 300)
-
-    _step(f"2/6 SFT baseline on {args.sft_tasks} {args.env} reference conversations")
-    train_common = ["--lr", str(args.lr), "--max-length", str(args.max_length), "--batch-size", "4",
-                    "--no-tensorboard", "--lora-r", "16", "--lora-alpha", "32"]
-    _run([py, "-m", "trainer.cli", "sft", "--model", str(base), "--env", args.env, "--split", "train",
-          "--limit", str(args.sft_tasks), "--max-steps", str(args.sft_steps), "--out", str(out / "sft"),
-          *train_common], logs / "sft.log", 1200)
-    sft_adapter = out / "sft" / "adapter"
+    _step(f"1/7 model: {args.model}")
+    base = resolve_model(args.model, out, args.env, py, logs)
+    n, seed = str(args.n), str(args.seed)
+    train_common = ["--max-length", str(args.max_length), "--batch-size", str(args.batch_size), "--no-tensorboard",
+                    "--seed", seed]
 
     def pipeline(policy_url: str) -> None:
-        evals = []
-        load_adapter(policy_url, "sft", sft_adapter)
+        evals: list[Path] = []
 
-        def evaluate(label: str, model: str | None) -> Path:
-            d = out / f"eval-{label.lower()}"
+        def evaluate(stage: str, label: str, *extra: str) -> None:
+            d = out / f"eval-{label.split()[0].lower()}"
+            _step(f"{stage} evaluate {label} on {args.eval_tasks} held-out test tasks (greedy)")
             cmd = [py, "-m", "simkit.cli", "eval", "--env", args.env, "--split", "test", "--limit",
-                   str(args.eval_tasks), "--policy", policy_url, "--temperature", "0", "--max-tokens",
-                   str(args.max_tokens), "--out", str(d), "--label", label, "--concurrency", "32"]
-            _run(cmd + (["--policy-model", model] if model else []), logs / f"eval-{label.lower()}.log", 1200)
+                   str(args.eval_tasks), "--seed", seed, "--policy", policy_url, "--temperature", "0",
+                   "--max-tokens", str(args.max_tokens), "--out", str(d), "--label", label, *extra]
+            _run(cmd, logs / f"{d.name}.log", 3600, (args.eval_tasks, lambda: _count_lines(d / "episodes.jsonl"),
+                                                    "episode"))
             evals.append(d)
-            return d
 
-        _step(f"3/6 evaluate SFT on {args.eval_tasks} held-out tasks")
-        evaluate("SFT", "sft")
+        evaluate("2/7", "zero-shot")
+        evaluate("3/7", f"ICL ({args.icl_shots} shots)", "--icl-shots", str(args.icl_shots))
 
-        _step(f"4/6 ACT loop: simkit serve ‖ trainer run ({args.act_steps} DPO steps, "
-              f"a version every {args.publish_every})")
+        _step(f"4/7 SFT baseline on {args.n} {args.env} training conversations")
+        sft = out / "sft"
+        _run([py, "-m", "trainer.cli", "sft", "--model", str(base), "--env", args.env, "--split", "train",
+              "--n-conversations", n, "--sample-seed", seed, "--epochs", str(args.sft_epochs), "--out", str(sft),
+              *train_common, *(["--lr", str(sft_lr)] if sft_lr else [])], logs / "sft.log", 3600,
+             (-(-args.n * args.sft_epochs // args.batch_size), _count_steps(sft), "step"))
+        load_adapter(policy_url, "sft", sft / "adapter")
+        evaluate("5/7", f"SFT (n={args.n})", "--policy-model", "sft", "--train-conversations",
+                 str(sft / "conversations.json"))
+
+        _step(f"6/7 ACT: simkit serve ‖ trainer run on the same {args.n} conversations ({args.act_steps} DPO "
+              f"steps, a version every {args.publish_every})")
         queue = out / "queue.sqlite"
-        serve_cmd = [py, "-m", "simkit.cli", "serve", "--env", args.env, "--split", "train", "--limit",
-                     str(args.act_tasks), "--queue", str(queue), "--run-dir", str(out / "serve"), "--policy",
-                     policy_url, "--max-tokens", str(args.max_tokens), "--concurrency", "32", "--poll-s", "0.5",
-                     "--max-pending", "256"]
+        serve_cmd = [py, "-m", "simkit.cli", "serve", "--env", args.env, "--split", "train", "--n-conversations", n,
+                     "--seed", seed, "--queue", str(queue), "--run-dir", str(out / "serve"), "--policy", policy_url,
+                     "--max-tokens", str(args.max_tokens), "--concurrency", "16", "--poll-s", "0.5",
+                     "--max-pending", str(4 * args.batch_size)]
+        act = out / "act"
         with start_process(serve_cmd, None, logs / "serve.log"):
-            _run([py, "-m", "trainer.cli", "run", "--model", str(base), "--queue", str(queue), "--out",
-                  str(out / "act"), "--policy-url", policy_url, "--max-steps", str(args.act_steps),
-                  "--publish-every", str(args.publish_every), "--adapter-name", "act", *train_common],
-                 logs / "trainer.log", 1800)
+            _run([py, "-m", "trainer.cli", "run", "--model", str(base), "--queue", str(queue), "--out", str(act),
+                  "--policy-url", policy_url, "--max-steps", str(args.act_steps), "--publish-every",
+                  str(args.publish_every), "--adapter-name", "act", *train_common,
+                  *(["--lr", str(dpo_lr)] if dpo_lr else [])], logs / "trainer.log", 5400,
+                 (args.act_steps, _count_steps(act), "step"))
         from .queue import open_queue
 
         q = open_queue(str(queue))
@@ -127,25 +203,25 @@ def run_demo(args: argparse.Namespace) -> int:
         last = json.loads(serve_metrics[-1]) if serve_metrics else {}
         print(f"    trainer published v{v.version} ({v.adapter}); serve ran {last.get('episodes')} episodes, "
               f"{last.get('pairs')} pairs, last on v{last.get('version')}")
+        evaluate("7/7", f"ACT (n={args.n})", "--policy-model", v.adapter, "--train-conversations",
+                 str(sft / "conversations.json"))
 
-        _step(f"5/6 evaluate ACT ({v.adapter})")
-        evaluate("ACT", v.adapter)
-
-        _step("6/6 results")
-        _run([py, "-m", "trainer.cli", "plot", str(out / "act")], logs / "plot.log", 300)
+        _run([py, "-m", "trainer.cli", "plot", str(act)], logs / "plot.log", 300)
         table = compare(evals)
         (out / "results.md").write_text(table + "\n")
-        plot_side_by_side(evals, out / "sft_vs_act.png")
-        print(table)
-        print(f"\nplots: {out / 'sft_vs_act.png'}, {evals[0] / 'confusion.png'}, {evals[1] / 'confusion.png'}, "
-              f"{out / 'act' / 'plots'}/*.png")
+        plot_side_by_side(evals, out / "results.png")
+        print("\n" + table)
+        print(f"\nplot: {out / 'results.png'}; confusion matrices: {out}/eval-*/confusion.png; "
+              f"training curves: {act / 'plots'}/*.png")
 
     if args.policy:
         pipeline(args.policy)
     else:
         with start_model_server(base, port=free_port(), log_path=logs / "model_server.log") as srv:
             pipeline(srv.url)
-    print(f"\ndemo finished in {time.monotonic() - t_start:.0f}s; everything is in {out}")
+    wall = time.monotonic() - t_start
+    (out / "demo.json").write_text(json.dumps({"argv": sys.argv, "model": str(base), "wall_s": round(wall)}))
+    print(f"\ndemo finished in {wall:.0f}s; everything is in {out}")
     return 0
 
 
@@ -185,12 +261,13 @@ def plot_side_by_side(run_dirs: list[Path], path: Path) -> None:
 
     runs = [json.loads((d / "metrics.json").read_text()) for d in run_dirs]
     keys = [(k, label) for k, label in COLUMNS]
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 3.8), dpi=120)
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
         xs = [j + i * width for j in range(len(keys))]
         ax.bar(xs, [100 * (r.get(k) or 0) for k, _ in keys], width, label=r.get("label"))
-    ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(keys))], [lbl for _, lbl in keys], fontsize=8)
+    ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(keys))], [lbl for _, lbl in keys], fontsize=7,
+                  rotation=20, ha="right")
     ax.set_ylabel("score (x100)")
     ax.set_title(f"{runs[0].get('env')}: " + " vs ".join(str(r.get("label")) for r in runs), fontsize=10)
     ax.legend(fontsize=8)

@@ -288,6 +288,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="evaluate only N tasks (turns), a seeded random subset (the same N for the same --seed)")
     p.add_argument("--n-conversations", type=int, metavar="N", help=conversations_help())
     p.add_argument("--seed", type=int, default=0, help="task order and conversation-sample seed (default 0)")
+    p.add_argument("--exclude-conversations", metavar="FILE", nargs="+", default=[],
+                   help="leave out the conversations listed in these conversations.json files (a training run's "
+                        "record): evaluate on a dev split carved from the training pool, never on what was trained")
     p.add_argument("--clarify-rounds", type=int,
                    help="simulated clarification rounds before an episode must end (default 1, as the authors)")
     p.add_argument("--no-classifier-check", dest="classifier_check", action="store_false",
@@ -406,8 +409,10 @@ async def _eval_main(args: argparse.Namespace) -> int:
     env = make(args.env, classifier=roles.classifier, simulator=roles.simulator, **env_kw)
     splits = list(env.splits())
     split = args.split or splits[-1]
+    excluded = {cid for f in args.exclude_conversations for cid in json.loads(Path(f).read_text())["conversation_ids"]}
+    pool = [t for t in env.tasks(split) if t.conversation_id not in excluded]
     try:
-        sample = sample_conversations(env.tasks(split), args.n_conversations, args.seed, env=env.name, split=split)
+        sample = sample_conversations(pool, args.n_conversations, args.seed, env=env.name, split=split)
     except TooFewConversations as e:
         await roles.aclose()
         raise SystemExit(f"simkit eval: {e}")
@@ -432,6 +437,8 @@ async def _eval_main(args: argparse.Namespace) -> int:
     meta = {"split": split, "n_train": n_train, "icl_shots": args.icl_shots,
             "model": roles.policy.model or roles.policy.client.model,
             "decoding": {"temperature": args.temperature, "max_tokens": args.max_tokens}}
+    if excluded:
+        meta["excluded_conversations"] = len(excluded)
     if train_ids is not None:
         meta["train_conversations"] = {"file": args.train_conversations, "n": len(train_ids)}
     try:

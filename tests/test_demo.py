@@ -1,4 +1,4 @@
-"""`simkit demo` end to end (smaller sizes than the default so CI stays quick)."""
+"""`simkit demo` end to end on the tiny model (smaller sizes than the default so CI stays quick)."""
 import json
 import subprocess
 import sys
@@ -6,14 +6,24 @@ import sys
 
 def test_demo_runs_every_step_and_writes_tables_and_plots(tmp_path):
     out = tmp_path / "demo"
-    res = subprocess.run([sys.executable, "-m", "simkit.cli", "demo", "--out", str(out), "--sft-tasks", "32",
-                          "--sft-steps", "4", "--act-tasks", "24", "--act-steps", "4", "--publish-every", "2",
-                          "--eval-tasks", "12", "--max-tokens", "16", "--max-length", "512"],
+    res = subprocess.run([sys.executable, "-m", "simkit.cli", "demo", "--model", "tiny", "--out", str(out),
+                          "--n", "16", "--sft-epochs", "1", "--act-steps", "4", "--publish-every", "2",
+                          "--eval-tasks", "8", "--icl-shots", "1", "--max-tokens", "16", "--max-length", "512"],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "| SFT |" in res.stdout and "| ACT |" in res.stdout and "demo finished" in res.stdout
-    for f in ("results.md", "sft_vs_act.png", "eval-sft/confusion.png", "eval-act/confusion.png",
-              "act/plots/loss.png", "sft/adapter/adapter_config.json"):
+    for row in ("| zero-shot |", "| ICL (1 shots) |", "| SFT (n=16) |", "| ACT (n=16) |"):
+        assert row in res.stdout, row
+    assert "demo finished" in res.stdout
+    for f in ("results.md", "results.png", "eval-sft/confusion.png", "eval-act/confusion.png",
+              "act/plots/loss.png", "sft/adapter/adapter_config.json", "sft/conversations.json", "demo.json"):
         assert (out / f).stat().st_size > 0, f
-    sft, act = (json.loads((out / d / "metrics.json").read_text()) for d in ("eval-sft", "eval-act"))
-    assert sft["n"] == act["n"] == 12 and sft["model"] == "sft" and act["model"] == "act-v2"
+    runs = {d: json.loads((out / d / "metrics.json").read_text())
+            for d in ("eval-zero-shot", "eval-icl", "eval-sft", "eval-act")}
+    assert all(r["n"] == 8 for r in runs.values())
+    assert runs["eval-sft"]["model"] == "sft" and runs["eval-act"]["model"] == "act-v2"
+    assert runs["eval-icl"]["icl_shots"] == 1 and runs["eval-sft"]["n_train"] == 16
+    # SFT and ACT trained on the same recorded sample of 16 conversations
+    sample = json.loads((out / "sft" / "conversations.json").read_text())
+    assert sample["n_conversations"] == 16
+    served = json.loads((out / "serve" / "conversations.json").read_text())
+    assert served["conversation_ids"] == sample["conversation_ids"]
