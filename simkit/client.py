@@ -98,6 +98,7 @@ class RoleClient:
         if cfg.api_key_env and not api_key:
             raise ValueError(f"role {role!r}: environment variable {cfg.api_key_env} is not set")
         self.transport = transport or make_transport(cfg.transport, api_key)
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._sem = asyncio.Semaphore(cfg.max_in_flight)
         self.stats = RoleStats()
         self.model = cfg.model
@@ -135,7 +136,7 @@ class RoleClient:
     async def complete(self, messages: Iterable[Message | dict], model: str | None = None, **sampling: Any) -> Reply:
         """One chat completion with retries. Raises RoleError once retries are exhausted."""
         if model is None and self.model is None:
-            await self._resolve_model()
+            await self.resolve_model()
         payload = {"model": model or self.model, "messages": _to_dicts(messages)}
         if self.config.sampling:
             payload.update(self.config.sampling)
@@ -196,7 +197,7 @@ class RoleClient:
                         completion_tokens=usage.get("completion_tokens") or 0),
         )
 
-    async def _resolve_model(self) -> None:
+    async def resolve_model(self) -> None:
         """No model configured: use the first model the server lists (its base model)."""
         async with self._model_lock:
             if self.model is None:
@@ -210,7 +211,7 @@ class RoleClient:
         """Model ids served by the first endpoint (GET /v1/models)."""
         import aiohttp
 
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(headers=self._auth) as s:
             async with s.get(self.endpoints[0].url + "/models", timeout=aiohttp.ClientTimeout(total=self.config.timeout_s)) as r:
                 r.raise_for_status()
                 return [m["id"] for m in (await r.json())["data"]]

@@ -434,6 +434,11 @@ async def _eval_main(args: argparse.Namespace) -> int:
     (out / "config.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=2))
     if args.n_conversations is not None:
         sample.write(out / "eval_conversations.json")
+    if not (roles.policy.model or roles.policy.client.model):
+        try:  # name the served model in the results (the server's first model when none was given)
+            await roles.policy.client.resolve_model()
+        except Exception:  # noqa: BLE001 - the episodes will report the failure, counted
+            pass
     meta = {"split": split, "n_train": n_train, "icl_shots": args.icl_shots,
             "model": roles.policy.model or roles.policy.client.model,
             "decoding": {"temperature": args.temperature, "max_tokens": args.max_tokens}}

@@ -282,7 +282,7 @@ class LoadTest:
         """Ask each role's server for its model once, before the clock starts."""
         for c in self.clients.values():
             if c.model is None:
-                await c._resolve_model()
+                await c.resolve_model()
 
     # ------------------------------------------------------------------ run
     async def run(self) -> dict[str, Any]:
