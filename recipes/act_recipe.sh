@@ -22,6 +22,8 @@
 #
 # Settings (environment variables):
 #   NS="50 100"           training conversations per run (AmbigSQL: one turn per conversation)
+#   METHODS="act-sync act-async random-actions no-simulation no-sampling irpo"   which trained variants to run
+#                         (SFT and the base model always run); a subset fits a small machine's time
 #   SEED=0                seed of the conversation sample, task order and training (same for every method)
 #   BATCH=4 GRAD_ACCUM=1  trainer batch; EPOCHS=2 passes over the n conversations for ACT (the authors' 2)
 #   ACT_STEPS=            DPO steps per ACT run (default ceil(EPOCHS * n / (BATCH * GRAD_ACCUM)))
@@ -44,6 +46,7 @@ ENV_NAME=ambigsql
 TRAIN_SPLIT=train
 EVAL_SPLIT=test
 NS=${NS:-"50 100"}
+METHODS=${METHODS:-"act-sync act-async random-actions no-simulation no-sampling irpo"}
 SEED=${SEED:-0}
 BATCH=${BATCH:-4}
 GRAD_ACCUM=${GRAD_ACCUM:-1}
@@ -103,7 +106,7 @@ stage() {  # stage NAME DONE_PATH FUNCTION ARGS...
 
 {
   echo "# $(date -Is) recipe settings"
-  for v in MODEL OUT ENV_NAME NS SEED BATCH GRAD_ACCUM EPOCHS ACT_STEPS SFT_EPOCHS PUBLISH_EVERY ABLATION_SCHEDULE \
+  for v in MODEL OUT ENV_NAME NS METHODS SEED BATCH GRAD_ACCUM EPOCHS ACT_STEPS SFT_EPOCHS PUBLISH_EVERY ABLATION_SCHEDULE \
            IRPO_ROUNDS IRPO_SAMPLES RPO_ALPHA ROLLOUT_MAX_TOKENS TRAIN_ARGS ROLE_ARGS EVAL_ARGS POLICY_URL PORT; do
     echo "$v=${!v}"
   done
@@ -289,16 +292,19 @@ for n in $NS; do
   stage "eval sft n=$n" "$R/sft/eval/metrics.json" evaluate_sft "$R/sft" "$n"
   EVALS+=("$R/sft/eval")
 
-  stage "act-sync n=$n" "$R/act-sync/DONE" act_online "$n" "$R/act-sync" "act-sync-n$n" "$steps" sync
-  stage "act-async n=$n" "$R/act-async/DONE" act_online "$n" "$R/act-async" "act-async-n$n" "$steps" async
-  stage "random-actions n=$n" "$R/random-actions/DONE" act_online "$n" "$R/random-actions" "random-actions-n$n" \
-    "$steps" "$ABLATION_SCHEDULE" --ablation random-actions
-  stage "no-simulation n=$n" "$R/no-simulation/DONE" act_online "$n" "$R/no-simulation" "no-simulation-n$n" \
-    "$steps" "$ABLATION_SCHEDULE" --ablation no-simulation
-  stage "no-sampling n=$n" "$R/no-sampling/DONE" act_no_sampling "$n" "$R/no-sampling" "no-sampling-n$n" "$steps"
-  stage "irpo n=$n" "$R/irpo/DONE" irpo "$n" "$R/irpo" "irpo-n$n" "$((EPOCHS * per_round))"
+  wants() { [[ " $METHODS " == *" $1 "* ]]; }
+  wants act-sync && stage "act-sync n=$n" "$R/act-sync/DONE" act_online "$n" "$R/act-sync" "act-sync-n$n" "$steps" sync
+  wants act-async && stage "act-async n=$n" "$R/act-async/DONE" act_online "$n" "$R/act-async" "act-async-n$n" \
+    "$steps" async
+  wants random-actions && stage "random-actions n=$n" "$R/random-actions/DONE" act_online "$n" "$R/random-actions" \
+    "random-actions-n$n" "$steps" "$ABLATION_SCHEDULE" --ablation random-actions
+  wants no-simulation && stage "no-simulation n=$n" "$R/no-simulation/DONE" act_online "$n" "$R/no-simulation" \
+    "no-simulation-n$n" "$steps" "$ABLATION_SCHEDULE" --ablation no-simulation
+  wants no-sampling && stage "no-sampling n=$n" "$R/no-sampling/DONE" act_no_sampling "$n" "$R/no-sampling" \
+    "no-sampling-n$n" "$steps"
+  wants irpo && stage "irpo n=$n" "$R/irpo/DONE" irpo "$n" "$R/irpo" "irpo-n$n" "$((EPOCHS * per_round))"
 
-  for v in act-sync act-async random-actions no-simulation no-sampling irpo; do
+  for v in $METHODS; do
     case $v in
       act-sync) label="ACT (sync) n=$n" ;;
       act-async) label="ACT (async) n=$n" ;;
@@ -306,6 +312,7 @@ for n in $NS; do
       no-simulation) label="ACT w/o simulation n=$n" ;;
       no-sampling) label="ACT w/o on-policy sampling n=$n" ;;
       irpo) label="IRPO n=$n" ;;
+      *) echo "unknown method $v in METHODS" >&2; exit 2 ;;
     esac
     stage "eval $v n=$n" "$R/$v/eval/metrics.json" evaluate_variant "$R/$v" "$label"
     EVALS+=("$R/$v/eval")
