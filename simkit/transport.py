@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+TIMEOUT_HINT = " (a slow or overloaded server: raise --timeout, or lower --concurrency / --max-in-flight)"
 
 
 class TransportError(Exception):
@@ -87,7 +88,7 @@ class AiohttpTransport(ChatTransport):
                             retry_after=parse_retry_after(resp.headers.get("Retry-After")),
                         )
         except TimeoutError as e:
-            raise TransportError(f"timeout after {timeout:.1f}s from {url}", retryable=True) from e
+            raise TransportError(f"timeout after {timeout:.1f}s from {url}{TIMEOUT_HINT}", retryable=True) from e
         except aiohttp.ClientError as e:
             raise TransportError(f"{type(e).__name__} from {url}: {e}", retryable=True) from e
         try:
@@ -384,7 +385,7 @@ class FastHTTPTransport(ChatTransport):
             async with asyncio.timeout(timeout):
                 status, resp, retry_after = await self._roundtrip(t, b"%s%d\r\n\r\n%s" % (t.head, len(body), body))
         except TimeoutError as e:
-            raise TransportError(f"timeout after {timeout:.1f}s from {t.url}", retryable=True) from e
+            raise TransportError(f"timeout after {timeout:.1f}s from {t.url}{TIMEOUT_HINT}", retryable=True) from e
         except (OSError, ValueError, zlib.error) as e:  # ConnectionError is an OSError
             raise TransportError(f"{type(e).__name__} from {t.url}: {e}", retryable=True) from e
         if status != 200:
