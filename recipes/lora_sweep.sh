@@ -7,9 +7,9 @@
 #   train sample : N conversations of ambigsql:train, seed SEED (the same sample for every run)
 #   dev split    : DEV_N other conversations of ambigsql:train (--exclude-conversations the train sample),
 #                  seed DEV_SEED; evaluated greedily, 128 tokens
-#   SFT          : trainer sft --lr LR for LR in SFT_LRS, EPOCHS epochs, batch BATCH
-#   DPO          : offline DPO on Phase-1 pairs (simkit pairs build on the train sample, one pass) --lr LR
-#                  for LR in DPO_LRS; the same pairs for every LR
+#   SFT          : trainer sft --lr LR for LR in SFT_LRS, STEPS steps of batch BATCH
+#   DPO          : offline DPO on Phase-1 pairs (simkit pairs build on the train sample) --lr LR for LR in
+#                  DPO_LRS, STEPS steps of batch DPO_BATCH; the same pairs in the same order for every LR
 #
 # usage: recipes/lora_sweep.sh [MODEL_DIR] [OUT_DIR]    (defaults: runs/models/smollm2 runs/lora-sweep)
 # Resumable: finished stages (adapter / metrics.json present) are skipped. Log: OUT/sweep.log.
@@ -18,6 +18,8 @@ MODEL=${1:-runs/models/smollm2}
 OUT=${2:-runs/lora-sweep}
 N=${N:-48}; SEED=${SEED:-0}; DEV_N=${DEV_N:-40}; DEV_SEED=${DEV_SEED:-1}
 EPOCHS=${EPOCHS:-2}; BATCH=${BATCH:-4}
+STEPS=${STEPS:-8}  # optimizer steps per run: the regime the demo trains in on a 2-core CPU
+DPO_BATCH=${DPO_BATCH:-$BATCH}
 SFT_LRS=${SFT_LRS:-"2e-5 2e-4 1e-3"}
 DPO_LRS=${DPO_LRS:-"5e-6 5e-5 5e-4"}
 PORT=${PORT:-8012}
@@ -36,7 +38,7 @@ dev_eval() {  # dev_eval NAME LABEL [--policy-model M]
       --n-conversations "$DEV_N" --seed "$DEV_SEED" --policy "$URL" --out "$OUT/$name" --label "$label" "$@"
 }
 
-log "sweep: model $MODEL, N=$N seed=$SEED, dev $DEV_N seed=$DEV_SEED, SFT lrs [$SFT_LRS], DPO lrs [$DPO_LRS]"
+log "sweep: model $MODEL, N=$N seed=$SEED, $STEPS steps of $BATCH, dev $DEV_N seed=$DEV_SEED, SFT lrs [$SFT_LRS], DPO lrs [$DPO_LRS]"
 "$PY" -m simkit.cli model-server --model "$MODEL" --port "$PORT" >>"$OUT/logs/model_server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null' EXIT
@@ -53,7 +55,8 @@ dev_eval dev-base "base"
 for lr in $SFT_LRS; do
   d=$OUT/sft-$lr
   [[ -f $d/adapter/adapter_config.json ]] || run "sft-$lr.log" "$PY" -m trainer.cli sft --model "$MODEL" --env ambigsql \
-      --split train --n-conversations "$N" --sample-seed "$SEED" --epochs "$EPOCHS" --batch-size "$BATCH" --lr "$lr" \
+      --split train --n-conversations "$N" --sample-seed "$SEED" --epochs "$EPOCHS" --max-steps "$STEPS" \
+      --batch-size "$BATCH" --lr "$lr" \
       --out "$d" --no-tensorboard
   load "sft-$lr" "$d/adapter"
   dev_eval "dev-sft-$lr" "SFT lr=$lr" --policy-model "sft-$lr"
@@ -66,7 +69,7 @@ for lr in $DPO_LRS; do
 q = open_queue(sys.argv[2]); q.append([PreferencePair(**json.loads(l)) for l in open(sys.argv[1]) if l.strip()]); q.close()" \
       "$OUT/dpref.jsonl" "$d/q.sqlite"
     run "dpo-$lr.log" "$PY" -m trainer.cli run --model "$MODEL" --queue "$d/q.sqlite" --out "$d/run" --policy-url "$URL" \
-        --batch-size "$BATCH" --lr "$lr" --publish-every 1000 --idle-timeout-s 5 --adapter-name "dpo-$lr" --no-tensorboard
+        --batch-size "$DPO_BATCH" --lr "$lr" --max-steps "$STEPS" --publish-every 1000 --idle-timeout-s 5 --adapter-name "dpo-$lr" --no-tensorboard
     touch "$d/DONE"
   fi
   adapter=$("$PY" -c "import sys; from simkit.queue import open_queue; q=open_queue(sys.argv[1]); print(q.current_version().adapter)" "$d/q.sqlite")

@@ -51,7 +51,8 @@ def _count_steps(run_dir: Path) -> Callable[[], int]:
     return count
 
 
-def _run(cmd: list[str], log: Path, timeout: float, progress: tuple[int, Callable[[], int], str] | None = None) -> None:
+def _run(cmd: list[str], log: Path, timeout: float,
+         progress: tuple[int | None, Callable[[], int], str] | None = None) -> None:
     """Run one stage; a progress bar follows `progress = (total, count(), unit)` while it runs."""
     from tqdm import tqdm
 
@@ -65,7 +66,8 @@ def _run(cmd: list[str], log: Path, timeout: float, progress: tuple[int, Callabl
                     proc.kill()
                     raise SystemExit(f"demo step timed out after {timeout:.0f}s ({' '.join(cmd[:4])} …); log {log}")
                 if bar is not None:
-                    bar.update(min(progress[0], progress[1]()) - bar.n)
+                    done = progress[1]()
+                    bar.update((min(progress[0], done) if progress[0] else done) - bar.n)
                 time.sleep(1.0)
         finally:
             if bar is not None:
@@ -98,8 +100,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="training conversations for SFT and ACT (the same seeded, stratified sample; default 48)")
     p.add_argument("--eval-tasks", type=int, default=48, help="held-out test tasks per evaluation (default 48)")
     p.add_argument("--icl-shots", type=int, default=2, help="k for the ICL row, random shots from train (default 2)")
-    p.add_argument("--sft-epochs", type=int, default=2, help="SFT epochs over the n conversations (default 2)")
-    p.add_argument("--act-steps", type=int, default=24, help="DPO optimizer steps (default 24: 2 passes of 48)")
+    p.add_argument("--sft-epochs", type=int, default=1, help="SFT epochs over the n conversations (default 1)")
+    p.add_argument("--act-steps", type=int, default=12, help="DPO optimizer steps (default 12: one pass of 48 pairs)")
     p.add_argument("--publish-every", type=int, default=4, help="publish a policy version every N steps (default 4)")
     p.add_argument("--batch-size", type=int, default=4, help="trainer batch size (default 4)")
     p.add_argument("--max-tokens", type=int, default=128, help="completion tokens, eval and rollouts (default 128)")
@@ -173,7 +175,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _run([py, "-m", "trainer.cli", "sft", "--model", str(base), "--env", args.env, "--split", "train",
               "--n-conversations", n, "--sample-seed", seed, "--epochs", str(args.sft_epochs), "--out", str(sft),
               *train_common, *(["--lr", str(sft_lr)] if sft_lr else [])], logs / "sft.log", 3600,
-             (-(-args.n * args.sft_epochs // args.batch_size), _count_steps(sft), "step"))
+             (None, _count_steps(sft), "step"))  # total unknown up front: CLARIFY conversations add examples
         load_adapter(policy_url, "sft", sft / "adapter")
         evaluate("5/7", f"SFT (n={args.n})", "--policy-model", "sft", "--train-conversations",
                  str(sft / "conversations.json"))
