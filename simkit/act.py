@@ -37,7 +37,8 @@ from typing import Any, Literal
 from . import prompts
 from .agents import ActionClassifier
 from .client import RoleError
-from .env import Env
+from .engine import PolicyLike, play
+from .env import Env, Episode
 from .types import ANSWER, CLARIFY, Message, PreferencePair, Task, Trajectory, goal_text, opposite
 
 Ablation = Literal["none", "random-actions", "no-sampling", "no-simulation"]
@@ -148,27 +149,46 @@ class Rollout:
         return self.trajectory.info.get("dropped")
 
 
+def _failed(traj: Trajectory, e: Exception) -> Rollout:
+    """A counted failed episode; `info["failure"]` says whose: "role" (transient: worth a retry)
+    or "env" (a hook raised: it would again)."""
+    traj.status = "failed"
+    traj.error = str(e) if isinstance(e, RoleError) else f"{type(e).__name__}: {e}"
+    traj.info["failure"] = "role" if isinstance(e, RoleError) else "env"
+    return Rollout(traj, None)
+
+
 def _drop(traj: Trajectory, reason: str = "identical") -> Rollout:
     traj.info["dropped"] = reason
     return Rollout(traj, None)
 
 
-async def phase2_rollout(env: Env, base: PreferencePair, task: Task, policy: Any, *, version: int = 0,
-                         epoch: int = 0, simulate: bool = True) -> Rollout:
-    """Refresh one D_pref pair with the current policy (ACT Algorithm 2, one turn)."""
-    ep = env.episode(task)
-    try:
-        reply = await policy.respond(ep.messages, task=task)
-        await ep.step(reply.text, reply)
-        right = ep.first_action == base.gold_action
-        if right and simulate:
-            while not ep.done:
-                reply = await policy.respond(ep.messages, task=task)
-                await ep.step(reply.text, reply)
-    except RoleError as e:
-        return Rollout(ep.trajectory(status="failed", error=str(e), policy_version=version), None)
+def _stamp(traj: Trajectory, version: int) -> Trajectory:
+    """Turns stamped by the policy decide the version; `version` only fills in when none is."""
+    if traj.policy_version is None:
+        traj.policy_version = version
+    return traj
 
-    traj = ep.trajectory(policy_version=version)
+
+async def phase2_rollout(env: Env, base: PreferencePair, task: Task, policy: PolicyLike, *, version: int = 0,
+                         epoch: int = 0, simulate: bool = True) -> Rollout:
+    """Refresh one D_pref pair with the current policy (ACT Algorithm 2, one turn).
+
+    The engine's episode loop plays it; it stops right after the first reply when that reply is
+    judged by its action alone (a wrong action, or no simulation), so the simulator is asked
+    only when its answer is used. The pair's version is the oldest one stamped on its turns."""
+    ep = env.episode(task)
+
+    def judged_by_action(e: Episode) -> bool:
+        return not simulate or e.first_action != base.gold_action
+
+    try:
+        await play(ep, policy, until=judged_by_action)
+    except Exception as e:  # a role gave up, or an env hook (classify, score, simulate) raised
+        return _failed(_stamp(ep.trajectory(), version), e)
+
+    right = ep.first_action == base.gold_action
+    traj = _stamp(ep.trajectory(), version)
     sampled = traj.continuation()
     if not right:
         chosen, rejected, source = base.chosen, sampled[:1], "wrong-action"
@@ -181,7 +201,7 @@ async def phase2_rollout(env: Env, base: PreferencePair, task: Task, policy: Any
     traj.info.update(right_action=right, source=source, success=bool(ep.terminated and env.success(ep.reward)))
     pair = PreferencePair(
         id=stable_id("p2", env.name, task.id, epoch), prompt=base.prompt, chosen=chosen, rejected=rejected,
-        gold_action=base.gold_action, rejected_action=base.rejected_action, policy_version=version,
+        gold_action=base.gold_action, rejected_action=base.rejected_action, policy_version=traj.policy_version,
         adapter=traj.turns[0].model if traj.turns else "", env=env.name, task_id=task.id, phase=2,
         source=source, score=traj.reward if ep.terminated else None, meta={"epoch": epoch},
     )
@@ -190,11 +210,9 @@ async def phase2_rollout(env: Env, base: PreferencePair, task: Task, policy: Any
     return Rollout(traj, pair)
 
 
-async def _simulate(env: Env, task: Task, policy: Any) -> Trajectory:
+async def _simulate(env: Env, task: Task, policy: PolicyLike) -> Trajectory:
     ep = env.episode(task)
-    while not ep.done:
-        reply = await policy.respond(ep.messages, task=task)
-        await ep.step(reply.text, reply)
+    await play(ep, policy)
     return ep.trajectory()
 
 
@@ -205,11 +223,13 @@ async def irpo_rollout(env: Env, task: Task, policy: Any, *, version: int = 0, e
     winner, the worst failure the loser. No contrast (all succeed or all fail): no pair."""
     try:
         trajs = await asyncio.gather(*(_simulate(env, task, policy) for _ in range(max(2, samples))))
-    except RoleError as e:
-        return Rollout(env.episode(task).trajectory(status="failed", error=str(e), policy_version=version), None)
+    except Exception as e:  # a role that gave up or an env hook that raised: a counted failure
+        return _failed(env.episode(task).trajectory(policy_version=version), e)
     ok = [t for t in trajs if t.terminated and env.success(t.reward)]
     bad = [t for t in trajs if not (t.terminated and env.success(t.reward))]
     best = max(ok, key=lambda t: t.reward) if ok else trajs[0]
+    stamped = [t.policy_version for t in trajs if t.policy_version is not None]
+    version = min(stamped) if stamped else version  # the oldest policy that wrote any sample
     best.policy_version = version
     best.info.update(right_action=best.first_action == task.gold_action, source="irpo", success=bool(ok),
                      samples=len(trajs), successes=len(ok))

@@ -162,18 +162,22 @@ class Policy:
     """An endpoint plus what the policy sees besides the episode (extra system text, shots).
 
     `model` may be an adapter name (vLLM / the embedded server select adapters by `model`);
-    `set_model` switches it when the trainer publishes a new version.
+    `set_model` switches it (and the version number) when the trainer publishes a new version.
+    Each reply carries the version that was asked (`Reply.policy_version`), read when the
+    request is sent, so a switch in the middle of an episode stamps each turn correctly.
     """
 
     def __init__(self, client: RoleClient, model: str | None = None, shots: Sequence[Message] = (),
-                 system_suffix: str = "", **sampling: Any):
-        self.client, self.model = client, model
+                 system_suffix: str = "", version: int | None = None, **sampling: Any):
+        self.client, self.model, self.version = client, model, version
         self.shots = list(shots)
         self.system_suffix = system_suffix
         self.sampling = sampling
 
-    def set_model(self, model: str) -> None:
+    def set_model(self, model: str, version: int | None = None) -> None:
         self.model = model
+        if version is not None:
+            self.version = version
 
     def build(self, messages: Sequence[Message], instruction: str | None = None) -> list[Message]:
         msgs = list(messages)
@@ -190,8 +194,11 @@ class Policy:
     async def respond(self, messages: Sequence[Message], instruction: str | None = None,
                       task: Task | None = None, **sampling: Any) -> Reply:
         """Reply to the dialogue; `instruction` forces an action (ACT's losing responses)."""
-        return await self.client.complete(self.build(messages, instruction), model=self.model,
-                                          **{**self.sampling, **sampling})
+        version = self.version  # the version asked, before any switch while the request is out
+        reply = await self.client.complete(self.build(messages, instruction), model=self.model,
+                                           **{**self.sampling, **sampling})
+        reply.policy_version = version
+        return reply
 
 
 class OraclePolicy:

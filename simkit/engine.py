@@ -3,23 +3,41 @@
     async for traj in run_episodes(env, tasks, policy, concurrency=1000):
         ...
 
-A fixed pool of worker coroutines pulls tasks, so memory stays flat however many tasks there
-are; finished trajectories are yielded as they complete. A role call that fails after its
-retries ends that episode with status='failed' (counted, yielded, never dropped). Closing the
-iterator (`contextlib.aclosing` around an early `break`), an exception, or Ctrl-C cancels every
-worker cleanly.
+Two layers. `amap` is a bounded concurrent map: a fixed pool of worker coroutines pulls items,
+so memory stays flat however many items there are, and each result is yielded as it finishes.
+Its error path is explicit: every exception of `fn` goes to the caller's `on_error`, whose value
+is yielded in place of the result (nothing is dropped, nothing escapes the loop unless
+`on_error` itself raises). `run_episodes` is the typed wrapper for episodes: Task in,
+Trajectory out, and any failure (a role giving up, an env hook raising) is a counted
+`status='failed'` trajectory. Closing the iterator (`contextlib.aclosing` around an early
+`break`), an exception, or Ctrl-C cancels every worker cleanly.
 """
 from __future__ import annotations
 
 import asyncio
 import gc
 import sys
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, Sequence, TypeVar,
+                    runtime_checkable)
 
 from .client import RoleError
-from .env import Env
-from .types import Task, Trajectory
+from .types import Message, Reply, Task, Trajectory
+
+if TYPE_CHECKING:
+    from .env import Env, Episode
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@runtime_checkable
+class PolicyLike(Protocol):
+    """What the engine needs from a policy: a reply to the dialogue so far."""
+
+    async def respond(self, messages: Sequence[Message], instruction: str | None = None,
+                      task: Task | None = None, **sampling: Any) -> Reply: ...
 
 
 @dataclass
@@ -63,71 +81,45 @@ def _gc_exit() -> None:
         _gc_saved = None
 
 
-async def run_episode(env: Env, task: Task, policy: Any, **extra: Any) -> Trajectory:
-    """Drive one episode to its end: policy replies, env classifies/simulates/scores."""
-    ep = env.episode(task)
-    try:
-        while not ep.done:
-            reply = await policy.respond(ep.messages, task=task)
-            await ep.step(reply.text, reply)
-    except RoleError as e:
-        return ep.trajectory(status="failed", error=str(e), **extra)
-    return ep.trajectory(**extra)
+async def amap(fn: Callable[[T], Awaitable[R]], items: Iterable[T], *, concurrency: int,
+               on_error: Callable[[T, Exception], R], total: int | None = None) -> AsyncIterator[R]:
+    """Yield `fn(item)` for every item as it finishes, at most `concurrency` at a time.
 
-
-async def run_episodes(env: Env, tasks: Iterable[Task], policy: Any, concurrency: int = 256,
-                       progress: bool | None = None, stats: EngineStats | None = None,
-                       episode_fn: Callable[..., Any] = run_episode, total: int | None = None,
-                       **extra: Any) -> AsyncIterator[Trajectory]:
-    """Yield trajectories as episodes finish, with at most `concurrency` in flight."""
-    stats = stats or EngineStats()
-    it = iter(tasks)
-    if total is None and hasattr(tasks, "__len__"):
-        total = len(tasks)  # type: ignore[arg-type]
+    An exception from `fn` (not a cancellation) becomes `on_error(item, exc)`, yielded like a
+    result. `total` (default: `len(items)` when it has one) only caps the worker pool."""
+    it = iter(items)
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    n_workers = max(1, concurrency if total is None else min(concurrency, total or 1))
     out: asyncio.Queue = asyncio.Queue()
     done_token = object()
 
     async def worker() -> None:
         try:
-            for task in it:  # shared iterator: each task taken by exactly one worker
-                stats.started += 1
+            for item in it:  # shared iterator: each item taken by exactly one worker
                 try:
-                    traj = await episode_fn(env, task, policy, **extra)
+                    res = await fn(item)
                 except asyncio.CancelledError:
                     raise
-                except Exception as e:  # a bug in scoring etc.: surface it as a failed episode
-                    traj = Trajectory(task_id=task.id, env=env.name, prompt=task.prompt,
-                                      gold_action=task.gold_action, status="failed",
-                                      error=f"{type(e).__name__}: {e}")
-                out.put_nowait(traj)
-                if out.qsize() > n_workers:  # episodes finishing without suspending (offline roles,
+                except Exception as e:
+                    res = on_error(item, e)
+                out.put_nowait(res)
+                if out.qsize() > n_workers:  # items finishing without suspending (offline roles,
                     await asyncio.sleep(0)  # instant failures) must not starve the consumer
         finally:
             out.put_nowait(done_token)
 
-    n_workers = max(1, concurrency if total is None else min(concurrency, total or 1))
     _gc_enter()
     workers = [asyncio.create_task(worker()) for _ in range(n_workers)]
-    bar = _progress(total, progress)
     alive = n_workers
     try:
         while alive:
-            item = await out.get()
-            if item is done_token:
+            res = await out.get()
+            if res is done_token:
                 alive -= 1
                 continue
-            stats.finished += 1
-            stats.failed += getattr(item, "status", "ok") == "failed"
-            # episode_fn may wrap the trajectory (no getattr miss on pydantic: it raises inside)
-            traj = item if isinstance(item, Trajectory) else getattr(item, "trajectory", item)
-            if isinstance(traj, Trajectory):
-                stats.requests += len(traj.assistant_turns)
-            if bar is not None:
-                bar.update(1)
-                if stats.failed:
-                    bar.set_postfix(failed=stats.failed, refresh=False)
-            yield item
-        for w in workers:  # re-raise anything unexpected from a worker
+            yield res
+        for w in workers:  # re-raise what escaped a worker: on_error raising, or the item iterator
             if not w.cancelled() and w.exception():
                 raise w.exception()  # type: ignore[misc]
     finally:
@@ -135,20 +127,88 @@ async def run_episodes(env: Env, tasks: Iterable[Task], policy: Any, concurrency
         for w in workers:
             w.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+
+
+def failed_trajectory(env_name: str, task: Task, error: BaseException | str, **extra: Any) -> Trajectory:
+    """A counted failed episode for a task whose episode raised before it could report itself."""
+    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return Trajectory(task_id=task.id, env=env_name, prompt=task.prompt, gold_action=task.gold_action,
+                      status="failed", error=msg, **extra)
+
+
+async def play(ep: "Episode", policy: PolicyLike, until: Callable[["Episode"], bool] | None = None) -> None:
+    """The episode loop: the policy acts, the episode advances, until it ends (or `until` says
+    stop before advancing: the simulator is then never asked). Role errors propagate."""
+    task = ep.task
+    while not ep.done:
+        reply = await policy.respond(ep.messages, task=task)
+        await ep.act(reply.text, reply)
+        if until is not None and until(ep):
+            return
+        await ep.advance()
+
+
+async def run_episode(env: "Env", task: Task, policy: PolicyLike, **extra: Any) -> Trajectory:
+    """Drive one episode to its end. A role that gives up or an env hook that raises (scoring,
+    classifying, simulating) ends it as a failed trajectory, with what was played so far."""
+    ep = env.episode(task)
+    try:
+        await play(ep, policy)
+    except RoleError as e:
+        return ep.trajectory(status="failed", error=str(e), **extra)
+    except Exception as e:
+        return ep.trajectory(status="failed", error=f"{type(e).__name__}: {e}", **extra)
+    return ep.trajectory(**extra)
+
+
+async def run_episodes(env: "Env", tasks: Iterable[Task], policy: PolicyLike, concurrency: int = 256,
+                       progress: bool | None = None, stats: EngineStats | None = None,
+                       episode_fn: Callable[..., Awaitable[Trajectory]] = run_episode, total: int | None = None,
+                       **extra: Any) -> AsyncIterator[Trajectory]:
+    """Yield trajectories as episodes finish, with at most `concurrency` in flight.
+
+    `episode_fn(env, task, policy, **extra) -> Trajectory` plays one task (default
+    `run_episode`); if it raises, the task becomes a failed trajectory. Other item or result
+    types go through `amap` directly."""
+    stats = stats or EngineStats()
+    if total is None and hasattr(tasks, "__len__"):
+        total = len(tasks)  # type: ignore[arg-type]
+
+    async def one(task: Task) -> Trajectory:
+        stats.started += 1
+        return await episode_fn(env, task, policy, **extra)
+
+    def failed(task: Task, e: Exception) -> Trajectory:
+        return failed_trajectory(env.name, task, e)
+
+    bar = progress_bar(total, progress)
+    try:
+        async with aclosing(amap(one, tasks, concurrency=concurrency, on_error=failed, total=total)) as trajs:
+            async for traj in trajs:
+                stats.finished += 1
+                stats.failed += traj.status == "failed"
+                stats.requests += len(traj.assistant_turns)
+                if bar is not None:
+                    bar.update(1)
+                    if stats.failed:
+                        bar.set_postfix(failed=stats.failed, refresh=False)
+                yield traj
+    finally:
         if bar is not None:
             bar.close()
 
 
-def _progress(total: int | None, enabled: bool | None):
+def progress_bar(total: int | None, enabled: bool | None, unit: str = "ep", desc: str = "episodes"):
+    """A tqdm bar, or None when disabled (`enabled=None`: only on a terminal)."""
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="ep", desc="episodes", smoothing=0.1)
+    return tqdm(total=total, unit=unit, desc=desc, smoothing=0.1)
 
 
-async def collect(env: Env, tasks: Iterable[Task], policy: Any, **kw: Any) -> list[Trajectory]:
+async def collect(env: "Env", tasks: Iterable[Task], policy: PolicyLike, **kw: Any) -> list[Trajectory]:
     """All trajectories of a run, as a list (convenience for small runs and tests)."""
     return [t async for t in run_episodes(env, tasks, policy, **kw)]

@@ -11,12 +11,15 @@ Environments register by name; the core imports no task (see `registry`).
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import prompts
 from .agents import ActionClassifier, GroundedSimulator, RuleClassifier, UserSimulator
@@ -33,10 +36,16 @@ class StepResult:
 
 
 class Episode:
-    """State of one episode. Create with `env.episode(task)`."""
+    """State of one episode. Create with `env.episode(task)`.
+
+    A step is two halves so callers pay only for what they use: `act(text)` records and
+    classifies the policy's reply (an ANSWER is scored and ends the episode; a CLARIFY at the
+    round cap truncates it), and `advance()` asks the simulated user to answer a pending
+    clarifying question. `step` is both. Phase 2 stops after `act` when the reply is judged by
+    its action alone, so the simulator is never called for a reply that is thrown away."""
 
     __slots__ = ("env", "task", "turns", "first_action", "turn_score", "turn_score_question_only", "reward",
-                 "terminated", "truncated", "t0", "_messages", "info")
+                 "terminated", "truncated", "t0", "_messages", "info", "_pending")
 
     def __init__(self, env: "Env", task: Task):
         self.env, self.task = env, task
@@ -49,25 +58,36 @@ class Episode:
         self.t0 = time.time()
         self._messages = [Message(role="system", content=env.system_prompt), *task.prompt]
         self.info: dict[str, Any] = {}
+        self._pending: StepResult | None = None  # a clarifying question the user has not answered yet
 
     @property
     def done(self) -> bool:
         return self.terminated or self.truncated
 
     @property
+    def awaiting_user(self) -> bool:
+        """The last reply asked a clarifying question and `advance()` has not answered it."""
+        return self._pending is not None
+
+    @property
     def messages(self) -> list[Message]:
         """What the policy sees now: system text, the task prompt, and the episode so far."""
         return self._messages
 
-    async def step(self, text: str, reply: Reply | None = None) -> StepResult:
+    async def act(self, text: str, reply: Reply | None = None) -> StepResult:
+        """Record and classify the policy's reply. No simulator call: the result's observation
+        is None; a CLARIFY that may go on leaves the episode awaiting `advance()`."""
         if self.done:
             raise RuntimeError("episode already ended; call env.reset(task) for a new one")
+        if self._pending is not None:
+            raise RuntimeError("the user has not answered yet: call advance() before the next act()")
         env, task = self.env, self.task
         action = await env.classifier.classify(text, task)
         self._add(Turn(role="assistant", text=text, action=action, model=reply.model if reply else "",
                        prompt_tokens=reply.usage.prompt_tokens if reply else 0,
                        completion_tokens=reply.usage.completion_tokens if reply else 0,
-                       latency_s=reply.latency_s if reply else 0.0))
+                       latency_s=reply.latency_s if reply else 0.0,
+                       policy_version=reply.policy_version if reply else None))
         n_assistant = sum(1 for t in self.turns if t.role == "assistant")
         if n_assistant == 1:
             self.first_action = action
@@ -79,19 +99,39 @@ class Episode:
             if n_assistant >= env.max_turns:
                 self.truncated = True
                 return StepResult(None, 0.0, False, True, {**info, "score": 0.0})
-            user = await env.simulator.reply(task, self._messages[1:])
-            self._add(Turn(role="user", text=user))
-            return StepResult(user, 0.0, False, False, info)
+            self._pending = StepResult(None, 0.0, False, False, info)
+            return self._pending
         self.reward = await env.score(text, task.goal, task)
         self.terminated = True
         return StepResult(None, self.reward, True, False, {**info, "score": self.reward,
                                                            "success": env.success(self.reward)})
+
+    async def advance(self) -> str | None:
+        """The simulated user answers the pending clarifying question (None when none is pending)."""
+        if self._pending is None:
+            return None
+        user = await self.env.simulator.reply(self.task, self._messages[1:])
+        self._add(Turn(role="user", text=user))
+        self._pending = None
+        return user
+
+    async def step(self, text: str, reply: Reply | None = None) -> StepResult:
+        """`act`, then `advance` if the episode goes on: observation = the user's reply."""
+        result = await self.act(text, reply)
+        if self._pending is not None:
+            result = StepResult(await self.advance(), 0.0, False, False, result.info)
+        return result
 
     def _add(self, turn: Turn) -> None:
         self.turns.append(turn)
         self._messages.append(Message(role=turn.role, content=turn.text))
 
     def trajectory(self, **extra: Any) -> Trajectory:
+        """The episode as data. `policy_version` defaults to the oldest version stamped on a turn:
+        a pair is never treated as fresher than the oldest policy that wrote part of it."""
+        if extra.get("policy_version") is None:
+            stamped = [t.policy_version for t in self.turns if t.policy_version is not None]
+            extra["policy_version"] = min(stamped) if stamped else None
         return Trajectory(
             task_id=self.task.id, env=self.env.name, prompt=self.task.prompt, turns=self.turns,
             gold_action=self.task.gold_action, first_action=self.first_action, reward=self.reward,
@@ -101,9 +141,44 @@ class Episode:
         )
 
 
+class EnvConfig(BaseModel):
+    """Settings every env takes; an env extends it with its own (`Env.Config`). Unknown keys are
+    an error that names the key: a typo must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    max_turns: int | None = Field(None, ge=1, description="assistant turns per episode (clarify_rounds + 1)")
+    clarify_rounds: int | None = Field(None, ge=0, description="simulated clarification rounds (default: the env's)")
+    data_dir: Path | None = Field(None, description="task data folder (default $SIMKIT_DATA_DIR)")
+    seed: int = Field(0, description="data seed")
+
+
+class EnvConfigError(ValueError):
+    """An env was given a key it does not know, or a value of the wrong type."""
+
+
+def validate_env_config(env_name: str, model: type[EnvConfig], values: dict[str, Any]) -> EnvConfig:
+    """`model` from keyword arguments, with an error message that names each bad key."""
+    known = sorted(model.model_fields)
+    problems = []
+    for key in values:
+        if key not in model.model_fields:
+            close = difflib.get_close_matches(key, known, n=1)
+            problems.append(f"unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if problems:
+        raise EnvConfigError(f"env {env_name!r}: " + "; ".join(problems) + f". Known keys: {', '.join(known)}")
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        raise EnvConfigError(f"env {env_name!r}: {msg}") from None
+
+
 class Env:
     """Base class of every task environment. Subclasses set `name` and implement the data and
-    scoring hooks; they may override `turn_score` when the turn-level target differs.
+    scoring hooks; they may override `turn_score` when the turn-level target differs. Their
+    settings are a `Config` (an `EnvConfig` subclass): `simkit.make(name, **cfg)` validates the
+    keywords against it, and `self.config` holds the typed values.
 
     Simulation depth: `clarify_rounds` is how many times the simulated user answers a clarifying
     question before the episode must end. Default 1, as the authors simulate (question → user's
@@ -112,23 +187,28 @@ class Env:
     of the same limit and wins when given."""
 
     name: ClassVar[str] = ""
+    Config: ClassVar[type[EnvConfig]] = EnvConfig  # the env's typed settings (unknown keys rejected)
     success_threshold: ClassVar[float] = 0.5  # ε: a trajectory with score >= ε is a success
     default_clarify_rounds: ClassVar[int] = 1  # the authors simulate one clarification round
     metric_name: ClassVar[str] = "score"  # the content metric's name in tables (F1, Exec Match, …)
 
     def __init__(self, classifier: ActionClassifier | None = None, simulator: UserSimulator | None = None,
-                 max_turns: int | None = None, data_dir: str | os.PathLike | None = None, seed: int = 0,
-                 clarify_rounds: int | None = None, **cfg: Any):
+                 **cfg: Any):
+        self.config = validate_env_config(self.name or type(self).__name__, type(self).Config, cfg)
+        c = self.config
         self.classifier = classifier or RuleClassifier()
         self.simulator = simulator or GroundedSimulator()
-        if clarify_rounds is not None and clarify_rounds < 0:
-            raise ValueError("clarify_rounds must be >= 0")
-        self.max_turns = max_turns or (self.default_clarify_rounds if clarify_rounds is None else clarify_rounds) + 1
-        self.data_dir = Path(data_dir) if data_dir else data_root()
-        self.seed = seed
-        self.cfg = cfg
+        self.max_turns = c.max_turns or (self.default_clarify_rounds if c.clarify_rounds is None
+                                         else c.clarify_rounds) + 1
+        self.data_dir = c.data_dir or data_root()
+        self.seed = c.seed
         self.system_prompt = prompts.load("policy_system", env=self.name)
         self._episode: Episode | None = None
+
+    @property
+    def cfg(self) -> dict[str, Any]:
+        """The settings that were given explicitly (older spelling of `config`)."""
+        return self.config.model_dump(exclude_unset=True)
 
     # -------------------------------------------------------------- task hooks
     def splits(self) -> dict[str, int]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .client import RoleError
 from .types import PreferencePair
 
 
@@ -64,7 +65,7 @@ async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, a
     counters and the dropped task ids are kept in `stats_path(out)` so a resume neither redoes nor
     forgets them (the counters then cover the whole file, not only this call)."""
     from .act import identical_sides, phase1_pair
-    from .engine import run_episodes
+    from .engine import amap, progress_bar
 
     stats = stats if stats is not None else new_phase1_stats()
     saved: dict[str, Any] = {}
@@ -79,15 +80,13 @@ async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, a
     todo = [t for t in tasks if t.id not in done]
     counts = {k: saved.get("counts", {}).get(k, 0) for k in new_phase1_stats()}
 
-    async def one(env, task, policy) -> Phase1Result:
-        from .client import RoleError
-
+    async def one(task) -> Phase1Result:
         rng = random.Random(f"{seed}-{task.id}") if random_actions else None
-        try:
-            return Phase1Result(await phase1_pair(env, task, policy, annotator=annotator, rng=rng,
-                                                  classifier=classifier), task.id)
-        except RoleError as e:
-            return Phase1Result(None, task.id, str(e))
+        return Phase1Result(await phase1_pair(env, task, policy, annotator=annotator, rng=rng,
+                                              classifier=classifier), task.id)
+
+    def failed(task, e: Exception) -> Phase1Result:  # a role gave up or an env hook raised: counted
+        return Phase1Result(None, task.id, str(e) if isinstance(e, RoleError) else f"{type(e).__name__}: {e}")
 
     def save_stats() -> None:
         if spath:
@@ -95,8 +94,11 @@ async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, a
 
     pairs, failures = [], 0
     fh = open(out, "a", encoding="utf-8") if out else None
+    bar = progress_bar(len(todo), progress, unit="pair", desc="phase 1")
     try:
-        async for r in run_episodes(env, todo, policy, concurrency=concurrency, episode_fn=one, progress=progress):
+        async for r in amap(one, todo, concurrency=concurrency, on_error=failed):
+            if bar is not None:
+                bar.update(1)
             if r.pair is None:
                 failures += 1
                 continue
@@ -119,6 +121,8 @@ async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, a
             if queue is not None:
                 await queue.append([p])
     finally:
+        if bar is not None:
+            bar.close()
         if fh:
             fh.close()
         save_stats()

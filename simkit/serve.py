@@ -5,15 +5,15 @@
 
 State lives in the run directory (`state.json`: epoch and a low-watermark position, written
 after each queue flush) and pair ids are deterministic per (task, epoch), so a restart after
-SIGKILL redoes at most the in-flight episodes and the queue drops the duplicates.
+SIGKILL redoes at most the in-flight episodes and the queue drops the duplicates. A failed
+episode is retried in-process and then given up on (counted): it never holds the watermark back.
+The parts live in `simkit.serving`; this module holds the config, the wiring and the CLI.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import os
-import random
 import signal
 import sys
 import time
@@ -24,7 +24,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, model_validator
 
 from .act import Rollout, irpo_rollout, phase2_rollout
-from .types import PreferencePair
+from .agents import describe
+from .engine import failed_trajectory
+from .serving import PairSink, Slot, StatusReporter, TaskCursor, VersionFollower
 
 ASYNC_MAX_PENDING, ASYNC_MAX_STALENESS = 4096, 2
 
@@ -59,6 +61,8 @@ class ServeConfig(BaseModel):
     flush_s: float = 0.25
     seed: int = 0
     save_trajectories: bool = False
+    retries: int = 2  # in-process retries of an episode whose role call gave up (then: a counted failure)
+    retry_backoff_s: float = 0.5  # first wait before such a retry (doubles per retry)
 
     @model_validator(mode="before")
     @classmethod
@@ -93,46 +97,33 @@ class _TaskRef:
     task_id: str
 
 
-class _State:
-    """Resume point: epoch + low-watermark position (every position below it is in the queue)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        d = json.loads(path.read_text()) if path.exists() else {}
-        self.epoch, self.position = d.get("epoch", 0), d.get("position", 0)
-        self.episodes, self.pairs = d.get("episodes", 0), d.get("pairs", 0)
-        self.restarts = d.get("restarts", -1) + 1
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"epoch": self.epoch, "position": self.position, "episodes": self.episodes,
-                                   "pairs": self.pairs, "restarts": self.restarts, "saved_at": time.time()}))
-        os.replace(tmp, self.path)
-
-
 class Server:
+    """`Server.run` only wires the parts (simkit/serving): the cursor feeds slots to the engine,
+    each finished rollout goes to the sink, the sink's flush commits the cursor's watermark, and
+    a watcher task follows versions and reports status."""
+
     def __init__(self, cfg: ServeConfig, env, roles, queue):
         self.cfg, self.env, self.roles, self.queue = cfg, env, roles, queue
         self.run_dir = Path(cfg.run_dir)
-        self.state = _State(self.run_dir / "state.json")
-        self.version = 0
-        self.depth = 0
         self.stop = asyncio.Event()
         self.m = dict(episodes=0, pairs=0, failures=0, right_action=0, successes=0, terminated=0,
-                      dropped_stale=0, duplicates=0, identical_dropped=0, no_contrast=0)
+                      identical_dropped=0, no_contrast=0)
         self.phase1: dict[str, int] = {}
-        self._done_positions: dict[tuple[int, int], bool] = {}
-        self._buf: list = []
+        self.split: str | None = None
+        self.follower = VersionFollower(queue, roles.policy, cfg.max_staleness)
+        self.sink = PairSink(queue, cfg.max_staleness,
+                             self.run_dir / "trajectories.jsonl" if cfg.save_trajectories else None)
+        self.cursor: TaskCursor | None = None
+        self.reporter = StatusReporter(self.run_dir / "metrics.jsonl", self._snapshot)
+        self._t0 = time.monotonic()
 
-    # ------------------------------------------------------------------ version channel
+    @property
+    def version(self) -> int:
+        return self.follower.version
+
     async def follow_version(self) -> None:
-        v = await self.queue.current_version()
-        if v is not None and v.version > self.version:
-            self.version = v.version
-            self.roles.policy.set_model(v.adapter)
-            dropped = await self.queue.drop_stale(self.version - self.cfg.max_staleness)
-            self.m["dropped_stale"] += dropped
-        self.depth = await self.queue.depth()
+        await self.follower.follow()
+        await self.sink.refresh_depth()
 
     async def _watch(self) -> None:
         while not self.stop.is_set():
@@ -141,143 +132,89 @@ class Server:
             except TimeoutError:
                 pass
             await self.follow_version()
-            self._status()
-            self._write_metrics(False)  # also while back-pressure holds rollouts
+            self.reporter.tick()
+            self.reporter.write_metrics()  # also while back-pressure holds rollouts
 
-    # ------------------------------------------------------------------ task stream
-    def _stream(self, dpref: list, tasks: dict):
-        """(epoch, position, D_pref pair or None (IRPO), task) in a seeded order per epoch."""
-        st, cfg = self.state, self.cfg
-        epoch = st.epoch
-        while not self.stop.is_set() and (cfg.max_epochs is None or epoch < cfg.max_epochs):
-            order = list(range(len(dpref)))
-            random.Random(f"{cfg.seed}-{epoch}").shuffle(order)
-            start = st.position if epoch == st.epoch else 0
-            for pos in range(start, len(order)):
-                if self.stop.is_set():
-                    return
-                if cfg.max_episodes is not None and self._started >= cfg.max_episodes - self._episodes_at_start:
-                    return
-                self._started += 1
-                pair = dpref[order[pos]]
-                yield (epoch, pos, pair if isinstance(pair, PreferencePair) else None, tasks[pair.task_id])
-            epoch += 1
-
-    async def _episode(self, env, item, policy) -> Rollout:
-        epoch, pos, base, task = item
-        while self.depth >= self.cfg.max_pending and not self.stop.is_set():  # back-pressure
+    async def _rollout(self, slot: Slot) -> Rollout:
+        while self.sink.depth >= self.cfg.max_pending and not self.stop.is_set():  # back-pressure
             await asyncio.sleep(self.cfg.poll_s / 4)
-            self.depth = await self.queue.depth()
+            await self.sink.refresh_depth()
         if self.cfg.sync:  # never start an episode on a policy the trainer has already replaced
             await self.follow_version()
+        policy = self.roles.policy
         if self.cfg.mode == "irpo":
-            r = await irpo_rollout(env, task, policy, version=self.version, epoch=epoch, samples=self.cfg.irpo_samples)
-        else:
-            r = await phase2_rollout(env, base, task, policy, version=self.version, epoch=epoch,
-                                     simulate=self.cfg.ablation != "no-simulation")
-        r.trajectory.info.update(epoch=epoch, position=pos)
-        return r
+            return await irpo_rollout(self.env, slot.task, policy, version=self.version, epoch=slot.epoch,
+                                      samples=self.cfg.irpo_samples)
+        return await phase2_rollout(self.env, slot.base, slot.task, policy, version=self.version, epoch=slot.epoch,
+                                    simulate=self.cfg.ablation != "no-simulation")
 
-    # ------------------------------------------------------------------ flushing
-    async def _flush(self, final: bool = False) -> None:
-        pairs = [r.pair for r in self._buf if r.pair is not None]
-        floor = self.version - self.cfg.max_staleness
-        fresh = [p for p in pairs if p.policy_version >= floor]
-        self.m["dropped_stale"] += len(pairs) - len(fresh)
-        if fresh:
-            added = await self.queue.append(fresh)
-            self.m["duplicates"] += len(fresh) - added
-            self.depth += added
-        if self.cfg.save_trajectories and self._buf:
-            with open(self.run_dir / "trajectories.jsonl", "a", encoding="utf-8") as f:
-                for r in self._buf:
-                    f.write(r.trajectory.model_dump_json() + "\n")
-        st = self.state
-        for r in self._buf:
-            info = r.trajectory.info
-            if r.pair is not None or r.dropped:  # a dropped pair (identical sides, no contrast) is done too
-                self._done_positions[(info["epoch"], info["position"])] = True
-                st.pairs += 1
-            st.episodes += 1
-        # advance the watermark over contiguous completed positions (failed ones are redone)
-        while self._done_positions.pop((st.epoch, st.position), False):
-            st.position += 1
-            if st.position >= self._epoch_len:
-                st.epoch, st.position = st.epoch + 1, 0
-        st.save()
-        self._buf.clear()
-        self._write_metrics(final)
+    async def _flush(self, buf: list[Rollout], final: bool = False) -> None:
+        await self.sink.write(buf, self.version)
+        assert self.cursor is not None
+        self.cursor.commit(buf)  # after the append: the watermark never passes a pair not yet queued
+        buf.clear()
+        self.reporter.write_metrics(final)
 
     # ------------------------------------------------------------------ reporting
     def _snapshot(self) -> dict[str, Any]:
         el = max(1e-9, time.monotonic() - self._t0)
         m = self.m
+        st = self.cursor.state if self.cursor else None
         return {"time": time.time(), "elapsed_s": round(el, 2), "version": self.version,
-                "adapter": self.roles.policy.model or self.roles.policy.client.model, "queue_depth": self.depth, **m,
+                "adapter": self._adapter(), "queue_depth": self.sink.depth,
+                **m, "dropped_stale": self.sink.dropped_stale + self.follower.dropped_stale,
+                "duplicates": self.sink.duplicates, "retries": self.cursor.retried if self.cursor else 0,
                 "episodes_per_s": round(m["episodes"] / el, 3), "pairs_per_s": round(m["pairs"] / el, 3),
                 "action_accuracy": round(m["right_action"] / m["episodes"], 4) if m["episodes"] else None,
                 "success_rate": round(m["successes"] / m["terminated"], 4) if m["terminated"] else None,
-                "epoch": self.state.epoch, "position": self.state.position, "sync": self.cfg.sync,
+                "epoch": st.epoch if st else 0, "position": st.position if st else 0, "sync": self.cfg.sync,
                 "mode": self.cfg.mode, "max_staleness": self.cfg.max_staleness, "phase1": self.phase1,
-                "classifier": self._describe("classifier"), "simulator": self._describe("simulator")}
+                "classifier": describe(self.roles.classifier), "simulator": describe(self.roles.simulator)}
 
-    def _describe(self, role: str) -> str:
-        from .agents import describe
-
-        return describe(getattr(self.roles, role, None))
-
-    def _write_metrics(self, final: bool) -> None:
-        now = time.monotonic()
-        if final or now - self._last_metrics >= 1.0:
-            self._last_metrics = now
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(self._snapshot()) + "\n")
-
-    def _status(self) -> None:
-        s = self._snapshot()
-        line = (f"v{s['version']} | {s['episodes']} ep ({s['episodes_per_s']:.1f}/s) | {s['pairs']} pairs "
-                f"({s['pairs_per_s']:.1f}/s) | action acc {s['action_accuracy'] or 0:.2f} | success "
-                f"{s['success_rate'] or 0:.2f} | queue {s['queue_depth']} | failed {s['failures']} | "
-                f"stale dropped {s['dropped_stale']}")
-        if sys.stderr.isatty():
-            print("\r" + line[:200].ljust(120), end="", file=sys.stderr, flush=True)
-        elif time.monotonic() - self._last_tick >= 5.0:  # logs: one line every 5 s
-            self._last_tick = time.monotonic()
-            print(line, file=sys.stderr, flush=True)
+    def _adapter(self) -> str | None:
+        policy = self.roles.policy
+        return getattr(policy, "model", None) or getattr(getattr(policy, "client", None), "model", None)
 
     # ------------------------------------------------------------------ main
     async def run(self, dpref: list) -> dict[str, Any]:
         from contextlib import aclosing
 
-        from .engine import run_episodes
+        from .engine import amap
 
-        tasks = {t.id: t for t in self.env.tasks(self.split)}
-        self._epoch_len = len(dpref)
-        self._started = 0
-        self._episodes_at_start = self.state.episodes
-        self._t0 = self._last_metrics = time.monotonic()
-        self._last_tick = 0.0
+        cfg = self.cfg
+        tasks = {t.id: t for t in self.env.tasks(self.split or next(iter(self.env.splits())))}
+        self.cursor = cursor = TaskCursor(self.run_dir / "state.json", dpref, tasks, seed=cfg.seed,
+                                          max_epochs=cfg.max_epochs, max_episodes=cfg.max_episodes,
+                                          retries=cfg.retries, retry_backoff_s=cfg.retry_backoff_s)
+        self._t0 = time.monotonic()
         await self.follow_version()
         watcher = asyncio.create_task(self._watch())
+        buf: list[Rollout] = []
         last_flush = time.monotonic()
+
+        async def one(slot: Slot) -> Rollout:
+            return await cursor.run(slot, self._rollout)
+
+        def failed(slot: Slot, e: Exception) -> Rollout:  # only a bug in serve itself lands here
+            traj = failed_trajectory(self.env.name, slot.task, e, info={"epoch": slot.epoch, "position": slot.position})
+            return Rollout(traj, None)
+
         try:
-            stream = self._stream(dpref, tasks)
-            async with aclosing(run_episodes(self.env, stream, self.roles.policy, concurrency=self.cfg.concurrency,
-                                             episode_fn=self._episode, progress=False, total=None)) as it:
-                async for r in it:
+            async with aclosing(amap(one, cursor.slots(self.stop), concurrency=cfg.concurrency,
+                                     on_error=failed)) as rollouts:
+                async for r in rollouts:
                     self._count(r)
-                    self._buf.append(r)
-                    if time.monotonic() - last_flush >= self.cfg.flush_s or len(self._buf) >= 256:
-                        await self._flush()
+                    buf.append(r)
+                    if time.monotonic() - last_flush >= cfg.flush_s or len(buf) >= 256:
+                        await self._flush(buf)
                         last_flush = time.monotonic()
                     if self.stop.is_set():
                         break
         finally:
-            await self._flush(final=True)
+            await self._flush(buf, final=True)
             self.stop.set()
             await watcher
-            if sys.stderr.isatty():
-                print(file=sys.stderr)
+            self.reporter.close()
         return self._snapshot()
 
     def _count(self, r: Rollout) -> None:

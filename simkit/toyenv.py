@@ -11,7 +11,9 @@ import re
 from collections import Counter
 from typing import Any
 
-from .env import Env, register
+from pydantic import Field
+
+from .env import Env, EnvConfig, register
 from .types import ANSWER, CLARIFY, Message, Task
 
 _THINGS = [("the oak", "20 meters"), ("the tower", "300 meters"), ("the fence", "2 meters"),
@@ -30,14 +32,19 @@ def token_f1(prediction: str, target: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
+class ToyConfig(EnvConfig):
+    size: int = Field(200, ge=1, description="train tasks (test gets a quarter)")
+
+
 @register("toy")
 class ToyEnv(Env):
     success_threshold = 0.5
     metric_name = "F1"
+    Config = ToyConfig
 
     def __init__(self, size: int = 200, **kw: Any):
-        super().__init__(**kw)
-        self.size = size
+        super().__init__(size=size, **kw)
+        size = self.size = self.config.size
         self._tasks = {split: self._make(split, n) for split, n in (("train", size), ("test", max(1, size // 4)))}
 
     def _make(self, split: str, n: int) -> list[Task]:

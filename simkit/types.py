@@ -1,4 +1,4 @@
-"""Core data types: one episode as data (DESIGN.md "One episode, as data").
+"""Core data types: one episode as data (docs/DESIGN.md, "One episode, as data").
 
 Everything that crosses a process boundary (queue, JSONL, HTTP) is a pydantic v2 model so it
 validates on the way in and serialises the same way everywhere.
@@ -137,6 +137,7 @@ class Reply(BaseModel):
     latency_s: float = 0.0
     finish_reason: str | None = None
     endpoint: str = ""
+    policy_version: int | None = None  # stamped by `Policy`: the version whose adapter was asked
 
 
 # --------------------------------------------------------------------------- trajectories
@@ -148,6 +149,7 @@ class Turn(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0
+    policy_version: int | None = None  # the policy version that wrote this turn (assistant turns)
 
 
 class Trajectory(BaseModel):
@@ -166,7 +168,7 @@ class Trajectory(BaseModel):
     truncated: bool = False
     status: Literal["ok", "failed"] = "ok"
     error: str | None = None
-    policy_version: int | None = None
+    policy_version: int | None = None  # the oldest version stamped on its turns (see Episode.trajectory)
     started_at: float = Field(default_factory=time.time)
     duration_s: float = 0.0
     info: dict[str, Any] = Field(default_factory=dict)

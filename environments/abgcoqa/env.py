@@ -13,24 +13,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from simkit.env import Env, register
+from pydantic import Field
+
+from simkit.env import Env, EnvConfig, register
 from simkit.types import Task
 
 from .loader import SPLITS, load_tasks
 from .similarity import Embedder, get_embedder
 
 
+class AbgCoqaConfig(EnvConfig):
+    tune_fraction: float = Field(0.5, gt=0, lt=1, description="share of stories in the tuning pool")
+    embedder: Any = Field(None, description="an Embedder object (default: all-MiniLM-L6-v2, loaded on first use)")
+    embedder_path: str | None = Field(None, description="embedding model folder (default $SIMKIT_EMBEDDER_PATH)")
+
+
 @register("abgcoqa")
 class AbgCoqaEnv(Env):
     success_threshold = 0.5
     metric_name = "sim"
+    Config = AbgCoqaConfig
 
-    def __init__(self, tune_fraction: float = 0.5, embedder: Embedder | None = None,
-                 embedder_path: str | None = None, **kw: Any):
+    def __init__(self, **kw: Any):
         super().__init__(**kw)
-        self._tasks = load_tasks(self.data_dir, tune_fraction)
-        self._embedder = embedder
-        self._embedder_path = embedder_path
+        c = self.config
+        self._tasks = load_tasks(self.data_dir, c.tune_fraction)
+        self._embedder: Embedder | None = c.embedder
+        self._embedder_path = c.embedder_path
 
     @property
     def embedder(self) -> Embedder:

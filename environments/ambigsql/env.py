@@ -28,11 +28,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from simkit import prompts
 from simkit.agents import RuleClassifier
-from simkit.env import Env, register
+from simkit.env import Env, EnvConfig, register
 from simkit.types import ANSWER, CLARIFY, Message, Task
 
 from . import build as builder
@@ -47,18 +49,28 @@ _DESCRIPTIONS = {
 }
 
 
+class AmbigSQLConfig(EnvConfig):
+    path: Path | None = Field(None, description="dataset file from `simkit data build-ambigsql` (built there if missing)")
+    spider_dir: Path | None = Field(None, description="Spider folder (default DATA_DIR/spider)")
+    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0, description="time limit of one SQL execution")
+    max_rows: int = Field(DEFAULT_MAX_ROWS, ge=1, description="rows kept from one SQL execution")
+    sql_workers: int | None = Field(None, ge=1, description="sandbox worker processes (default: CPU count)")
+    isolation: Literal["process", "thread"] = Field("process", description="where policy SQL runs")
+
+
 @register("ambigsql")
 class AmbigSQLEnv(Env):
     success_threshold = 1.0
     metric_name = "Exec Match"
+    Config = AmbigSQLConfig
 
-    def __init__(self, path: str | os.PathLike | None = None, spider_dir: str | os.PathLike | None = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, max_rows: int = DEFAULT_MAX_ROWS,
-                 sql_workers: int | None = None, isolation: str = "process", **kw: Any):
+    def __init__(self, **kw: Any):
         super().__init__(**kw)
-        self.spider_dir = Path(spider_dir) if spider_dir else self.data_dir / "spider"
-        self.path = Path(path) if path else None
-        self.runner = SQLRunner(workers=sql_workers, timeout_s=timeout_s, max_rows=max_rows, isolation=isolation)
+        c = self.config
+        self.spider_dir = c.spider_dir or self.data_dir / "spider"
+        self.path = c.path
+        self.runner = SQLRunner(workers=c.sql_workers, timeout_s=c.timeout_s, max_rows=c.max_rows,
+                                isolation=c.isolation)
         self._doc: dict[str, Any] | None = None
         self._tasks: dict[str, list[Task]] | None = None
 

@@ -10,22 +10,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from simkit.env import Env, register
+from pydantic import Field
+
+from simkit.env import Env, EnvConfig, register
 from simkit.types import Task
 
 from .loader import SPLITS, load_tasks
 from .tatqa_metric import pacific_f1
 
 
+class PacificConfig(EnvConfig):
+    tune_fraction: float = Field(0.5, gt=0, lt=1, description="share of dialogues in the tuning pool")
+    scale_aware: bool = Field(False, description="TAT-QA scale-aware F1 (the authors' metric ignores scale)")
+
+
 @register("pacific")
 class PacificEnv(Env):
     success_threshold = 0.9
     metric_name = "F1"
+    Config = PacificConfig
 
-    def __init__(self, tune_fraction: float = 0.5, scale_aware: bool = False, **kw: Any):
+    def __init__(self, **kw: Any):
         super().__init__(**kw)
-        self.scale_aware = scale_aware
-        self._tasks = load_tasks(self.data_dir, tune_fraction)
+        self.scale_aware = self.config.scale_aware
+        self._tasks = load_tasks(self.data_dir, self.config.tune_fraction)
 
     def splits(self) -> dict[str, int]:
         return {s: len(self._tasks[s]) for s in SPLITS}

@@ -1,0 +1,15 @@
+"""The parts `simkit serve` wires together, one job each:
+
+- `cursor.TaskCursor`: which (epoch, position) runs next, the resume watermark and its state
+  file, and in-process retries of transient failures (the watermark always advances);
+- `sink.PairSink`: one staleness filter and one append to the queue (plus optional trajectories);
+- `follower.VersionFollower`: follows the trainer's published version and switches the policy;
+  the policy stamps each turn with the version that wrote it;
+- `status.StatusReporter`: the live status line and `metrics.jsonl`.
+"""
+from .cursor import Slot, TaskCursor
+from .follower import VersionFollower
+from .sink import PairSink
+from .status import StatusReporter
+
+__all__ = ["PairSink", "Slot", "StatusReporter", "TaskCursor", "VersionFollower"]
