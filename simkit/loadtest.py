@@ -144,24 +144,12 @@ class RecordingTransport:
 
 
 class _Arrival:
-    """An open-loop episode: the task plus its intended start (engine sees a task-like object)."""
+    """An open-loop episode: the task plus its intended start."""
 
     __slots__ = ("task", "at", "i")
 
     def __init__(self, task: Any, at: float, i: int):
         self.task, self.at, self.i = task, at, i
-
-    @property
-    def id(self) -> str:
-        return self.task.id
-
-    @property
-    def prompt(self) -> Any:
-        return self.task.prompt
-
-    @property
-    def gold_action(self) -> str:
-        return self.task.gold_action
 
 
 class _Done:
@@ -288,8 +276,6 @@ class LoadTest:
     async def run(self) -> dict[str, Any]:
         import psutil
 
-        from .engine import EngineStats, run_episode, run_episodes
-
         cfg = self.cfg
         env, tasks, policy = self._build()
         try:
@@ -304,44 +290,11 @@ class LoadTest:
             drain = cfg.drain if cfg.drain is not None else cfg.timeout * (cfg.max_retries + 1) + 5.0
             hard_deadline = deadline + drain
             stop = asyncio.Event()
-            rng = random.Random(cfg.seed)
-            stats = EngineStats()
-            limit = cfg.episodes
 
             if cfg.rate:
-                def arrivals():
-                    at = t0
-                    for i in itertools.count():
-                        if (limit is not None and i >= limit) or at >= deadline or stop.is_set():
-                            self.stopped_by = self.stopped_by or ("episodes" if limit is not None and i >= limit
-                                                                  else "duration")
-                            return
-                        self.started += 1
-                        yield _Arrival(tasks[i % len(tasks)], at, i)
-                        at += rng.expovariate(cfg.rate) if cfg.arrival == "poisson" else 1.0 / cfg.rate
-
-                async def episode_fn(env_, arr, pol):
-                    delay = arr.at - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    start = loop.time()
-                    traj = await run_episode(env_, arr.task, pol)
-                    return _Done(traj, loop.time() - arr.at, start - arr.at)
-
-                gen = run_episodes(env, arrivals(), policy, concurrency=cfg.max_pending, progress=False,
-                                   stats=stats, episode_fn=episode_fn, total=limit)
+                gen = self._open_loop(env, tasks, policy, t0, deadline, stop)
             else:
-                def closed():
-                    for i in itertools.count():
-                        if (limit is not None and i >= limit) or stop.is_set() or loop.time() >= deadline:
-                            self.stopped_by = self.stopped_by or ("episodes" if limit is not None and i >= limit
-                                                                  else "duration")
-                            return
-                        self.started += 1
-                        yield tasks[i % len(tasks)]
-
-                gen = run_episodes(env, closed(), policy, concurrency=cfg.concurrency, progress=False, stats=stats,
-                                   total=limit)
+                gen = self._closed_loop(env, tasks, policy, deadline, stop)
 
             ticker = asyncio.create_task(self._tick(proc, stop))
             try:
@@ -371,6 +324,57 @@ class LoadTest:
         finally:
             for c in self.clients.values():
                 await c.aclose()
+
+    def _stop_reason(self, i: int) -> str:
+        limit = self.cfg.episodes
+        return self.stopped_by or ("episodes" if limit is not None and i >= limit else "duration")
+
+    def _open_loop(self, env: Any, tasks: list, policy: Any, t0: float, deadline: float, stop: asyncio.Event):
+        """Open loop: episodes start on an arrival schedule (Poisson or uniform) whatever is in
+        flight; an episode's latency counts from its intended start."""
+        from .engine import amap, failed_trajectory, run_episode
+
+        cfg, loop = self.cfg, asyncio.get_running_loop()
+        rng = random.Random(cfg.seed)
+
+        def arrivals():
+            at = t0
+            for i in itertools.count():
+                if (cfg.episodes is not None and i >= cfg.episodes) or at >= deadline or stop.is_set():
+                    self.stopped_by = self._stop_reason(i)
+                    return
+                self.started += 1
+                yield _Arrival(tasks[i % len(tasks)], at, i)
+                at += rng.expovariate(cfg.rate) if cfg.arrival == "poisson" else 1.0 / cfg.rate
+
+        async def one(arr: _Arrival) -> _Done:
+            delay = arr.at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            start = loop.time()
+            traj = await run_episode(env, arr.task, policy)
+            return _Done(traj, loop.time() - arr.at, start - arr.at)
+
+        def failed(arr: _Arrival, e: Exception) -> _Done:
+            return _Done(failed_trajectory(env.name, arr.task, e), loop.time() - arr.at, 0.0)
+
+        return amap(one, arrivals(), concurrency=cfg.max_pending, on_error=failed, total=cfg.episodes)
+
+    def _closed_loop(self, env: Any, tasks: list, policy: Any, deadline: float, stop: asyncio.Event):
+        """Closed loop: a fixed number of episodes in flight, each replaced when it ends."""
+        from .engine import run_episodes
+
+        cfg, loop = self.cfg, asyncio.get_running_loop()
+
+        def closed():
+            for i in itertools.count():
+                if (cfg.episodes is not None and i >= cfg.episodes) or stop.is_set() or loop.time() >= deadline:
+                    self.stopped_by = self._stop_reason(i)
+                    return
+                self.started += 1
+                yield tasks[i % len(tasks)]
+
+        return run_episodes(env, closed(), policy, concurrency=cfg.concurrency, progress=False, total=cfg.episodes)
 
     def _episode_done(self, item: Any) -> None:
         traj = getattr(item, "trajectory", item)
