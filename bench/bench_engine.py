@@ -170,7 +170,8 @@ async def mode_engine(url: str, n: int, win: Window, transport: str | None = Non
     cfg = simkit.RoleConfig(base_urls=[url], model="fake-model", max_in_flight=n, timeout_s=60)
     if transport:
         cfg.transport = transport
-    clients = [simkit.RoleClient(role, cfg) for role in ("policy", "classifier", "simulator")]
+    clients = [simkit.RoleClient(role, cfg, model="fake-model" if role == "policy" else role)  # the fake routes by model
+               for role in ("policy", "classifier", "simulator")]
     pc, cc, sc = clients
     env = simkit.make("toy", size=2000, classifier=LLMClassifier(cc, env="toy"), simulator=LLMSimulator(sc, env="toy"))
     policy = simkit.Policy(pc, temperature=0.7, max_tokens=256)

@@ -7,9 +7,9 @@ data/base_dataset.py builds it; of an ANSWER turn, the reference answer.
 
 A forced loser is checked (`force_action`): the classifier in use labels it; if it does not take
 the rejected action the policy is asked again with a stronger few-shot instruction
-(`prompts/force_*_strong.txt`); if it still does not, the authors' fallback is used — a forced
+(`simkit/prompts/force_*_strong.txt`); if it still does not, the authors' fallback is used — a forced
 ANSWER becomes the gold answer, a forced CLARIFY the reply cut at its first "?" (the authors'
-post-processing) or, failing that, a template question (`prompts/[<env>/]fallback_clarify.txt`).
+post-processing) or, failing that, a template question (`simkit/prompts/[<env>/]fallback_clarify.txt`).
 Each pair records its path (`meta["forced_path"]`: forced-ok / retried-ok / fallback). A pair whose
 two sides are identical teaches nothing and is dropped (counted by the callers).
 

@@ -8,12 +8,15 @@ It is a raw `asyncio.Protocol` HTTP/1.1 keep-alive server (no framework; uvloop 
 installed) so that it is never the bottleneck of what it measures: on one core it answers
 several times more requests per second than one aiohttp client core can send.
 
-Replies look like vLLM's and are deterministic per request body, so episodes have structure:
-- a classifier prompt (the few-shot "Is the Assistant's response a clarifying question?")
-  gets "Yes" when the response being classified ends in "?", else "No";
-- a simulator prompt ("You are playing the User", or the intent summary) gets a user reply;
-- anything else is a policy turn: a clarifying question ending in "?" with probability
+Replies look like vLLM's and are deterministic per request body, so episodes have structure.
+The request's `model` picks the role (`role_of`), so rewording a template never changes it:
+- model "classifier…": "Yes" when the response being classified (the text after the last
+  "Assistant:") ends in "?", else "No";
+- model "simulator…": a user reply;
+- any other model is a policy turn: a clarifying question ending in "?" with probability
   `clarify_rate` (decaying by turn), otherwise an answer, `output_tokens` words long.
+`GET /v1/models` lists the default model first, then "simulator" and "classifier". For clients
+that name no role (an older set-up), the authors' classifier cue still marks a classifier call.
 Faults: `error_rate` answers HTTP 500 after the latency; `stall_rate` never answers (the
 client must time out). `max_concurrency` models a server with that many parallel slots
 (requests queue FIFO behind them), so open-loop tests can saturate it.
@@ -100,6 +103,18 @@ def _response(status: int, body: bytes, content_type: bytes = b"application/json
     return head + body
 
 
+ROLE_MODELS = ("simulator", "classifier")
+
+
+def role_of(model: Any, last: str) -> str:
+    """The role a request plays: named by its model ("classifier…", "simulator…"), else policy."""
+    name = str(model or "").lower()
+    for role in ROLE_MODELS:
+        if name.startswith(role):
+            return role
+    return "classifier" if _CLASSIFIER_CUE in last else "policy"
+
+
 class FakeModel:
     """The reply logic, separate from HTTP (deterministic given config and request body)."""
 
@@ -136,13 +151,12 @@ class FakeModel:
             last = " ".join(p.get("text", "") for p in last if isinstance(p, dict))
         h = zlib.crc32(raw)
         max_tokens = req.get("max_tokens") or req.get("max_completion_tokens") or 1 << 30
-        if _CLASSIFIER_CUE in last:
-            tail = last.rsplit("Assistant:", 1)[-1].split(_CLASSIFIER_CUE, 1)[0].strip()
+        role = role_of(req.get("model"), last)
+        if role == "classifier":
+            tail = last.rsplit("Assistant:", 1)[-1].split(_CLASSIFIER_CUE, 1)[0].strip().split("\n", 1)[0]
             text = "Yes" if tail.rstrip("\"')].").endswith("?") else "No"
-        elif "You are playing the User" in last:
+        elif role == "simulator":
             text = "I mean the first one I mentioned, please."
-        elif "Summarize what information" in last:
-            text = "The user wants the height of the first thing named in the context."
         else:
             n_asst = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
             p = self.cfg.clarify_rate / (2 ** n_asst)
@@ -274,8 +288,8 @@ class FakeServer:
         self.model = FakeModel(self.cfg)
         self.stats = ServerStats()
         self.models_body = json.dumps({"object": "list", "data": [
-            {"id": self.cfg.model, "object": "model", "created": self.model.created, "owned_by": "simkit",
-             "max_model_len": 4096}]}).encode()
+            {"id": name, "object": "model", "created": self.model.created, "owned_by": "simkit",
+             "max_model_len": 4096} for name in (self.cfg.model, *ROLE_MODELS)]}).encode()
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[_Conn] = set()
         self._queue: deque = deque()  # requests waiting for a slot (max_concurrency)

@@ -209,8 +209,8 @@ def check_targets(targets: dict[str, list[str] | str], allow_remote: bool) -> No
 # --------------------------------------------------------------------------- the run
 class LoadTest:
     def __init__(self, cfg: LoadConfig, targets: dict[str, list[str] | str], live: bool = False,
-                 stream: Any = None):
-        self.cfg, self.targets, self.live = cfg, targets, live
+                 stream: Any = None, fake_url: str | None = None):
+        self.cfg, self.targets, self.live, self.fake_url = cfg, targets, live, fake_url
         self.stream = stream or sys.stderr
         self.records = {r: _RoleRecord() for r in ROLES}
         self.clients: dict[str, Any] = {}
@@ -245,7 +245,9 @@ class LoadTest:
             if isinstance(t, str):
                 continue
             sampling = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens} if role == "policy" else {}
-            rc = RoleConfig(base_urls=t, model=cfg.model, api_key_env=cfg.api_key_env, max_in_flight=max(1, cap),
+            # the fake server picks a role by model name; a real server serves cfg.model to every role
+            model = role if role != "policy" and cfg.model is None and t == [self.fake_url] else cfg.model
+            rc = RoleConfig(base_urls=t, model=model, api_key_env=cfg.api_key_env, max_in_flight=max(1, cap),
                             timeout_s=cfg.timeout, max_retries=cfg.max_retries, transport=cfg.transport,
                             sampling=sampling)
             transport = RecordingTransport(make_transport(cfg.transport, api_key), self.records[role])
@@ -546,7 +548,7 @@ async def run_loadtest(cfg: LoadConfig, live: bool | None = None, stream: Any = 
         check_targets(targets, cfg.allow_remote)
         per_worker = need_fake and not cfg.fake_in_process and cfg.fake_workers > 1  # /stats: one worker's view
         s0 = None if per_worker else await _fake_stats(server, proc)
-        lt = LoadTest(cfg, targets, live=live, stream=stream)
+        lt = LoadTest(cfg, targets, live=live, stream=stream, fake_url=fake_url)
         rep = await lt.run()
         s1 = None if per_worker else await _fake_stats(server, proc)
         rep["targets"] = {r: t for r, t in targets.items()}

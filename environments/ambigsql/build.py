@@ -867,7 +867,7 @@ def sample_examples(examples: list[dict[str, Any]], k: int, seed: int = 0) -> li
 async def rewrite_with_llm(examples: list[Example], client: Any, model: str | None = None,
                            concurrency: int = 16) -> int:
     """Optional: let an LLM polish the wording of ambiguous questions (prompt
-    `prompts/ambigsql/rewrite_question.txt`). A rewrite is kept only if it is a single short
+    `simkit/prompts/ambigsql/rewrite_question.txt`). A rewrite is kept only if it is a single short
     question that still hides every hidden term; returns how many were kept."""
     import asyncio
 

@@ -1,8 +1,9 @@
-"""Prompt templates live as files in `prompts/` (named by role, optionally by task).
+"""Prompt templates ship inside the package, as files beside this module (named by role,
+optionally by task), so a wheel install has them (`[tool.setuptools.package-data]`).
 
 `$name` placeholders (string.Template) so SQL, JSON and braces in data never clash.
-Lookup order for `load("policy_system", env="pacific")`: prompts/pacific/policy_system.txt,
-then prompts/policy_system.txt. SIMKIT_PROMPTS_DIR points elsewhere.
+Lookup order for `load("policy_system", env="pacific")`: simkit/prompts/pacific/policy_system.txt,
+then simkit/prompts/policy_system.txt. SIMKIT_PROMPTS_DIR points elsewhere.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 from string import Template
 
-_DEFAULT_DIR = Path(__file__).resolve().parent.parent / "prompts"
+_DEFAULT_DIR = Path(__file__).resolve().parent
 
 
 def prompts_dir() -> Path:
@@ -32,7 +33,7 @@ def load(name: str, env: str | None = None) -> str:
             return _read(str(path))
     raise FileNotFoundError(
         f"prompt template {name!r} not found (looked in {', '.join(map(str, candidates))}); "
-        "set SIMKIT_PROMPTS_DIR to the folder holding simkit's prompts/"
+        "set SIMKIT_PROMPTS_DIR to a folder of templates, or reinstall simkit (they ship in the package)"
     )
 
 
