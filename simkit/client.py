@@ -12,9 +12,9 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from .transport import ChatTransport, TransportError, make_transport
@@ -29,21 +29,45 @@ class RoleError(Exception):
         self.role = role
 
 
-class RoleConfig(BaseModel):
-    """How to reach one role. Secrets come only from the environment (`api_key_env`)."""
+Transport = Literal["fast", "aiohttp", "openai"]
+
+
+class ClientSettings(BaseModel):
+    """Role clients: how every role talks to its servers.
+
+    The one place these defaults live (every command's flags and configs read them from here).
+    Secrets come only from the environment (`api_key_env`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key_env: str | None = Field(None, json_schema_extra={"flags": ["--api-key-env"]},
+                                    description="environment variable holding the servers' API key (never a flag)")
+    transport: Transport = Field(
+        "fast", json_schema_extra={"flags": ["--transport"]},
+        description="HTTP client: fast (simkit's raw HTTP/1.1 keep-alive client; ~45 us CPU/request), aiohttp "
+                    "(~190 us; proxies, redirects), or the openai SDK (~2.7 ms; API-model features)")
+    max_in_flight: int = Field(256, ge=1, json_schema_extra={"flags": ["--max-in-flight"]},
+                               description="max concurrent requests per role")
+    # Long enough for a CPU model's queue: the server sheds overload with 503 + Retry-After instead
+    # of making clients wait, and cancels work whose client left, so a timeout is a real failure.
+    timeout_s: float = Field(600.0, gt=0, json_schema_extra={"flags": ["--timeout"]},
+                             description="per-request timeout in seconds (a CPU model's queue can be long; overload "
+                                         "is shed by the server with 503 + Retry-After, which the client honours)")
+    max_retries: int = Field(3, ge=0, json_schema_extra={"flags": ["--max-retries"]},
+                             description="retries on 429/5xx/timeouts/connection errors, waiting Retry-After when "
+                                         "the server gives it")
+    backoff_s: float = Field(0.05, ge=0, json_schema_extra={"cli": False},
+                             description="first backoff; jittered exponential, capped at backoff_max_s")
+    backoff_max_s: float = Field(2.0, ge=0, json_schema_extra={"cli": False})
+    retry_after_max_s: float = Field(60.0, ge=0, json_schema_extra={"cli": False},
+                                     description="the most we wait when a server's Retry-After asks for longer")
+
+
+class RoleConfig(ClientSettings):
+    """How to reach one role: its servers and model, plus the client settings."""
 
     base_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
     model: str | None = None  # None: the first model the server lists
-    api_key_env: str | None = None
-    max_in_flight: int = 256
-    # Long enough for a CPU model's queue: the server sheds overload with 503 + Retry-After instead
-    # of making clients wait, and cancels work whose client left, so a timeout is a real failure.
-    timeout_s: float = 600.0
-    max_retries: int = 3
-    backoff_s: float = 0.05  # first backoff; jittered exponential, capped at backoff_max_s
-    backoff_max_s: float = 2.0
-    retry_after_max_s: float = 60.0  # the most we wait when a server's Retry-After asks for longer
-    transport: str = "fast"  # "fast" (raw HTTP/1.1 hot path) | "aiohttp" | "openai" (SDK)
     sampling: dict[str, Any] = Field(default_factory=dict)  # temperature, max_tokens, ...
 
 

@@ -33,51 +33,88 @@ from array import array
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .client import ClientSettings, Transport
+from .roles import PolicyRole, RolesConfig, build_roles, default_transport
 
 ROLES = ("policy", "classifier", "simulator")
+
+
+_CLIENT = ClientSettings.model_fields  # role-client defaults live there, once
+
+
+def _flags(*flags: str, **extra: Any) -> dict[str, Any]:
+    return {"json_schema_extra": {"flags": list(flags), **extra}}
 
 
 class LoadConfig(BaseModel):
     """One load test. `url` None: start the built-in fake server (its settings in `fake`)."""
 
-    url: str | None = None  # all roles; comma-separated URLs are load-balanced
-    policy_url: str | None = None
-    classifier_url: str | None = None  # or "rule" (offline classifier)
-    simulator_url: str | None = None  # or "grounded" (offline simulator)
-    model: str | None = None  # default: the server's first model
-    api_key_env: str | None = None
-    transport: Literal["fast", "aiohttp", "openai"] = "fast"
-    allow_remote: bool = False
+    model_config = ConfigDict(extra="forbid")
 
-    concurrency: int = 100  # closed loop: episodes in flight
-    rate: float | None = None  # open loop: episodes per second
-    arrival: Literal["poisson", "uniform"] = "poisson"
-    max_pending: int = 10000  # open loop: most episodes started-or-waiting at once
-    episodes: int | None = 5000  # stop after this many episodes (None: duration only)
-    duration: float = 30.0  # stop starting episodes after this many seconds
-    drain: float | None = None  # then wait at most this long for in-flight ones (default: timeout*(retries+1))
+    url: str | None = Field(None, **_flags("--url", metavar="URL[,URL...]"),
+                            description="OpenAI-compatible base URL(s) for all three roles (default: the built-in "
+                                        "fake server, started on loopback)")
+    policy_url: str | None = Field(None, **_flags("--policy-url", metavar="URL[,URL...]"),
+                                   description="policy URL(s), overriding --url")
+    classifier_url: str | None = Field(None, **_flags("--classifier-url", metavar="URL|rule"),
+                                       description="classifier URL(s), or 'rule' (offline)")
+    simulator_url: str | None = Field(None, **_flags("--simulator-url", metavar="URL|grounded"),
+                                      description="user simulator URL(s), or 'grounded' (offline)")
+    model: str | None = Field(None, description="model/adapter name for every role (default: each server's first "
+                                                "model; on the fake server the role's name)")
+    api_key_env: str | None = Field(None, description=_CLIENT["api_key_env"].description)
+    transport: Transport = Field(_CLIENT["transport"].default, description=_CLIENT["transport"].description)
+    allow_remote: bool = Field(False, description="allow targets other than loopback (only servers you own)")
 
-    max_in_flight: int | None = None  # per role (default: enough never to limit the load)
-    timeout: float = 30.0
-    max_retries: int = 3
-    max_tokens: int = 256
-    temperature: float = 0.7
+    concurrency: int = Field(100, ge=1, **_flags("--concurrency", "-c"), description="closed loop: episodes in flight")
+    rate: float | None = Field(None, **_flags("--rate", "-r"),
+                               description="open loop: episode arrivals per second (overrides the closed loop)")
+    arrival: Literal["poisson", "uniform"] = Field("poisson", description="open-loop arrival process")
+    max_pending: int = Field(10000, ge=1, description="open loop: most episodes running or waiting to start")
+    episodes: int | None = Field(5000, ge=0, **_flags("--episodes", "-n"),
+                                 description="stop after this many episodes (0: no limit; default 5000)")
+    duration: float = Field(30.0, ge=0, **_flags("--duration", "-d"), description="stop starting episodes after N seconds")
+    drain: float | None = Field(None, ge=0, description="then wait at most N seconds for in-flight episodes, "
+                                                        "cancelling the rest (default timeout * (retries + 1) + 5)")
 
-    env: str = "toy"
-    env_size: int = 1000
-    max_turns: int | None = None
-    seed: int = 0
+    max_in_flight: int | None = Field(None, ge=1, description="max concurrent requests per role (default: never "
+                                                              "limiting the load)")
+    timeout: float = Field(_CLIENT["timeout_s"].default, gt=0,
+                           description="per-request timeout in seconds (the role clients' default)")
+    max_retries: int = Field(_CLIENT["max_retries"].default, ge=0, description=_CLIENT["max_retries"].description)
+    max_tokens: int = Field(PolicyRole.model_fields["max_tokens"].default, ge=1,
+                            description="policy max completion tokens")
+    temperature: float = Field(PolicyRole.model_fields["temperature"].default, ge=0, description="policy temperature")
 
-    out: str | None = None  # run directory (default runs/loadtest-<time>)
-    interval: float = 1.0  # seconds per time-series point / live refresh
-    live: bool | None = None  # default: when stderr is a terminal
-    plot: bool = True
+    env: str = Field("toy", description="registered environment")
+    env_size: int = Field(1000, ge=1, description="toy env: number of tasks, cycled")
+    max_turns: int | None = Field(None, ge=1, description="turn cap per episode (default: the env's)")
+    seed: int = Field(0, description="seed for arrivals and the toy env")
 
-    fake: dict[str, Any] = Field(default_factory=dict)  # FakeConfig fields for the built-in server
-    fake_workers: int = 1
-    fake_cpus: list[int] | None = None
-    fake_in_process: bool = False  # same event loop as the client (tests); default: own process
+    out: str | None = Field(None, **_flags("--out", "--run-dir"),
+                            description="run directory (default runs/loadtest-YYYYmmdd-HHMMSS)")
+    interval: float = Field(1.0, gt=0, description="seconds per time-series point and live refresh")
+    live: bool | None = Field(None, description="the live status line (default: when stderr is a terminal)")
+    plot: bool = Field(True, description="write the PNG plot")
+
+    fake: dict[str, Any] = Field(default_factory=dict, description="FakeConfig fields for the built-in server")
+    fake_workers: int = Field(1, ge=1, description="fake server processes (SO_REUSEPORT)")
+    fake_cpus: list[int] | None = Field(None, json_schema_extra={"cli": False},
+                                        description="pin the fake server to these CPUs")
+    fake_in_process: bool = Field(False, description="run the fake server in the client's event loop (shares its "
+                                                     "CPU; for tests); default: its own process")
+
+    @field_validator("fake_cpus", mode="before")
+    @classmethod
+    def _cpus(cls, v: Any) -> Any:
+        return [int(c) for c in v.split(",")] if isinstance(v, str) else v
+
+    @field_validator("episodes")
+    @classmethod
+    def _no_limit(cls, v: int | None) -> int | None:
+        return None if v == 0 else v
 
 
 # --------------------------------------------------------------------------- measuring
@@ -231,42 +268,48 @@ class LoadTest:
         self._fail_mark = 0
 
     # ------------------------------------------------------------------ set-up
-    def _build(self):
-        import simkit
-        from .agents import LLMClassifier, LLMSimulator, Policy
-        from .client import RoleClient, RoleConfig
-        from .transport import make_transport
-
+    def roles_config(self) -> RolesConfig:
+        """The load test's roles as the shared `RolesConfig` (each role's server, the client
+        settings). On the built-in fake server a role's model is its name: the fake routes by it."""
         cfg = self.cfg
         cap = cfg.max_in_flight or (cfg.max_pending if cfg.rate else cfg.concurrency)
-        api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-        for role in ROLES:
+
+        def url(role: str) -> str:
             t = self.targets[role]
-            if isinstance(t, str):
-                continue
-            sampling = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens} if role == "policy" else {}
-            # the fake server picks a role by model name; a real server serves cfg.model to every role
-            model = role if role != "policy" and cfg.model is None and t == [self.fake_url] else cfg.model
-            rc = RoleConfig(base_urls=t, model=model, api_key_env=cfg.api_key_env, max_in_flight=max(1, cap),
-                            timeout_s=cfg.timeout, max_retries=cfg.max_retries, transport=cfg.transport,
-                            sampling=sampling)
-            transport = RecordingTransport(make_transport(cfg.transport, api_key), self.records[role])
-            self.clients[role] = RoleClient(role, rc, transport=transport)
-        classifier = (LLMClassifier(self.clients["classifier"], env=cfg.env)
-                      if "classifier" in self.clients else None)
-        simulator = (LLMSimulator(self.clients["simulator"], env=cfg.env)
-                     if "simulator" in self.clients else None)
+            return t if isinstance(t, str) else ",".join(t)
+
+        def model(role: str) -> str | None:
+            return role if cfg.model is None and self.targets[role] == [self.fake_url] else cfg.model
+
+        return RolesConfig(
+            policy={"url": url("policy"), "model": cfg.model, "temperature": cfg.temperature,
+                    "max_tokens": cfg.max_tokens},
+            simulator={"url": url("simulator"), "model": model("simulator")},
+            classifier={"url": url("classifier"), "model": model("classifier")},
+            client={"api_key_env": cfg.api_key_env, "transport": cfg.transport, "max_in_flight": max(1, cap),
+                    "timeout_s": cfg.timeout, "max_retries": cfg.max_retries})
+
+    def _build(self):
+        import simkit
+
+        cfg = self.cfg
+
+        def recording(role: str, settings: ClientSettings, api_key: str | None) -> RecordingTransport:
+            return RecordingTransport(default_transport(role, settings, api_key), self.records[role])
+
+        roles = build_roles(self.roles_config(), cfg.env, transport=recording)
+        self.clients = {c.role: c for c in roles.clients}
         env_kw: dict[str, Any] = {"seed": cfg.seed}
         if cfg.env == "toy":
             env_kw["size"] = cfg.env_size
         if cfg.max_turns:
             env_kw["max_turns"] = cfg.max_turns
-        env = simkit.make(cfg.env, classifier=classifier, simulator=simulator, **env_kw)
+        env = simkit.make(cfg.env, classifier=roles.classifier, simulator=roles.simulator, **env_kw)
         split = next(iter(env.splits()))
         tasks = env.tasks(split)
         if not tasks:
             raise ValueError(f"env {cfg.env!r} split {split!r} has no tasks")
-        return env, tasks, Policy(self.clients["policy"])
+        return env, tasks, roles.policy
 
     async def _resolve_models(self) -> None:
         """Ask each role's server for its model once, before the clock starts."""
@@ -688,62 +731,18 @@ The fake server alone: python -m simkit.fakeserver --help
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
-    d = LoadConfig()
+    from .config import add_config_args
+    from .fakeserver import add_fake_args
+
     p = sub.add_parser(
         "loadtest", help="measure rollout throughput and latency (full episodes) against a server",
         description=__doc__, epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file with LoadConfig fields (flags override it)")
-    g = p.add_argument_group("target (default: the built-in fake server, started on loopback)")
-    g.add_argument("--url", metavar="URL[,URL...]", help="OpenAI-compatible base URL(s) for all three roles")
-    g.add_argument("--policy-url", metavar="URL[,URL...]", help="policy URL(s), overriding --url")
-    g.add_argument("--classifier-url", metavar="URL|rule", help="classifier URL(s), or 'rule' (offline)")
-    g.add_argument("--simulator-url", metavar="URL|grounded", help="user simulator URL(s), or 'grounded' (offline)")
-    g.add_argument("--model", help="model/adapter name for every role (default: each server's first model)")
-    g.add_argument("--api-key-env", help="environment variable holding the API key (never a flag)")
-    g.add_argument("--transport", choices=["fast", "aiohttp", "openai"],
-                   help="HTTP client: fast (raw HTTP/1.1, default), aiohttp, or the openai SDK")
-    g.add_argument("--allow-remote", action="store_true", default=None,
-                   help="allow targets other than loopback (only servers you own)")
-    g = p.add_argument_group("load")
-    g.add_argument("--concurrency", "-c", type=int,
-                   help=f"closed loop: episodes in flight (default {d.concurrency})")
-    g.add_argument("--rate", "-r", type=float, help="open loop: episode arrivals per second (overrides closed loop)")
-    g.add_argument("--arrival", choices=["poisson", "uniform"], help="open-loop arrival process (default poisson)")
-    g.add_argument("--max-pending", type=int,
-                   help=f"open loop: most episodes running or waiting to start (default {d.max_pending})")
-    g = p.add_argument_group("stopping (the run always stops by itself)")
-    g.add_argument("--episodes", "-n", type=int, help=f"stop after this many episodes (default {d.episodes}; 0: no limit)")
-    g.add_argument("--duration", "-d", type=float, help=f"stop starting episodes after N seconds (default {d.duration:g})")
-    g.add_argument("--drain", type=float,
-                   help="then wait at most N seconds for in-flight episodes, cancelling the rest "
-                        "(default timeout * (retries + 1) + 5)")
-    g = p.add_argument_group("role clients")
-    g.add_argument("--max-in-flight", type=int, help="max concurrent requests per role (default: never limiting)")
-    g.add_argument("--timeout", type=float, help=f"per-request timeout in seconds (default {d.timeout:g})")
-    g.add_argument("--max-retries", type=int, help=f"retries on 429/5xx/timeouts (default {d.max_retries})")
-    g.add_argument("--max-tokens", type=int, help=f"policy max completion tokens (default {d.max_tokens})")
-    g.add_argument("--temperature", type=float, help=f"policy temperature (default {d.temperature})")
-    g = p.add_argument_group("environment")
-    g.add_argument("--env", help=f"registered environment (default {d.env})")
-    g.add_argument("--env-size", type=int, help=f"toy env: number of tasks, cycled (default {d.env_size})")
-    g.add_argument("--max-turns", type=int, help="turn cap per episode (default: the env's)")
-    g.add_argument("--seed", type=int, help="seed for arrivals and the toy env (default 0)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", "--run-dir", dest="out", help="run directory (default runs/loadtest-YYYYmmdd-HHMMSS)")
-    g.add_argument("--interval", type=float, help=f"seconds per time-series point and live refresh (default {d.interval:g})")
-    g.add_argument("--live", dest="live", action="store_true", default=None, help="force the live status line")
-    g.add_argument("--no-live", dest="live", action="store_false", help="no live status line")
-    g.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="skip the PNG plot")
-    g.add_argument("--json", dest="print_json", action="store_true", help="print the JSON report instead of the summary")
-    from .fakeserver import add_fake_args
-
+    add_config_args(p, LoadConfig)
+    p.add_argument("--json", dest="print_json", action="store_true", help="print the JSON report instead of the summary")
     add_fake_args(p, prefix="fake-")
     g = p.add_argument_group("built-in fake server process")
-    g.add_argument("--fake-workers", type=int, help="fake server processes (SO_REUSEPORT; default 1)")
     g.add_argument("--fake-cpus", help="pin the fake server to these CPUs, e.g. 1 or 2,3")
-    g.add_argument("--fake-in-process", action="store_true", default=None,
-                   help="run the fake server in the client's event loop (shares its CPU; for tests)")
     g.add_argument("--client-cpus", help="pin this process (the client) to these CPUs, e.g. 0")
     p.set_defaults(func=_cli)
 
@@ -753,19 +752,15 @@ _FAKE_FIELDS = ("latency_ms", "latency_dist", "latency_spread", "ms_per_token", 
 
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
-    from .serve import load_config
+    """Flags over `--config` YAML over the defaults; `--fake-*` flags over the YAML's `fake:`."""
+    from .config import config_from_args as from_args
 
-    if getattr(args, "episodes", None) == 0:
-        args.episodes = None
-        args._no_episode_limit = True
-    if getattr(args, "fake_cpus", None) and isinstance(args.fake_cpus, str):
-        args.fake_cpus = [int(c) for c in args.fake_cpus.split(",")]
     fake = {f: getattr(args, "fake_" + f) for f in _FAKE_FIELDS if getattr(args, "fake_" + f, None) is not None}
-    cfg = load_config(args, LoadConfig)
-    cfg.fake = {**cfg.fake, **fake}  # flags override the YAML's fake: mapping
-    if getattr(args, "_no_episode_limit", False):
-        cfg.episodes = None
-    return cfg  # type: ignore[return-value]
+    cfg = from_args(LoadConfig, args)
+    if getattr(args, "fake_cpus", None):
+        cfg.fake_cpus = LoadConfig._cpus(args.fake_cpus)
+    cfg.fake = {**cfg.fake, **fake}
+    return cfg
 
 
 def _cli(args: argparse.Namespace) -> int:

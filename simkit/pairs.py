@@ -175,14 +175,15 @@ def _run_build(args: argparse.Namespace) -> int:
 async def _build_main(args: argparse.Namespace) -> int:
     from .agents import describe
     from .env import make
-    from .roles import build_roles
+    from .roles import build_roles, roles_config
 
     from .sampling import TooFewConversations, sample_conversations
 
     env_kw = {"data_dir": args.data_dir} if args.data_dir else {}
     probe = make(args.env, **env_kw)
-    roles = build_roles(args, probe.name)
-    if args.pseudo_label and args.classifier == "rule":
+    roles_cfg = roles_config(args)
+    roles = build_roles(roles_cfg, probe.name)
+    if args.pseudo_label and roles_cfg.classifier.offline:
         await roles.aclose()
         raise SystemExit("--pseudo-label needs an LLM annotator: pass --classifier URL")
     env = make(args.env, classifier=roles.classifier, simulator=roles.simulator, **env_kw)

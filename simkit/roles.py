@@ -1,60 +1,121 @@
-"""Build the three roles (policy, simulator, classifier) from command-line flags.
+"""The three roles (policy, simulator, classifier): their config and how they are built.
 
-Shared by `pairs build`, `serve`, `eval` and `loadtest` so every command takes the same flags.
-`--simulator grounded` and `--classifier rule` are the offline implementations; a URL (or
-several, comma-separated) selects the LLM implementation over that OpenAI-compatible server.
+One nested config (`RolesConfig`) shared by `pairs build`, `serve`, `eval` and `loadtest`, so
+every command takes the same flags (generated from it by `simkit.config`) and YAML keys:
+
+    roles:
+      policy: {url: [http://127.0.0.1:8000/v1], model: policy-v3, temperature: 0.7}
+      simulator: {url: grounded}           # offline: replays the dataset's clarification
+      classifier: {url: http://127.0.0.1:8001/v1, model: judge}
+      client: {timeout_s: 600, max_retries: 3, transport: fast}
+
+`grounded` and `rule` are the offline simulator and classifier; a URL (or several,
+comma-separated) selects the LLM implementation over that OpenAI-compatible server.
 """
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .agents import GroundedSimulator, LLMClassifier, LLMSimulator, Policy, RuleClassifier
-from .client import RoleClient, RoleConfig
+from .client import ClientSettings, RoleClient, RoleConfig
+from .transport import ChatTransport, make_transport
 
-_RC = RoleConfig()  # one default per setting: the role config's
+
+def _urls(v: Any) -> Any:
+    """'a,b' or ['a', 'b,c'] -> ['a', 'b', 'c']."""
+    if v is None:
+        return []
+    items = [v] if isinstance(v, str) else list(v)
+    return [u.strip() for item in items for u in str(item).split(",") if u.strip()]
+
+
+class PolicyRole(BaseModel):
+    """Policy role (the model being trained)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: list[str] = Field(default_factory=list, json_schema_extra={"flags": ["--policy"], "metavar": "URL"},
+                           description="policy base URL(s), e.g. http://127.0.0.1:8000/v1; several (or "
+                                       "comma-separated) are load-balanced")
+    model: str | None = Field(None, json_schema_extra={"flags": ["--policy-model", "--model"]},
+                              description="policy model or adapter name (default: the server's first model)")
+    temperature: float = Field(0.7, ge=0, json_schema_extra={"flags": ["--temperature"]},
+                               description="policy sampling temperature")
+    max_tokens: int = Field(256, ge=1, json_schema_extra={"flags": ["--max-tokens"]},
+                            description="policy max completion tokens")
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> list[str]:
+        return _urls(v)
+
+
+class SimulatorRole(BaseModel):
+    """User simulator role."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field("grounded", json_schema_extra={"flags": ["--simulator"], "metavar": "grounded|URL"},
+                     description="'grounded' replays the dataset's answer (offline), or an LLM URL (comma-separated "
+                                 "for several)")
+    model: str | None = Field(None, json_schema_extra={"flags": ["--simulator-model"]},
+                              description="simulator model name (default: the server's first model)")
+
+    @property
+    def offline(self) -> bool:
+        return self.url == "grounded"
+
+
+class ClassifierRole(BaseModel):
+    """Action classifier role."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field("rule", json_schema_extra={"flags": ["--classifier"], "metavar": "rule|URL"},
+                     description="'rule' (offline heuristics) or an LLM URL (the authors' few-shot Yes/No)")
+    model: str | None = Field(None, json_schema_extra={"flags": ["--classifier-model"]},
+                              description="classifier model name (default: the server's first model)")
+
+    @property
+    def offline(self) -> bool:
+        return self.url == "rule"
+
+
+class RolesConfig(BaseModel):
+    """The three roles and the client settings they share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: PolicyRole = Field(default_factory=PolicyRole)
+    simulator: SimulatorRole = Field(default_factory=SimulatorRole)
+    classifier: ClassifierRole = Field(default_factory=ClassifierRole)
+    client: ClientSettings = Field(default_factory=ClientSettings)
 
 
 def add_role_args(p: argparse.ArgumentParser, policy_required: bool = True) -> None:
-    g = p.add_argument_group("roles (OpenAI-compatible servers: vLLM, simkit model-server, API models)")
-    g.add_argument("--policy", required=policy_required, metavar="URL[,URL...]",
-                   help="policy base URL(s), e.g. http://127.0.0.1:8000/v1; several are load-balanced")
-    g.add_argument("--policy-model", "--model", dest="policy_model",
-                   help="policy model or adapter name (default: the server's first model)")
-    g.add_argument("--simulator", metavar="grounded|URL",
-                   help="user simulator: 'grounded' replays the dataset's answer (offline), or an LLM URL")
-    g.add_argument("--simulator-model", help="simulator model name (default: the server's first model)")
-    g.add_argument("--classifier", metavar="rule|URL",
-                   help="action classifier: 'rule' (offline heuristics) or an LLM URL (few-shot Yes/No)")
-    g.add_argument("--classifier-model", help="classifier model name (default: the server's first model)")
-    g.add_argument("--api-key-env", help="environment variable holding the API key for all roles (never a flag)")
-    g.add_argument("--transport", choices=["fast", "aiohttp", "openai"],
-                   help="HTTP client: fast (simkit's raw HTTP/1.1 keep-alive client, default; ~45 us CPU/request), "
-                        "aiohttp (~190 us; proxies, redirects), or the openai SDK (~2.7 ms; API-model features)")
-    g.add_argument("--max-in-flight", type=int,
-                   help=f"max concurrent requests per role (default {_RC.max_in_flight})")
-    g.add_argument("--timeout", type=float,
-                   help=f"per-request timeout in seconds (default {_RC.timeout_s:.0f}: a CPU model's queue can be "
-                        "long; overload is shed by the server with 503 + Retry-After, which the client honours)")
-    g.add_argument("--max-retries", type=int,
-                   help=f"retries on 429/5xx/timeouts, waiting Retry-After when the server gives it "
-                        f"(default {_RC.max_retries})")
-    g.add_argument("--temperature", type=float, help="policy sampling temperature (default 0.7)")
-    g.add_argument("--max-tokens", type=int, help="policy max completion tokens (default 256)")
+    """The role flags, generated from `RolesConfig`. `policy_required=False` leaves the check to
+    the command (a YAML config may supply the URL)."""
+    from .config import add_config_args
+
+    add_config_args(p, RolesConfig, config_flag=False)
+    if policy_required:
+        next(a for a in p._actions if a.dest == "policy").required = True
 
 
-ROLE_DEFAULTS = {"simulator": "grounded", "classifier": "rule", "transport": _RC.transport,
-                 "max_in_flight": _RC.max_in_flight, "timeout": _RC.timeout_s, "max_retries": _RC.max_retries,
-                 "temperature": 0.7, "max_tokens": 256, "policy_model": None,
-                 "simulator_model": None, "classifier_model": None, "api_key_env": None}
+def roles_config(args: argparse.Namespace | RolesConfig | None) -> RolesConfig:
+    """A `RolesConfig` from parsed flags (or the config itself)."""
+    if isinstance(args, RolesConfig):
+        return args
+    if args is None:
+        return RolesConfig()
+    from .config import config_from_args
 
-
-def apply_role_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill role flags left unset (flags default to None so a YAML config can supply them)."""
-    for k, v in ROLE_DEFAULTS.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    return args
+    return config_from_args(RolesConfig, argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "config"}))
 
 
 @dataclass
@@ -69,29 +130,43 @@ class Roles:
             await c.aclose()
 
 
-def _client(role: str, urls: str, model: str | None, args: argparse.Namespace, **sampling) -> RoleClient:
-    cfg = RoleConfig(base_urls=[u.strip() for u in urls.split(",") if u.strip()], model=model,
-                     api_key_env=args.api_key_env, max_in_flight=args.max_in_flight, timeout_s=args.timeout,
-                     max_retries=args.max_retries, transport=args.transport, sampling=sampling)
-    return RoleClient(role, cfg)
+TransportFactory = Callable[[str, ClientSettings, str | None], ChatTransport]
 
 
-def build_roles(args: argparse.Namespace, env_name: str | None = None) -> Roles:
-    args = apply_role_defaults(args)
-    clients = []
-    pc = _client("policy", args.policy, args.policy_model, args, temperature=args.temperature,
-                 max_tokens=args.max_tokens)
-    clients.append(pc)
-    if args.simulator == "grounded":
-        sim = GroundedSimulator()
+def default_transport(role: str, settings: ClientSettings, api_key: str | None) -> ChatTransport:
+    return make_transport(settings.transport, api_key)
+
+
+def _client(role: str, urls: list[str], model: str | None, settings: ClientSettings, transport: TransportFactory,
+            **sampling: Any) -> RoleClient:
+    cfg = RoleConfig(base_urls=urls, model=model, sampling=sampling, **settings.model_dump())
+    api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    if cfg.api_key_env and not api_key:
+        raise ValueError(f"role {role!r}: environment variable {cfg.api_key_env} is not set")
+    return RoleClient(role, cfg, transport=transport(role, settings, api_key))
+
+
+def build_roles(cfg: RolesConfig | argparse.Namespace, env_name: str | None = None, *,
+                transport: TransportFactory = default_transport) -> Roles:
+    """Clients and agents for the three roles. `transport(role, settings, api_key)` makes each
+    client's HTTP transport (a load test wraps it to record every request)."""
+    cfg = roles_config(cfg)
+    if not cfg.policy.url:
+        raise ValueError("the policy needs a URL (--policy URL)")
+    s = cfg.client
+    pc = _client("policy", cfg.policy.url, cfg.policy.model, s, transport, temperature=cfg.policy.temperature,
+                 max_tokens=cfg.policy.max_tokens)
+    clients = [pc]
+    if cfg.simulator.offline:
+        sim: object = GroundedSimulator()
     else:
-        sc = _client("simulator", args.simulator, args.simulator_model, args)
+        sc = _client("simulator", _urls(cfg.simulator.url), cfg.simulator.model, s, transport)
         clients.append(sc)
         sim = LLMSimulator(sc, env=env_name)
-    if args.classifier == "rule":
-        clf = RuleClassifier()
+    if cfg.classifier.offline:
+        clf: object = RuleClassifier()
     else:
-        cc = _client("classifier", args.classifier, args.classifier_model, args)
+        cc = _client("classifier", _urls(cfg.classifier.url), cfg.classifier.model, s, transport)
         clients.append(cc)
         clf = LLMClassifier(cc, env=env_name)
     return Roles(Policy(pc), sim, clf, clients)

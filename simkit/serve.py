@@ -21,18 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .act import Rollout, irpo_rollout, phase2_rollout
 from .agents import describe
 from .engine import failed_trajectory
+from .roles import RolesConfig
+from .sampling import conversations_help
 from .serving import PairSink, Slot, StatusReporter, TaskCursor, VersionFollower
 
 ASYNC_MAX_PENDING, ASYNC_MAX_STALENESS = 4096, 2
 
 
 class ServeConfig(BaseModel):
-    """Everything `simkit serve` needs; loadable from YAML (`--config`), overridden by flags.
+    """Everything `simkit serve` needs; loadable from YAML (`--config`), overridden by flags
+    (generated from these fields by `simkit.config`).
 
     Schedules: the default is asynchronous (rollouts keep flowing while the trainer trains; pairs
     up to `max_staleness` versions old are kept). `sync=True` is the paper's quasi-online schedule:
@@ -40,29 +43,53 @@ class ServeConfig(BaseModel):
     bounded pending (`max_pending` defaults to `concurrency`), the version re-read before every
     episode; run `trainer run --sync` (publish every step, train only current-version pairs)."""
 
-    env: str
-    split: str | None = None
-    queue: str
-    run_dir: str = "runs/serve"
-    data_dir: str | None = None
-    n_conversations: int | None = None  # training conversations (seeded stratified sample); `limit` is an alias
-    concurrency: int = 64
-    max_pending: int | None = None  # default: 4096, or `concurrency` with sync
-    max_staleness: int | None = None  # default: 2, or 0 with sync (nothing else is allowed then)
-    sync: bool = False
-    ablation: Literal["none", "random-actions", "no-sampling", "no-simulation"] = "none"
-    mode: Literal["act", "irpo"] = "act"
-    irpo_samples: int = 4
-    pseudo_label: bool = False
-    clarify_rounds: int | None = None  # default: the env's (1, as the authors)
-    max_episodes: int | None = None
-    max_epochs: int | None = None
-    poll_s: float = 1.0
-    flush_s: float = 0.25
-    seed: int = 0
-    save_trajectories: bool = False
-    retries: int = 2  # in-process retries of an episode whose role call gave up (then: a counted failure)
-    retry_backoff_s: float = 0.5  # first wait before such a retry (doubles per retry)
+    model_config = ConfigDict(extra="forbid")
+
+    env: str = Field(description="environment name (see `simkit envs`)")
+    queue: str = Field(description="queue path (SQLite file) shared with `trainer run`")
+    split: str | None = Field(None, description="task split (default: the env's first split)")
+    run_dir: str = Field("runs/serve", description="run directory: config, state, metrics.jsonl, dpref.jsonl")
+    data_dir: str | None = Field(None, description="task data folder (default $SIMKIT_DATA_DIR)")
+    n_conversations: int | None = Field(
+        None, ge=1, json_schema_extra={"flags": ["--n-conversations", "--n", "--limit"], "metavar": "N"},
+        description=conversations_help() + " (--limit is the old name of this option)")
+    concurrency: int = Field(64, ge=1, description="episodes in flight")
+    max_pending: int | None = Field(
+        None, ge=1, description="back-pressure: pause while the queue holds this many unacked pairs (default "
+                                f"{ASYNC_MAX_PENDING}; with --sync: --concurrency; set it to the trainer's batch_size "
+                                "x grad_accum to waste least)")
+    max_staleness: int | None = Field(
+        None, ge=0, description="drop pairs more than this many versions behind the current policy (default "
+                                f"{ASYNC_MAX_STALENESS}; --sync: 0)")
+    sync: bool = Field(False, description="the paper's schedule: every trainer step trains only on pairs of the "
+                                          "latest policy version (staleness 0, bounded pending, version re-read "
+                                          "before each episode); pair it with `trainer run --sync`. Off: "
+                                          "asynchronous (staleness up to --max-staleness, rollouts never wait)")
+    ablation: Literal["none", "random-actions", "no-sampling", "no-simulation"] = Field(
+        "none", description="ACT ablations: random-actions (a random label replaces the gold action and, where it "
+                            "differs, the forced response for it wins over the reference); no-sampling (Phase 1 "
+                            "pairs only: offline DPO); no-simulation (Phase 2 judges by the action only)")
+    mode: Literal["act", "irpo"] = Field(
+        "act", description="act, or the IRPO baseline: pairs from K samples of the current policy, best success vs "
+                           "worst failure by the env's heuristic (train with `trainer run --rpo-alpha`)")
+    irpo_samples: int = Field(4, ge=2, description="IRPO: samples per task")
+    pseudo_label: bool = Field(False, description="Phase 1 gold actions from the LLM classifier (--classifier URL) "
+                                                  "labelling each reference, instead of the data's labels (ACT's "
+                                                  "pseudo-labelled setting)")
+    clarify_rounds: int | None = Field(None, ge=0, description="simulated clarification rounds per episode before it "
+                                                               "must end (default: the env's, 1 as the authors)")
+    max_episodes: int | None = Field(None, ge=0, description="stop after this many Phase 2 episodes, counted across "
+                                                             "restarts (default: never)")
+    max_epochs: int | None = Field(None, ge=0, description="stop after this many passes over D_pref (default: never)")
+    poll_s: float = Field(1.0, gt=0, description="how often to check for a new policy version")
+    flush_s: float = Field(0.25, gt=0, description="how often finished pairs are appended to the queue")
+    seed: int = Field(0, description="seed of the conversation sample (the same as `trainer sft --seed`), task "
+                                     "order and random-actions labels")
+    save_trajectories: bool = Field(False, description="also write every trajectory to RUN_DIR/trajectories.jsonl")
+    retries: int = Field(2, ge=0, description="in-process retries of an episode whose role call gave up (then it "
+                                              "is a counted failure and the resume watermark moves past it)")
+    retry_backoff_s: float = Field(0.5, ge=0, description="wait before the first such retry (doubles per retry)")
+    roles: RolesConfig = Field(default_factory=RolesConfig, description="the three roles and their clients")
 
     @model_validator(mode="before")
     @classmethod
@@ -235,11 +262,13 @@ class Server:
             m["successes"] += bool(t.info.get("success"))
 
 
-async def serve(cfg: ServeConfig, role_args: argparse.Namespace) -> dict[str, Any]:
+async def serve(cfg: ServeConfig, role_args: argparse.Namespace | RolesConfig | None = None) -> dict[str, Any]:
+    """Phase 1 once, then Phase 2 until a limit or a signal. The roles come from `cfg.roles`
+    (`role_args`, parsed role flags or a RolesConfig, replaces them: the older call style)."""
     from .env import make
     from .pairs import build_pairs, new_phase1_stats, read_pairs
     from .queue import AsyncPairQueue, open_queue
-    from .roles import build_roles
+    from .roles import build_roles, roles_config
     from .sampling import TooFewConversations, sample_conversations
 
     run_dir = Path(cfg.run_dir)
@@ -249,8 +278,9 @@ async def serve(cfg: ServeConfig, role_args: argparse.Namespace) -> dict[str, An
     if cfg.clarify_rounds is not None:
         env_kw["clarify_rounds"] = cfg.clarify_rounds
     probe = make(cfg.env, **env_kw)
-    roles = build_roles(role_args, probe.name)
-    if cfg.pseudo_label and getattr(role_args, "classifier", None) == "rule":
+    roles_cfg = cfg.roles if role_args is None else roles_config(role_args)
+    roles = build_roles(roles_cfg, probe.name)
+    if cfg.pseudo_label and roles_cfg.classifier.offline:
         await roles.aclose()
         raise SystemExit("simkit serve: --pseudo-label needs an LLM annotator: pass --classifier URL")
     # the env's own data seed stays the default: the same tasks as `trainer sft`, `pairs build`, `eval`
@@ -297,8 +327,7 @@ async def serve(cfg: ServeConfig, role_args: argparse.Namespace) -> dict[str, An
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
-    from .roles import add_role_args
-    from .sampling import conversations_help
+    from .config import add_config_args
 
     p = sub.add_parser(
         "serve", help="run ACT rollouts non-stop and stream scored pairs into the queue",
@@ -307,75 +336,19 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                     "to a durable queue for `trainer run`. Follows each policy version the trainer publishes. "
                     "Stops cleanly on SIGINT/SIGTERM and resumes from the run directory on restart. Flags "
                     "override values from --config YAML.")
-    p.add_argument("--config", help="YAML file with ServeConfig fields (flags override it)")
-    p.add_argument("--env", help="environment name (see `simkit envs`)")
-    p.add_argument("--split", help="task split (default: the env's first split)")
-    p.add_argument("--queue", help="queue path (SQLite file) shared with `trainer run`")
-    p.add_argument("--run-dir", help="run directory: config, state, metrics.jsonl, dpref.jsonl (default runs/serve)")
-    p.add_argument("--data-dir", help="task data folder (default $SIMKIT_DATA_DIR)")
-    p.add_argument("--n-conversations", "--n", "--limit", dest="n_conversations", type=int, metavar="N",
-                   help=conversations_help() + " (--limit is the old name of this option)")
-    p.add_argument("--concurrency", type=int, help="episodes in flight (default 64)")
-    p.add_argument("--max-pending", type=int,
-                   help="back-pressure: pause while the queue holds this many unacked pairs (default 4096; with "
-                        "--sync: --concurrency — set it to the trainer's batch_size x grad_accum to waste least)")
-    p.add_argument("--max-staleness", type=int,
-                   help="drop pairs more than this many versions behind the current policy (default 2; --sync: 0)")
-    p.add_argument("--sync", action="store_true", default=None,
-                   help="the paper's schedule: every trainer step trains only on pairs of the latest policy version "
-                        "(staleness 0, bounded pending, version re-read before each episode); pair it with "
-                        "`trainer run --sync` (publish every step). Default: asynchronous (staleness up to "
-                        "--max-staleness, rollouts never wait for the trainer)")
-    p.add_argument("--ablation", choices=["none", "random-actions", "no-sampling", "no-simulation"],
-                   help="ACT ablations: random-actions (a random label replaces the gold action and, where it "
-                        "differs, the forced response for it wins over the reference); no-sampling (Phase 1 pairs "
-                        "only: offline DPO); no-simulation (Phase 2 judges by the action only)")
-    p.add_argument("--mode", choices=["act", "irpo"],
-                   help="act (default) or the IRPO baseline: pairs from K samples of the current policy, best "
-                        "success vs worst failure by the env's heuristic (train with `trainer run --rpo-alpha`)")
-    p.add_argument("--irpo-samples", type=int, help="IRPO: samples per task (default 4)")
-    p.add_argument("--pseudo-label", action="store_true", default=None,
-                   help="Phase 1 gold actions from the LLM classifier/annotator (--classifier URL) labelling each "
-                        "reference, instead of the data's labels (ACT's pseudo-labelled setting)")
-    p.add_argument("--clarify-rounds", type=int,
-                   help="simulated clarification rounds per episode before it must end (default 1, as the "
-                        "authors: question -> user's reply -> final response)")
-    p.add_argument("--max-episodes", type=int, help="stop after this many Phase 2 episodes (default: never)")
-    p.add_argument("--max-epochs", type=int, help="stop after this many passes over D_pref (default: never)")
-    p.add_argument("--poll-s", type=float, help="how often to check for a new policy version (default 1.0)")
-    p.add_argument("--seed", type=int,
-                   help="seed of the conversation sample (the same as `trainer sft --seed`), task order and "
-                        "random-actions labels (default 0)")
-    p.add_argument("--save-trajectories", action="store_true", default=None,
-                   help="also write every trajectory to RUN_DIR/trajectories.jsonl")
-    add_role_args(p, policy_required=False)
-    p.set_defaults(func=_run)
-
-
-def load_config(args: argparse.Namespace, model: type[BaseModel]) -> BaseModel:
-    """Flags override `--config` YAML; YAML keys fill any flag left unset (role flags too)."""
-    import yaml
-
-    if getattr(args, "config", None):
-        values = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{args.config}: expected a mapping of options")
-        for k, v in values.items():
-            k = k.replace("-", "_")
-            if k == "limit":
-                k = "n_conversations"
-            if getattr(args, k, None) is None:
-                setattr(args, k, ",".join(v) if isinstance(v, list) and k in ("policy",) else v)
-    return model.model_validate({k: getattr(args, k) for k in model.model_fields if getattr(args, k, None) is not None})
+    add_config_args(p, ServeConfig)
+    p.set_defaults(func=_run, parser=p)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .config import config_from_args
+
     try:
-        cfg = load_config(args, ServeConfig)
-    except Exception as e:
+        cfg = config_from_args(ServeConfig, args)
+    except ValueError as e:
         raise SystemExit(f"simkit serve: bad configuration: {e}")
-    if not args.policy:
+    if not cfg.roles.policy.url:
         raise SystemExit("simkit serve: --policy URL is required (e.g. http://127.0.0.1:8000/v1)")
-    summary = asyncio.run(serve(cfg, args))
+    summary = asyncio.run(serve(cfg))
     print(json.dumps(summary))
     return 0

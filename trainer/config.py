@@ -1,19 +1,18 @@
 """Configs for `trainer run` and `trainer sft`: pydantic models, loadable from YAML, overridable
-by CLI flags (DESIGN.md "Conventions": one config type per command).
+by CLI flags (one config type per command; docs/DESIGN.md, "Conventions").
 
 Precedence: field defaults < `--config FILE.yaml` < flags given on the command line.
-The CLI flags are generated from the fields (`--publish-every` ↔ `publish_every`), so `--help`
-always lists every option with its description and default.
+The CLI flags are generated from the fields by `simkit.config` (`--publish-every` ↔
+`publish_every`), so `--help` always lists every option with its description and default.
 """
 from __future__ import annotations
 
-import argparse
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from simkit.config import add_config_args, config_from_args, load_yaml, save_snapshot
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -153,72 +152,6 @@ class SFTRunConfig(CommonConfig):
         return self
 
 
-# --------------------------------------------------------------------------- YAML + CLI
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must be a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _unwrap(annotation: Any) -> tuple[Any, bool]:
-    """(inner type, optional?) of `X | None`."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return annotation, False
-
-
-def add_config_args(parser: argparse.ArgumentParser, cls: type[BaseModel]) -> None:
-    """One flag per config field; defaults are SUPPRESSed so only given flags override."""
-    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
-                        help="YAML file with any of these options (flags given here override it)")
-    fields = sorted(cls.model_fields.items(), key=lambda kv: not kv[1].is_required())  # required first
-    for name, field in fields:
-        ann, _ = _unwrap(field.annotation)
-        default = field.get_default(call_default_factory=True)
-        desc = field.description or ""
-        help_ = desc + (" (required)" if field.is_required() else "" if "default" in desc else f" (default: {default})")
-        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_, "dest": name}
-        origin = typing.get_origin(ann)
-        if ann is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif origin is list:
-            (inner,) = typing.get_args(ann)
-            kw.update(nargs="+", type=inner, metavar=name.upper().split("_")[-1])
-        elif origin is Literal:
-            choices = typing.get_args(ann)
-            kw.update(choices=choices, type=type(choices[0]))
-        elif ann in (int, float, str):
-            kw.update(type=ann, metavar=name.upper().split("_")[-1])
-        parser.add_argument(_flag(name), **kw)
-
-
-def config_from_args(cls: type[BaseModel], args: argparse.Namespace, parser: argparse.ArgumentParser | None = None):
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        values.update(load_yaml(args.config))
-    values.update({k: v for k, v in vars(args).items() if k in cls.model_fields})
-    try:
-        return cls(**values)
-    except ValidationError as e:
-        msg = "; ".join(f"{_flag(str(err['loc'][0])) if err['loc'] else 'config'}: {err['msg']}" for err in e.errors())
-        if parser is not None:
-            parser.error(msg)
-        raise
-
-
-def save_snapshot(cfg: BaseModel, run_dir: Path, name: str) -> Path:
-    import yaml
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / name
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return path
+# YAML + CLI: the generator lives in simkit's core (one config system for every command)
+__all__ = ["CommonConfig", "RunConfig", "SFTRunConfig", "add_config_args", "config_from_args", "load_yaml",
+           "save_snapshot"]
