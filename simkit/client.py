@@ -122,7 +122,6 @@ class RoleClient:
         if cfg.api_key_env and not api_key:
             raise ValueError(f"role {role!r}: environment variable {cfg.api_key_env} is not set")
         self.transport = transport or make_transport(cfg.transport, api_key)
-        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._sem = asyncio.Semaphore(cfg.max_in_flight)
         self.stats = RoleStats()
         self.model = cfg.model
@@ -232,13 +231,10 @@ class RoleClient:
                     raise RoleError(self.role, f"no model given and GET /models failed: {e}") from e
 
     async def list_models(self) -> list[str]:
-        """Model ids served by the first endpoint (GET /v1/models)."""
-        import aiohttp
-
-        async with aiohttp.ClientSession(headers=self._auth) as s:
-            async with s.get(self.endpoints[0].url + "/models", timeout=aiohttp.ClientTimeout(total=self.config.timeout_s)) as r:
-                r.raise_for_status()
-                return [m["id"] for m in (await r.json())["data"]]
+        """Model ids served by the first endpoint (GET /v1/models), over the role's transport
+        (same auth, same timeout as its completions)."""
+        body = await self.transport.get_json(self.endpoints[0].url, "/models", self.config.timeout_s)
+        return [m["id"] for m in body["data"]]
 
     async def aclose(self) -> None:
         await self.transport.aclose()

@@ -176,6 +176,12 @@ class RecordingTransport:
         rec.ok += 1
         return body
 
+    async def get_json(self, base_url: str, path: str, timeout: float) -> Any:
+        return await self.inner.get_json(base_url, path, timeout)
+
+    async def post_json(self, base_url: str, path: str, payload: Any, timeout: float) -> Any:
+        return await self.inner.post_json(base_url, path, payload, timeout)
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 

@@ -1,6 +1,9 @@
 """HTTP transports for OpenAI-compatible chat completions.
 
-One small interface (`ChatTransport.post_chat`) with three implementations:
+One small interface with three implementations: `post_chat` (the hot path) plus `get_json` and
+`post_json` for a server's control calls (`/models`, `/load_lora_adapter`), so a role's client,
+its model lookup and the trainer's publisher reach a server through one HTTP stack, with auth
+and timeouts in one place:
 - `FastHTTPTransport` ("fast", the default): the rollout hot path. A minimal HTTP/1.1
   keep-alive client on `asyncio.Protocol`: ~4x less client CPU per request than aiohttp
   (bench/bench_engine.py), which is what lets the engine outrun a bare aiohttp loop.
@@ -46,11 +49,34 @@ def parse_retry_after(value: str | bytes | None) -> float | None:
         return None
 
 
+def _decode(body: bytes, url: str) -> Any:
+    """A control call's answer: its JSON, or its text when it is not JSON (vLLM answers
+    /load_lora_adapter with a plain sentence)."""
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        return body.decode(errors="replace")
+
+
+def _status_error(status: int, url: str, body: bytes, retry_after: Any = None) -> TransportError:
+    return TransportError(f"HTTP {status} from {url}: {body[:300].decode(errors='replace')}", status=status,
+                          retryable=status in RETRYABLE_STATUS, retry_after=parse_retry_after(retry_after))
+
+
 class ChatTransport(ABC):
-    """POST a chat-completions payload to one base URL and return the parsed JSON body."""
+    """POST a chat-completions payload to one base URL and return the parsed JSON body; plus a
+    server's control calls. Every failure is a `TransportError` (status, retryable)."""
 
     @abstractmethod
     async def post_chat(self, base_url: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]: ...
+
+    @abstractmethod
+    async def get_json(self, base_url: str, path: str, timeout: float) -> Any:
+        """GET `base_url + path`; the decoded body of a 2xx answer."""
+
+    @abstractmethod
+    async def post_json(self, base_url: str, path: str, payload: Any, timeout: float) -> Any:
+        """POST JSON to `base_url + path`; the decoded body of a 2xx answer (JSON, else text)."""
 
     async def aclose(self) -> None:  # pragma: no cover - default no-op
         return None
@@ -96,6 +122,27 @@ class AiohttpTransport(ChatTransport):
         except ValueError as e:
             raise TransportError(f"malformed JSON from {url}: {body[:200]!r}", retryable=True) from e
 
+    async def _control(self, method: str, base_url: str, path: str, payload: Any, timeout: float) -> Any:
+        url = base_url.rstrip("/") + path
+        try:
+            async with asyncio.timeout(timeout):
+                data = None if payload is None else json.dumps(payload)
+                async with self._get_session().request(method, url, data=data) as resp:
+                    body = await resp.read()
+                    if not 200 <= resp.status < 300:
+                        raise _status_error(resp.status, url, body, resp.headers.get("Retry-After"))
+        except TimeoutError as e:
+            raise TransportError(f"timeout after {timeout:.1f}s from {url}", retryable=True) from e
+        except aiohttp.ClientError as e:
+            raise TransportError(f"{type(e).__name__} from {url}: {e}", retryable=True) from e
+        return _decode(body, url)
+
+    async def get_json(self, base_url: str, path: str, timeout: float) -> Any:
+        return await self._control("GET", base_url, path, None, timeout)
+
+    async def post_json(self, base_url: str, path: str, payload: Any, timeout: float) -> Any:
+        return await self._control("POST", base_url, path, payload, timeout)
+
     async def aclose(self) -> None:
         if self._session is not None and not self._session.closed:
             await self._session.close()
@@ -131,6 +178,27 @@ class OpenAITransport(ChatTransport):
         except (openai.APITimeoutError, openai.APIConnectionError) as e:
             raise TransportError(f"{type(e).__name__}: {e}", retryable=True) from e
         return resp.model_dump()
+
+    async def _control(self, method: str, base_url: str, path: str, payload: Any, timeout: float) -> Any:
+        import httpx
+        import openai
+
+        client = self._client(base_url)
+        try:
+            if method == "GET":
+                return await client.get(path, cast_to=object, options={"timeout": timeout})
+            return await client.post(path, cast_to=object, body=payload, options={"timeout": timeout})
+        except openai.APIStatusError as e:
+            raise TransportError(str(e), status=e.status_code, retryable=e.status_code in RETRYABLE_STATUS,
+                                 retry_after=parse_retry_after(e.response.headers.get("retry-after"))) from e
+        except (openai.APITimeoutError, openai.APIConnectionError, httpx.HTTPError) as e:
+            raise TransportError(f"{type(e).__name__}: {e}", retryable=True) from e
+
+    async def get_json(self, base_url: str, path: str, timeout: float) -> Any:
+        return await self._control("GET", base_url, path, None, timeout)
+
+    async def post_json(self, base_url: str, path: str, payload: Any, timeout: float) -> Any:
+        return await self._control("POST", base_url, path, payload, timeout)
 
     async def aclose(self) -> None:
         for c in self._clients.values():
@@ -281,10 +349,10 @@ class _HttpConn(asyncio.Protocol):
 class _Target:
     __slots__ = ("key", "url", "head", "host", "port", "ssl", "idle")
 
-    def __init__(self, base_url: str, extra_headers: bytes):
+    def __init__(self, base_url: str, extra_headers: bytes, method: str = "POST", endpoint: str = "/chat/completions"):
         from urllib.parse import urlsplit
 
-        u = urlsplit(base_url.rstrip("/") + "/chat/completions")
+        u = urlsplit(base_url.rstrip("/") + endpoint)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"unsupported URL {base_url!r} (http:// or https:// only)")
         self.ssl = u.scheme == "https"
@@ -295,7 +363,7 @@ class _Target:
         default_port = self.port == (443 if self.ssl else 80)
         hosthdr = (f"[{self.host}]" if ":" in self.host else self.host) + ("" if default_port else f":{self.port}")
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        self.head = (f"POST {path} HTTP/1.1\r\nHost: {hosthdr}\r\nContent-Type: application/json\r\n"
+        self.head = (f"{method} {path} HTTP/1.1\r\nHost: {hosthdr}\r\nContent-Type: application/json\r\n"
                      "Accept: application/json\r\nAccept-Encoding: identity\r\nUser-Agent: simkit\r\n").encode() \
             + extra_headers + b"Content-Length: "
         self.idle: list[_HttpConn] = []
@@ -376,26 +444,45 @@ class FastHTTPTransport(ChatTransport):
             return status, body, retry_after
         raise ConnectionResetError("keep-alive connections keep closing")
 
-    async def post_chat(self, base_url: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
-        t = self._targets.get(base_url)
-        if t is None or self._loop is not asyncio.get_running_loop():
-            t = self._target(base_url)
-        body = json.dumps(payload).encode()
+    async def _send(self, t: _Target, body: bytes, timeout: float) -> tuple[int, bytes, bytes | None]:
         try:
             async with asyncio.timeout(timeout):
-                status, resp, retry_after = await self._roundtrip(t, b"%s%d\r\n\r\n%s" % (t.head, len(body), body))
+                return await self._roundtrip(t, b"%s%d\r\n\r\n%s" % (t.head, len(body), body))
         except TimeoutError as e:
             raise TransportError(f"timeout after {timeout:.1f}s from {t.url}{TIMEOUT_HINT}", retryable=True) from e
         except (OSError, ValueError, zlib.error) as e:  # ConnectionError is an OSError
             raise TransportError(f"{type(e).__name__} from {t.url}: {e}", retryable=True) from e
+
+    async def post_chat(self, base_url: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+        t = self._targets.get(base_url)
+        if t is None or self._loop is not asyncio.get_running_loop():
+            t = self._target(base_url)
+        status, resp, retry_after = await self._send(t, json.dumps(payload).encode(), timeout)
         if status != 200:
-            raise TransportError(f"HTTP {status} from {t.url}: {resp[:300].decode(errors='replace')}",
-                                 status=status, retryable=status in RETRYABLE_STATUS,
-                                 retry_after=parse_retry_after(retry_after))
+            raise _status_error(status, t.url, resp, retry_after)
         try:
             return json.loads(resp)
         except ValueError as e:
             raise TransportError(f"malformed JSON from {t.url}: {resp[:200]!r}", retryable=True) from e
+
+    async def _control(self, method: str, base_url: str, path: str, payload: Any, timeout: float) -> Any:
+        key = f"{method} {base_url.rstrip('/')}{path}"
+        t = self._targets.get(key)
+        if t is None or self._loop is not asyncio.get_running_loop():
+            self._target(base_url)  # binds the pools to this loop
+            t = self._targets[key] = _Target(base_url, self._extra, method, path)
+            t.idle = self._pools.setdefault(t.key, [])
+        body = b"" if payload is None else json.dumps(payload).encode()
+        status, resp, retry_after = await self._send(t, body, timeout)
+        if not 200 <= status < 300:
+            raise _status_error(status, t.url, resp, retry_after)
+        return _decode(resp, t.url)
+
+    async def get_json(self, base_url: str, path: str, timeout: float) -> Any:
+        return await self._control("GET", base_url, path, None, timeout)
+
+    async def post_json(self, base_url: str, path: str, payload: Any, timeout: float) -> Any:
+        return await self._control("POST", base_url, path, payload, timeout)
 
     def _drop_all(self) -> None:
         for c in list(self._all):

@@ -183,3 +183,42 @@ async def test_role_client_on_fast_transport_retries_and_counts():
         assert sum(s.errors.get("TimeoutError", 0) for s in st) == srv.stats.stalls
         assert sum(s.failures for s in st) == sum(t.status == "failed" for t in trajs)
         assert srv.stats.connections < 200  # keep-alive: connections reused across requests
+
+
+async def test_control_calls_share_the_transport(tmp_path):
+    """GET /models and POST JSON go through the same transport as completions: one HTTP stack."""
+    from simkit.fakeserver import FakeServer
+    from simkit.transport import TransportError, make_transport
+
+    async with FakeServer(latency_ms=0) as srv:
+        for kind in ("fast", "aiohttp"):
+            t = make_transport(kind)
+            try:
+                models = await t.get_json(srv.url, "/models", 5)
+                assert [m["id"] for m in models["data"]][:1] == ["fake-model"], kind
+                with pytest.raises(TransportError) as e:
+                    await t.post_json(srv.url, "/load_lora_adapter", {"lora_name": "x"}, 5)
+                assert e.value.status in (404, 405) and not e.value.retryable, kind
+                client = RoleClient("policy", base_urls=[srv.url], transport=t)
+                assert (await client.list_models())[0] == "fake-model"
+            finally:
+                await t.aclose()
+
+
+def test_publisher_uses_the_transport_and_stops_on_a_refusal(tmp_path):
+    from simkit.fakeserver import start_fake_server
+    from simkit.queue import open_queue
+    from trainer.publish import Publisher, PublishRefused
+
+    adapter = tmp_path / "ckpt"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with start_fake_server() as srv, open_queue(tmp_path / "q.db") as q:
+        pub = Publisher(q, [srv.url], tmp_path / "adapters", retries=3, backoff_s=0.01)
+        try:
+            assert "fake-model" in pub.listed(srv.url)
+            with pytest.raises(PublishRefused, match="HTTP 40"):  # the fake has no LoRA endpoint: refused, no retry
+                pub.publish(adapter)
+        finally:
+            pub.close()
+        assert q.current_version() is None

@@ -6,9 +6,14 @@
             with retries (load_inplace when the name is already loaded there)
     verify: GET {url}/models lists the name with root == lora_path
     publish: queue.publish_version(version, adapter=name, path) — only now does serve switch.
+
+The HTTP calls go through simkit's transport (`get_json` / `post_json`), the same stack the
+role clients use, with the bearer token and timeouts handled there. The trainer is synchronous,
+so the publisher keeps one private event loop for them (keep-alive connections are reused).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+from simkit.transport import ChatTransport, TransportError, make_transport
 
 log = logging.getLogger("trainer")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -51,18 +56,26 @@ class Publisher:
     def __init__(self, queue, policy_urls: list[str], adapters_dir: str | Path, *, adapter_name: str = "policy",
                  naming: str = "versioned", keep_loaded: int = 0, retries: int = 5, timeout_s: float = 60.0,
                  api_key: str | None = None, merge_base: str | None = None, merge_dtype: str = "auto",
-                 backoff_s: float = 0.5):
+                 backoff_s: float = 0.5, transport: ChatTransport | None = None):
         self.queue = queue
         self.urls = [u.rstrip("/") for u in policy_urls]
         self.adapters_dir = Path(adapters_dir)
         self.adapter_name, self.naming, self.keep_loaded = adapter_name, naming, keep_loaded
         self.retries, self.backoff_s = retries, backoff_s
         self.merge_base, self.merge_dtype = merge_base, merge_dtype
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(timeout=timeout_s, headers=headers)
+        self.timeout_s = timeout_s
+        self.transport = transport or make_transport("fast", api_key)
+        self._loop = asyncio.Runner()
 
     def close(self) -> None:
-        self.http.close()
+        self._loop.run(self.transport.aclose())
+        self._loop.close()
+
+    def _get(self, url: str, path: str) -> Any:
+        return self._loop.run(self.transport.get_json(url, path, self.timeout_s))
+
+    def _post(self, url: str, path: str, payload: dict[str, Any]) -> Any:
+        return self._loop.run(self.transport.post_json(url, path, payload, self.timeout_s))
 
     def name_for(self, version: int) -> str:
         return f"{self.adapter_name}-v{version}" if self.naming == "versioned" else self.adapter_name
@@ -90,9 +103,10 @@ class Publisher:
         return dst.resolve()
 
     def listed(self, url: str) -> dict[str, dict]:
-        r = self.http.get(url + "/models")
-        r.raise_for_status()
-        return {m["id"]: m for m in r.json().get("data", [])}
+        body = self._get(url, "/models")
+        if not isinstance(body, dict):
+            raise PublishError(f"{url}/models answered {str(body)[:200]!r}, not a model list")
+        return {m["id"]: m for m in body.get("data", [])}
 
     def load(self, url: str, name: str, path: Path) -> None:
         """Load (or reload in place) `name` from `path` on one server and verify it is listed."""
@@ -100,12 +114,13 @@ class Publisher:
         for attempt in range(1, self.retries + 1):
             try:
                 inplace = name in self.listed(url)
-                r = self.http.post(url + "/load_lora_adapter",
-                                   json={"lora_name": name, "lora_path": str(path), "load_inplace": inplace})
-                if r.status_code >= 500 or r.status_code == 429:
-                    raise PublishError(f"{url}: HTTP {r.status_code}: {r.text[:300]}")
-                if r.status_code >= 400:  # a request the server will never accept: fail now
-                    raise PublishRefused(f"{url} refused {name} from {path}: HTTP {r.status_code}: {r.text[:300]}")
+                try:
+                    self._post(url, "/load_lora_adapter",
+                               {"lora_name": name, "lora_path": str(path), "load_inplace": inplace})
+                except TransportError as e:
+                    if e.status is not None and 400 <= e.status < 500 and not e.retryable:
+                        raise PublishRefused(f"{url} refused {name} from {path}: {e}") from e  # never accepted
+                    raise
                 entry = self.listed(url).get(name)
                 if entry is None or (entry.get("root") not in (None, str(path))):
                     raise PublishError(f"{url} does not list {name} at {path} after loading it (got {entry})")
@@ -114,7 +129,7 @@ class Publisher:
                 raise
             except PublishError as e:
                 err = e
-            except (httpx.HTTPError, ValueError) as e:
+            except (TransportError, ValueError, KeyError) as e:
                 err = e
             log.warning("loading %s into %s failed (attempt %d/%d): %s", name, url, attempt, self.retries, err)
             if attempt < self.retries:
@@ -129,8 +144,8 @@ class Publisher:
             return
         for url in self.urls:
             try:
-                self.http.post(url + "/unload_lora_adapter", json={"lora_name": self.name_for(old)})
-            except httpx.HTTPError as e:
+                self._post(url, "/unload_lora_adapter", {"lora_name": self.name_for(old)})
+            except TransportError as e:
                 log.warning("unloading %s from %s failed: %s", self.name_for(old), url, e)
 
     # ------------------------------------------------------------------ all of it
