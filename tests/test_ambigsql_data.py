@@ -194,3 +194,20 @@ def test_envs_command_lists_ambigsql_with_sizes(env, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("ambigsql"))
     sizes = env.splits()
     assert f"train={sizes['train']}" in line and f"test={sizes['test']}" in line
+
+
+def test_templates_register_by_decorator_in_a_fixed_order():
+    """The build tries templates in registration order (then a seeded shuffle): no method-name strings."""
+    import random
+
+    import pytest
+
+    from environments.ambigsql.build import Deriver, template
+
+    d = Deriver(dbs=None, rng=random.Random(0))
+    names = {t: [f.__name__ for f in d.templates(t)] for t in ("information", "population", "presentation")}
+    assert names == {"information": ["derive_select_column", "derive_where_value", "derive_where_threshold"],
+                     "population": ["derive_table"],
+                     "presentation": ["derive_order_direction", "derive_limit", "derive_group_by"]}
+    with pytest.raises(ValueError, match="unknown ambiguity type"):
+        template("style")

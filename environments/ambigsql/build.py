@@ -238,6 +238,83 @@ def _sql_literal(v: Any) -> str:
     return "'" + str(v).replace("'", "''") + "'"
 
 
+def _value_span(text: str, q: Query, tok: Any, value: str) -> tuple[int, int] | None:
+    """Where the question names a WHERE value (with its quotes), if it names it once and whole."""
+    spans = _spans(text, [value])
+    if len(spans) != 1:
+        return None
+    a, b = spans[0]
+    while a > 0 and text[a - 1] in "\"'“‘`":
+        a -= 1
+    while b < len(text) and text[b] in "\"'”’`":
+        b += 1
+    if tok.kind == "num" and not _followed_by(text, b, _FUNCTION_WORDS):
+        return None  # "customers who have 0 loans": a count, not a value to pick
+    others = [t.text[1:-1] if t.kind == "str" else t.text for t in q.toks
+              if t.kind in ("str", "num") and t is not tok]
+    if any(o and any(abs(x - b) <= 3 or abs(y - a) <= 3 for x, y in _spans(text, [o])) for o in others):
+        return None  # "Lucas Mancini": the value is half of a longer mention
+    return a, b
+
+
+def _value_phrase(text: str, a: int, b: int, nat: str, table: Any) -> tuple[str, str]:
+    """(the question with the value replaced by "a specific <what>", that <what>): the words
+    naming the column around the value become part of the phrase."""
+    words = nat.split() + table.natural.lower().split()
+    vocab = set(words) | {pluralize(w) for w in words} | {singularize(w) for w in words}
+    vocab -= _FUNCTION_WORDS | {"the", "a", "an"}
+    desc: list[str] = []
+    m = re.search(r"\b(named|called|titled|with\s+(?:the\s+)?name|whose\s+name\s+is)\s+$", text[:a], re.I)
+    if m:
+        return _sub(text, m.start(), b, f"with a specific {nat}"), nat
+    pos = a  # absorb the words naming the column right before the value ("the institution X")
+    m = re.search(r"\b([A-Za-z]+)\s+of\s+$", text[:pos])
+    if m and m.group(1).lower() in vocab:  # "the state of Hawaii"
+        desc, pos = [m.group(1).lower()], m.start()
+    while len(desc) < 3:
+        m = re.search(r"([A-Za-z]+)\s+$", text[:pos])
+        if not m or m.group(1).lower() not in vocab:
+            break
+        desc.insert(0, m.group(1).lower())
+        pos = m.start()
+    if desc:
+        a = pos
+    else:  # ... or right after it ("the 'Herbs' category")
+        pos = b
+        while len(desc) < 2:
+            m = re.match(r"\s+([A-Za-z]+)\b", text[pos:])
+            if not m or m.group(1).lower() not in vocab:
+                break
+            desc.append(m.group(1).lower())
+            pos += m.end()
+        b = pos
+        if desc:
+            desc[-1] = singularize(desc[-1])
+    m = re.search(r"\b(the|a|an)\s+$", text[:a], re.I)
+    a = m.start() if m else a  # the phrase brings its own article
+    if not desc and nat in ("name", "title"):  # "Which continent is Anguilla in?" -> "... a specific country ..."
+        desc = singularize(table.natural.lower()).split()
+    return _sub(text, a, b, "a specific " + (" ".join(desc) or nat)), " ".join(desc) or nat
+
+
+TemplateFn = Callable[["Deriver", "Source", Query, Schema], "list[Candidate]"]
+_TEMPLATES: dict[str, list[TemplateFn]] = {t: [] for t in TYPES}
+
+
+def template(ambiguity: str) -> Callable[[TemplateFn], TemplateFn]:
+    """Register a `Deriver` method as an ambiguity template of type `ambiguity` (information,
+    population or presentation). Registration order is the order the build tries them in
+    (before its seeded shuffle), so it is part of what makes a build reproducible."""
+    if ambiguity not in _TEMPLATES:
+        raise ValueError(f"unknown ambiguity type {ambiguity!r}; one of {TYPES}")
+
+    def deco(fn: TemplateFn) -> TemplateFn:
+        _TEMPLATES[ambiguity].append(fn)
+        return fn
+
+    return deco
+
+
 # --------------------------------------------------------------------------- templates
 class Deriver:
     """The ambiguity templates. Each `derive_*` returns candidates (unverified)."""
@@ -255,6 +332,7 @@ class Deriver:
     _ORDER_CUE = re.compile(r"\b(order|ordered|ordering|sort|sorted|sorting|rank|ranked|arrange|arranged|listed\s+by)\b",
                             re.I)
 
+    @template("presentation")
     def derive_order_direction(self, src: Source, q: Query, schema: Schema) -> list[Candidate]:
         if q.compound or "ORDER" not in q.clauses or "LIMIT" in q.clauses:
             return []
@@ -307,6 +385,7 @@ class Deriver:
         reply = f"In {word} order" + (f" of {key_nat}" if key_nat else "") + ", please."
         return [Candidate("presentation", "order_direction", amb, cq, reply, [q.replace(flip)])]
 
+    @template("presentation")
     def derive_limit(self, src: Source, q: Query, schema: Schema) -> list[Candidate]:
         if q.compound or "LIMIT" not in q.clauses or "ORDER" not in q.clauses:
             return []
@@ -338,6 +417,7 @@ class Deriver:
         return [Candidate("presentation", "limit", amb, cq, f"I want {n} of them.", alts,
                           hidden=[str(n)] + ([_NUM_WORDS[n]] if n in _NUM_WORDS else []))]
 
+    @template("presentation")
     def derive_group_by(self, src: Source, q: Query, schema: Schema) -> list[Candidate]:
         if q.compound or "GROUP" not in q.clauses:
             return []
@@ -381,6 +461,7 @@ class Deriver:
                           hidden=[said.lower()])]
 
     # ---------------------------------------------------------- information
+    @template("information")
     def derive_select_column(self, src: Source, q: Query, schema: Schema) -> list[Candidate]:
         if q.compound or "SELECT" not in q.clauses:
             return []
@@ -448,7 +529,10 @@ class Deriver:
                 out.append((ref, op, v))
         return out
 
+    @template("information")
     def derive_where_value(self, src: Source, q: Query, schema: Schema) -> list[Candidate]:
+        """`col = 'value'` whose value the question names: the question says "a specific <col>"
+        instead, and the user names the value when asked."""
         out = []
         literals = self._where_literals(q)
         for ref, op, vi in literals:
@@ -460,71 +544,17 @@ class Deriver:
             value = tok.text[1:-1].replace("''", "'") if tok.kind == "str" else tok.text
             if not value.strip() or "%" in value or sum(1 for t in q.toks if t.text == tok.text) != 1:
                 continue
-            text = src.question
-            spans = _spans(text, [value])
-            if len(spans) != 1:
+            span = _value_span(src.question, q, tok, value)
+            if span is None:
                 continue
-            a, b = spans[0]
-            while a > 0 and text[a - 1] in "\"'“‘`":
-                a -= 1
-            while b < len(text) and text[b] in "\"'”’`":
-                b += 1
-            if tok.kind == "num" and not _followed_by(text, b, _FUNCTION_WORDS):
-                continue  # "customers who have 0 loans": a count, not a value to pick
-            others = [t.text[1:-1] if t.kind == "str" else t.text for t in q.toks
-                      if t.kind in ("str", "num") and t is not tok]
-            if any(o and any(abs(x - b) <= 3 or abs(y - a) <= 3 for x, y in _spans(text, [o])) for o in others):
-                continue  # "Lucas Mancini": the value is half of a longer mention
             col = ref.column
             nat = _natural(col)
             table = schema.table(col.table)
             assert table is not None
-            words = nat.split() + table.natural.lower().split()
-            vocab = set(words) | {pluralize(w) for w in words} | {singularize(w) for w in words}
-            vocab -= _FUNCTION_WORDS | {"the", "a", "an"}
-            desc: list[str] = []
-            m = re.search(r"\b(named|called|titled|with\s+(?:the\s+)?name|whose\s+name\s+is)\s+$", text[:a], re.I)
-            if m:
-                a = m.start()
-                amb = _sub(text, a, b, f"with a specific {nat}")
-            else:
-                pos = a  # absorb the words naming the column right before the value ("the institution X")
-                m = re.search(r"\b([A-Za-z]+)\s+of\s+$", text[:pos])
-                if m and m.group(1).lower() in vocab:  # "the state of Hawaii"
-                    desc, pos = [m.group(1).lower()], m.start()
-                while len(desc) < 3:
-                    m = re.search(r"([A-Za-z]+)\s+$", text[:pos])
-                    if not m or m.group(1).lower() not in vocab:
-                        break
-                    desc.insert(0, m.group(1).lower())
-                    pos = m.start()
-                if desc:
-                    a = pos
-                else:  # ... or right after it ("the 'Herbs' category")
-                    pos = b
-                    while len(desc) < 2:
-                        m = re.match(r"\s+([A-Za-z]+)\b", text[pos:])
-                        if not m or m.group(1).lower() not in vocab:
-                            break
-                        desc.append(m.group(1).lower())
-                        pos += m.end()
-                    b = pos
-                    if desc:
-                        desc[-1] = singularize(desc[-1])
-                m = re.search(r"\b(the|a|an)\s+$", text[:a], re.I)
-                a = m.start() if m else a  # the phrase brings its own article
-                if not desc and nat in ("name", "title"):  # "Which continent is Anguilla in?" -> "... a specific country ..."
-                    desc = singularize(table.natural.lower()).split()
-                amb = _sub(text, a, b, "a specific " + (" ".join(desc) or nat))
-            label = " ".join(desc) or nat
-            res = self.dbs.run(src.db_id, f"SELECT DISTINCT {quote_ident(col.name)} FROM {quote_ident(table.name)} "
-                                          f"WHERE {quote_ident(col.name)} IS NOT NULL LIMIT 200")
-            if not res.ok:
+            amb, label = _value_phrase(src.question, *span, nat, table)
+            values = self._other_values(src.db_id, col.name, table.name, value, tok.kind)
+            if values is None:
                 continue
-            values = [r[0] for r in res.rows or [] if str(r[0]).strip().lower() != value.strip().lower()
-                      and not isinstance(r[0], bytes)]
-            if tok.kind == "num":
-                values = [v for v in values if isinstance(v, (int, float))]
             self.rng.shuffle(values)
             alts = [q.replace({vi: _sql_literal(v)}) for v in values[:5]]
             if not alts:
@@ -534,6 +564,18 @@ class Deriver:
                                  hidden=[value]))
         return out[:1]
 
+    def _other_values(self, db_id: str, column: str, table: str, value: str, kind: str) -> list[Any] | None:
+        """The column's other values in the database (None if the query fails)."""
+        res = self.dbs.run(db_id, f"SELECT DISTINCT {quote_ident(column)} FROM {quote_ident(table)} "
+                                  f"WHERE {quote_ident(column)} IS NOT NULL LIMIT 200")
+        if not res.ok:
+            return None
+        values = [r[0] for r in res.rows or [] if str(r[0]).strip().lower() != value.strip().lower()
+                  and not isinstance(r[0], bytes)]
+        if kind == "num":
+            values = [v for v in values if isinstance(v, (int, float))]
+        return values
+
     _COMPARE = {"than", "over", "under", "above", "below", "after", "before", "least", "most", "at", "exceeding",
                 "exceeds", "exceed", "beyond", "since", "until", "within", "more", "less", "fewer", "greater",
                 "larger", "smaller", "higher", "lower", "bigger", "older", "younger", "longer", "shorter", "or",
@@ -541,6 +583,7 @@ class Deriver:
                 "newer", "faster", "slower", "louder", "richer", "deeper", "hotter", "colder", "warmer"}
     _UNIT_STOP = {"is", "was", "has", "as", "this", "its", "plus", "us", "yes", "less", "times"}
 
+    @template("information")
     def derive_where_threshold(self, src: Source, q: Query, schema: Schema) -> list[Candidate]:
         out = []
         for ref, op, vi in self._where_literals(q):
@@ -592,6 +635,7 @@ class Deriver:
         return out[:1]
 
     # ---------------------------------------------------------- population
+    @template("population")
     def derive_table(self, src: Source, q: Query, schema: Schema) -> list[Candidate]:
         names = q.table_names()
         if len(names) != 1 or not q.tables or q.tables[0][1].name.lower().startswith("sqlite_"):
@@ -643,11 +687,9 @@ class Deriver:
             return _natural(ref.column) if ref else ""
         return ""
 
-    TEMPLATES: dict[str, tuple[str, ...]] = {
-        "information": ("derive_select_column", "derive_where_value", "derive_where_threshold"),
-        "population": ("derive_table",),
-        "presentation": ("derive_order_direction", "derive_limit", "derive_group_by"),
-    }
+    def templates(self, ambiguity: str) -> list[Callable[[Source, Query, Schema], list[Candidate]]]:
+        """The registered templates of one type, bound to this deriver, in registration order."""
+        return [fn.__get__(self) for fn in _TEMPLATES[ambiguity]]
 
 
 # --------------------------------------------------------------------------- verification
@@ -697,76 +739,87 @@ def build(spider_dir: str | os.PathLike, seed: int = 0, splits: Iterable[str] = 
     stats: dict[str, Any] = {"seed": seed, "splits": {}}
     try:
         for split, items in sources.items():
-            rng = random.Random(f"ambigsql-{seed}-{split}")
-            if limit is not None and limit < len(items):
-                items = sorted(rng.sample(items, limit), key=lambda s: s.index)
-            deriver = Deriver(dbs, rng)
-            st: Counter = Counter()
-            types: Counter = Counter({t: 0 for t in TYPES})
-            subtypes: Counter = Counter()
-            missing_dbs: set[str] = set()
-            for src in items:
-                st["questions"] += 1
-                schema = schemas.get(src.db_id)
-                if schema is None or not dbs.exists(src.db_id):
-                    st["skipped_missing_db"] += 1
-                    missing_dbs.add(src.db_id)
-                    continue
-                gold = dbs.run(src.db_id, src.sql)
-                if not gold.ok:
-                    st["skipped_gold_error"] += 1
-                    continue
-                base = f"ambigsql-{split}-{src.index:05d}"
-                examples.append(Example(id=f"{base}-orig", split=split, source=src.index, db_id=src.db_id,
-                                        gold_action="ANSWER", question=src.question, original_question=src.question,
-                                        disambiguated_question=src.question, gold_sql=src.sql))
-                st["answer"] += 1
-                try:
-                    q = parse(src.sql, schema)
-                except Exception:  # pragma: no cover - parser gaps only cost a candidate
-                    st["no_ambiguity"] += 1
-                    continue
-                chosen = None
-                order = sorted(TYPES, key=lambda t: (types[t], rng.random()))
-                for typ in order:
-                    names = list(Deriver.TEMPLATES[typ])
-                    rng.shuffle(names)
-                    for name in names:
-                        for cand in getattr(deriver, name)(src, q, schema):
-                            chosen = verify(dbs, src.db_id, src.sql, gold, cand, src.question)
-                            if chosen:
-                                break
-                        if chosen:
-                            break
-                    if chosen:
-                        break
-                if chosen is None:
-                    st["no_ambiguity"] += 1
-                    continue
-                types[chosen.type] += 1
-                subtypes[f"{chosen.type}/{chosen.subtype}"] += 1
-                st["clarify"] += 1
-                examples.append(Example(
-                    id=f"{base}-amb", split=split, source=src.index, db_id=src.db_id, gold_action="CLARIFY",
-                    question=chosen.question, original_question=src.question, disambiguated_question=src.question,
-                    gold_sql=src.sql, ambiguity=chosen.type, subtype=chosen.subtype,
-                    clarifying_question=chosen.clarifying_question, clarification=chosen.clarification,
-                    alternatives=chosen.alternatives, hidden=chosen.hidden))
-            stats["splits"][split] = {
-                "source": SPLIT_SOURCES[split], **{k: st[k] for k in ("questions", "skipped_missing_db",
-                                                                      "skipped_gold_error", "answer", "clarify",
-                                                                      "no_ambiguity")},
-                "conversations": st["answer"] + st["clarify"], "missing_dbs": sorted(missing_dbs),
-                "types": dict(types), "subtypes": dict(sorted(subtypes.items())), "sql_fixes": dict(fixes[split]),
-            }
+            split_examples, split_stats = _build_split(dbs, schemas, split, items, seed, limit)
+            examples += split_examples
+            stats["splits"][split] = {**split_stats, "sql_fixes": dict(fixes[split])}
             if progress:
-                progress(f"{split}: {stats['splits'][split]['conversations']} conversations")
+                progress(f"{split}: {split_stats['conversations']} conversations")
     finally:
         stats["queries_executed"] = dbs.queries
         dbs.close()
     used = sorted({e.db_id for e in examples})
     stats["build_seconds"] = round(time.time() - t0, 2)
     return BuildReport(stats=stats, examples=examples, schemas={d: schemas[d].text() for d in used})
+
+
+def _build_split(dbs: Databases, schemas: dict[str, Schema], split: str, items: list[Source], seed: int,
+                 limit: int | None) -> tuple[list[Example], dict[str, Any]]:
+    """One split: an ANSWER conversation per question whose gold SQL runs, plus a CLARIFY one
+    where a template makes a verified ambiguity. The split's stats come with them."""
+    rng = random.Random(f"ambigsql-{seed}-{split}")
+    if limit is not None and limit < len(items):
+        items = sorted(rng.sample(items, limit), key=lambda s: s.index)
+    deriver = Deriver(dbs, rng)
+    examples: list[Example] = []
+    st: Counter = Counter()
+    types: Counter = Counter({t: 0 for t in TYPES})
+    subtypes: Counter = Counter()
+    missing_dbs: set[str] = set()
+    for src in items:
+        st["questions"] += 1
+        schema = schemas.get(src.db_id)
+        if schema is None or not dbs.exists(src.db_id):
+            st["skipped_missing_db"] += 1
+            missing_dbs.add(src.db_id)
+            continue
+        gold = dbs.run(src.db_id, src.sql)
+        if not gold.ok:
+            st["skipped_gold_error"] += 1
+            continue
+        base = f"ambigsql-{split}-{src.index:05d}"
+        examples.append(Example(id=f"{base}-orig", split=split, source=src.index, db_id=src.db_id,
+                                gold_action="ANSWER", question=src.question, original_question=src.question,
+                                disambiguated_question=src.question, gold_sql=src.sql))
+        st["answer"] += 1
+        chosen = _first_ambiguity(deriver, dbs, src, schema, gold, types, rng)
+        if chosen is None:
+            st["no_ambiguity"] += 1
+            continue
+        types[chosen.type] += 1
+        subtypes[f"{chosen.type}/{chosen.subtype}"] += 1
+        st["clarify"] += 1
+        examples.append(Example(
+            id=f"{base}-amb", split=split, source=src.index, db_id=src.db_id, gold_action="CLARIFY",
+            question=chosen.question, original_question=src.question, disambiguated_question=src.question,
+            gold_sql=src.sql, ambiguity=chosen.type, subtype=chosen.subtype,
+            clarifying_question=chosen.clarifying_question, clarification=chosen.clarification,
+            alternatives=chosen.alternatives, hidden=chosen.hidden))
+    stats = {
+        "source": SPLIT_SOURCES[split], **{k: st[k] for k in ("questions", "skipped_missing_db", "skipped_gold_error",
+                                                              "answer", "clarify", "no_ambiguity")},
+        "conversations": st["answer"] + st["clarify"], "missing_dbs": sorted(missing_dbs),
+        "types": dict(types), "subtypes": dict(sorted(subtypes.items())),
+    }
+    return examples, stats
+
+
+def _first_ambiguity(deriver: Deriver, dbs: Databases, src: Source, schema: Schema, gold: sqlexec.ExecResult,
+                     types: Counter, rng: random.Random) -> Candidate | None:
+    """The first verified candidate, trying the least-used ambiguity type first (balance) and
+    its templates in a seeded order; None when the question has no ambiguity to make."""
+    try:
+        q = parse(src.sql, schema)
+    except Exception:  # pragma: no cover - parser gaps only cost a candidate
+        return None
+    for typ in sorted(TYPES, key=lambda t: (types[t], rng.random())):
+        fns = deriver.templates(typ)
+        rng.shuffle(fns)
+        for fn in fns:
+            for cand in fn(src, q, schema):
+                chosen = verify(dbs, src.db_id, src.sql, gold, cand, src.question)
+                if chosen:
+                    return chosen
+    return None
 
 
 def input_fingerprint(spider_dir: str | os.PathLike, seed: int, splits: Iterable[str] = ("train", "test"),
