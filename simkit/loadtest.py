@@ -325,9 +325,9 @@ class LoadTest:
 
     # ------------------------------------------------------------------ run
     async def run(self) -> dict[str, Any]:
+        """Build the roles and env, drive the episodes, and report (CPU measured around it)."""
         import psutil
 
-        cfg = self.cfg
         env, tasks, policy = self._build()
         try:
             await self._resolve_models()
@@ -335,46 +335,49 @@ class LoadTest:
             proc.cpu_percent(None)
             cpu0 = proc.cpu_times()
             self.rss_max = proc.memory_info().rss
-            loop = asyncio.get_running_loop()
-            self.t0 = t0 = loop.time()
-            deadline = t0 + cfg.duration
-            drain = cfg.drain if cfg.drain is not None else cfg.timeout * (cfg.max_retries + 1) + 5.0
-            hard_deadline = deadline + drain
-            stop = asyncio.Event()
-
-            if cfg.rate:
-                gen = self._open_loop(env, tasks, policy, t0, deadline, stop)
-            else:
-                gen = self._closed_loop(env, tasks, policy, deadline, stop)
-
-            ticker = asyncio.create_task(self._tick(proc, stop))
-            try:
-                async with contextlib.aclosing(gen):
-                    try:
-                        async with asyncio.timeout_at(hard_deadline):
-                            async for item in gen:
-                                self._episode_done(item)
-                    except TimeoutError:
-                        self.stopped_by = "drain timeout (in-flight episodes cancelled)"
-            except (KeyboardInterrupt, asyncio.CancelledError):
-                self.stopped_by = "interrupted"
-                raise
-            finally:
-                stop.set()
-                self.elapsed = loop.time() - t0
-                ticker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ticker
-                self._sample(proc, final=True)
-                if self.live:
-                    self.stream.write("\n")
-                    self.stream.flush()
+            await self._drive(env, tasks, policy, proc)
             cpu1 = proc.cpu_times()
             self.cpu_s = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
             return self.report()
         finally:
             for c in self.clients.values():
                 await c.aclose()
+
+    async def _drive(self, env: Any, tasks: list, policy: Any, proc: Any) -> None:
+        """Run episodes until the episode limit or the duration, then drain the in-flight ones
+        for at most `drain` seconds; a time-series point every `interval`."""
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        self.t0 = t0 = loop.time()
+        deadline = t0 + cfg.duration
+        drain = cfg.drain if cfg.drain is not None else cfg.timeout * (cfg.max_retries + 1) + 5.0
+        stop = asyncio.Event()
+        if cfg.rate:
+            gen = self._open_loop(env, tasks, policy, t0, deadline, stop)
+        else:
+            gen = self._closed_loop(env, tasks, policy, deadline, stop)
+        ticker = asyncio.create_task(self._tick(proc, stop))
+        try:
+            async with contextlib.aclosing(gen):
+                try:
+                    async with asyncio.timeout_at(deadline + drain):
+                        async for item in gen:
+                            self._episode_done(item)
+                except TimeoutError:
+                    self.stopped_by = "drain timeout (in-flight episodes cancelled)"
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            self.stopped_by = "interrupted"
+            raise
+        finally:
+            stop.set()
+            self.elapsed = loop.time() - t0
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            self._sample(proc, final=True)
+            if self.live:
+                self.stream.write("\n")
+                self.stream.flush()
 
     def _stop_reason(self, i: int) -> str:
         limit = self.cfg.episodes
