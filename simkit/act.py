@@ -16,7 +16,7 @@ two sides are identical teaches nothing and is dropped (counted by the callers).
 Phase 2 (Algorithm 2): sample y_i from the current policy; a wrong implicit action makes y_i
 the losing response; a right one is simulated to the end (user simulator answers, policy
 continues, round cap) and scored by the env's heuristic against ε: a success becomes y_w, a
-failure y_l. Ablations (ACT.md) are one switch each:
+failure y_l. Ablations (docs/ACT.md, "Reference results") are one switch each:
 
 * random-actions: a random label replaces the gold action. When it differs from the reference's
   action, the *random* action wins: chosen = the policy forced to take it, rejected = the

@@ -8,7 +8,7 @@ Content level, with each env's own metric (DROP F1, embedding similarity, execut
 - turn, question only (`turn_score_question_only`): against the reference response alone (for a
   CLARIFY turn the clarifying question) — the older form;
 - trajectory: the final answer after simulated clarification against the goal, over all tasks;
-- post-clarify, two ways: over tasks whose gold action is CLARIFY (`post_clarify_score`, ACT.md's
+- post-clarify, two ways: over tasks whose gold action is CLARIFY (`post_clarify_score`, docs/ACT.md's
   definition) and over tasks where the model asked, i.e. its first action was CLARIFY
   (`post_clarify_score_asked`, the authors' evaluate code).
 Failed episodes (a role gave up) score 0 and are counted separately.

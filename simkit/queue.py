@@ -4,7 +4,7 @@
                                ▲                    │
                                └─ current_version ◄─┴─ publish_version(v, adapter, path)
 
-Guarantees (DESIGN.md "Queue"):
+Guarantees (docs/DESIGN.md, "Seams", the queue):
 
 * **Idempotent ids.** `append` deduplicates on `PreferencePair.id` (content-addressed). An id once
   appended is remembered for the life of the queue file: re-appending it is a no-op even after it
