@@ -1,14 +1,14 @@
 """simkit: teach LLMs when to ask a clarifying question (ACT), as an async simulation toolkit."""
 from .agents import GroundedSimulator, LLMClassifier, LLMSimulator, OraclePolicy, Policy, RuleClassifier
 from .client import RoleClient, RoleConfig, RoleError
-from .engine import collect, run_episode, run_episodes
-from .env import Env, Episode, StepResult, make, register, registered
+from .engine import PolicyLike, amap, collect, run_episode, run_episodes
+from .env import Env, EnvConfig, EnvConfigError, Episode, StepResult, make, register, registered
 from .types import ACTIONS, ANSWER, CLARIFY, Message, PreferencePair, Reply, Task, Trajectory, Turn
 
 __version__ = "0.1.0"
 __all__ = [
-    "ACTIONS", "ANSWER", "CLARIFY", "Env", "Episode", "GroundedSimulator", "LLMClassifier", "LLMSimulator",
-    "Message", "OraclePolicy", "Policy", "PreferencePair", "Reply", "RoleClient", "RoleConfig", "RoleError",
-    "RuleClassifier", "StepResult", "Task", "Trajectory", "Turn", "collect", "make", "register", "registered",
+    "ACTIONS", "ANSWER", "CLARIFY", "Env", "EnvConfig", "EnvConfigError", "Episode", "GroundedSimulator", "LLMClassifier", "LLMSimulator",
+    "Message", "OraclePolicy", "Policy", "PolicyLike", "PreferencePair", "Reply", "RoleClient", "RoleConfig", "RoleError",
+    "RuleClassifier", "StepResult", "Task", "Trajectory", "Turn", "amap", "collect", "make", "register", "registered",
     "run_episode", "run_episodes",
 ]
