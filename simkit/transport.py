@@ -132,7 +132,7 @@ class AiohttpTransport(ChatTransport):
                     if not 200 <= resp.status < 300:
                         raise _status_error(resp.status, url, body, resp.headers.get("Retry-After"))
         except TimeoutError as e:
-            raise TransportError(f"timeout after {timeout:.1f}s from {url}", retryable=True) from e
+            raise TransportError(f"timeout after {timeout:.1f}s from {url}{TIMEOUT_HINT}", retryable=True) from e
         except aiohttp.ClientError as e:
             raise TransportError(f"{type(e).__name__} from {url}: {e}", retryable=True) from e
         return _decode(body, url)
