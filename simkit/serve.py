@@ -72,7 +72,7 @@ class ServeConfig(BaseModel):
     mode: Literal["act", "irpo"] = Field(
         "act", description="act, or the IRPO baseline: pairs from K samples of the current policy, best success vs "
                            "worst failure by the env's heuristic (train with `trainer run --rpo-alpha`)")
-    irpo_samples: int = Field(4, ge=2, description="IRPO: samples per task")
+    irpo_samples: int = Field(4, ge=1, description="IRPO: samples per task (at least 2 are drawn)")
     pseudo_label: bool = Field(False, description="Phase 1 gold actions from the LLM classifier (--classifier URL) "
                                                   "labelling each reference, instead of the data's labels (ACT's "
                                                   "pseudo-labelled setting)")
