@@ -1,7 +1,7 @@
 """Role clients: one per role (policy, simulator, classifier) over OpenAI-compatible URLs.
 
 A `RoleClient` owns concurrency (max in-flight semaphore), routing (least-in-flight across
-several base URLs), retries (tenacity, jittered exponential backoff on 429/5xx/timeouts/
+several base URLs), retries (the server's Retry-After, else jittered exponential backoff, on 429/5xx/timeouts/
 connection errors, then a counted failure) and accounting (tokens, latency). The transport
 is a detail behind it (`simkit.transport`).
 """
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from .transport import ChatTransport, TransportError, make_transport
 from .types import Message, Reply, Usage
@@ -134,10 +134,6 @@ class RoleClient:
             return eps[0]
         return min(eps, key=lambda e: e.in_flight)
 
-    @staticmethod
-    def _retryable(exc: BaseException) -> bool:
-        return isinstance(exc, TransportError) and exc.retryable
-
     async def _attempt(self, payload: dict[str, Any]) -> tuple[dict[str, Any], Endpoint, float]:
         ep = self._pick()
         ep.in_flight += 1
@@ -171,7 +167,7 @@ class RoleClient:
                 except TransportError as first:
                     if not first.retryable or self.config.max_retries <= 0:
                         raise
-                    body, ep, latency = await self._retry(payload)
+                    body, ep, latency = await self._retry(payload, first)
                 reply = self._parse(body, ep, latency)
             except (TransportError, ValueError) as e:
                 self.stats.failures += 1
@@ -184,27 +180,27 @@ class RoleClient:
         st.recent_latencies.append(latency)
         return reply
 
-    async def _retry(self, payload: dict[str, Any]) -> tuple[dict[str, Any], Endpoint, float]:
-        cfg = self.config
-        backoff = wait_random_exponential(multiplier=cfg.backoff_s, max=cfg.backoff_max_s)
-
-        def wait(state) -> float:  # the server's Retry-After if it gave one, else jittered backoff
-            exc = state.outcome.exception() if state.outcome else None
-            after = getattr(exc, "retry_after", None)
-            return min(after, cfg.retry_after_max_s) if after is not None else backoff(state)
-
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(cfg.max_retries),
-            wait=wait,
-            retry=retry_if_exception(self._retryable),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                self.stats.retries += 1
-                await asyncio.sleep(0)  # yield between attempts
+    async def _retry(self, payload: dict[str, Any], first: TransportError) -> tuple[dict[str, Any], Endpoint, float]:
+        """Up to `max_retries` more attempts after `first` failed, each after `_delay`."""
+        err = first
+        for n in range(self.config.max_retries):
+            await asyncio.sleep(self._delay(err, n))
+            self.stats.retries += 1
+            try:
                 return await self._attempt(payload)
-        raise AssertionError("unreachable")  # pragma: no cover
+            except TransportError as e:
+                if not e.retryable:
+                    raise
+                err = e
+        raise err
+
+    def _delay(self, err: TransportError, n: int) -> float:
+        """The server's Retry-After if it gave one, spread by up to 50% so that clients it shed
+        together do not all come back in the same instant; else full-jitter exponential backoff."""
+        cfg = self.config
+        if err.retry_after is not None:
+            return min(err.retry_after * random.uniform(1.0, 1.5), cfg.retry_after_max_s)
+        return random.uniform(0, min(cfg.backoff_max_s, cfg.backoff_s * 2 ** n))
 
     def _parse(self, body: dict[str, Any], ep: Endpoint, latency: float) -> Reply:
         try:

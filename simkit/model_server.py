@@ -184,12 +184,14 @@ class ModelServer:
                      st["running"], self.max_batch, st["waiting"], st["completed"], st["cancelled"], tps, shed)
 
     def _retry_after(self) -> int:
-        """Seconds until a slot is likely free: waiting requests over the recent completion rate."""
+        """Seconds until the queue ahead has likely drained: requests ahead (running and waiting)
+        over the recent completion rate, 5 s before anything has completed, within [1, 60]."""
         now = time.monotonic()
         recent = [t for t in self._done_times if now - t < 60]
         self._done_times = recent
         rate = len(recent) / max(1.0, now - recent[0]) if recent else 0.0
-        return int(min(60, max(1, (self.batcher.waiting - self.max_waiting / 2) / rate if rate else 5)))
+        ahead = self.batcher.waiting + self.batcher.running
+        return int(min(60, max(1, ahead / rate if rate else 5)))
 
     # ------------------------------------------------------------------ handlers
     @web.middleware

@@ -119,7 +119,7 @@ async def test_role_client_honours_retry_after_and_gets_everything_through(small
     capacity completes with zero failures."""
     from simkit.client import RoleClient
 
-    client = RoleClient("policy", base_urls=[small_server.url], max_retries=8, sampling={"temperature": 0})
+    client = RoleClient("policy", base_urls=[small_server.url], max_retries=30, sampling={"temperature": 0})
     try:
         replies = await asyncio.gather(*(client.complete([{"role": "user", "content": f"Say {i}."}], max_tokens=4)
                                          for i in range(12)))

@@ -27,6 +27,8 @@ async def fault_server(unused_tcp_port_factory=None):
             return web.json_response({"error": {"message": "boom"}}, status=500)
         if "flaky" in text and attempts[text] <= 2:
             return web.json_response({"error": {"message": "overloaded"}}, status=503)
+        if "shed" in text and attempts[text] <= 1:
+            return web.json_response({"error": {"message": "queue full"}}, status=503, headers={"Retry-After": "1"})
         if "stall" in text:
             await asyncio.sleep(3600)
         if "bad-json" in text:
@@ -93,3 +95,19 @@ async def test_least_in_flight_routing_spreads_load(fault_server):
         await client.aclose()
     counts = [e.requests for e in client.endpoints]
     assert sum(counts) == 100 and min(counts) >= 30
+
+
+@pytest.mark.parametrize("transport", ["fast", "aiohttp"])
+async def test_retry_after_is_honoured(fault_server, transport):
+    """A 503 with Retry-After: 1 is retried after at least a second (not after the 50 ms backoff),
+    and then succeeds: shed load comes back when the server said, not in a storm."""
+    url, attempts = fault_server
+    from simkit.client import RoleConfig
+
+    client = RoleClient("policy", RoleConfig(base_urls=[url], model="m", transport=transport, max_retries=3))
+    t0 = time.monotonic()
+    reply = await client.complete([Message(role="user", content=f"shed {transport}")])
+    elapsed = time.monotonic() - t0
+    await client.aclose()
+    assert reply.text == "20 meters" and attempts[f"shed {transport}"] == 2
+    assert 1.0 <= elapsed < 3.0 and client.stats.retries == 1 and client.stats.errors == {"503": 1}
