@@ -23,7 +23,7 @@ def test_config_yaml_then_cli_overrides(tmp_path):
     assert cfg.beta == 0.1 and cfg.publish_every == 7 and cfg.commit_every == 7  # flag beats YAML
     assert cfg.loss_type == ["sigmoid", "sft"] and cfg.loss_weights == [1.0, 0.5]
     assert cfg.policy_url == ["http://a/v1", "http://b/v1"] and cfg.tensorboard is False
-    assert cfg.lr == 2e-5 and cfg.lr_scheduler == "cosine"  # defaults
+    assert cfg.lr == 5e-4 and cfg.lr_scheduler == "cosine"  # defaults (LoRA, from recipes/lora_sweep.sh)
     assert RunConfig(queue="q", model="m", out="o").beta == 0.05  # the authors' beta
 
 
