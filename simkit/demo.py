@@ -103,7 +103,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sft-epochs", type=int, default=1, help="SFT epochs over the n conversations (default 1)")
     p.add_argument("--act-steps", type=int, default=12, help="DPO optimizer steps (default 12: one pass of 48 pairs)")
     p.add_argument("--publish-every", type=int, default=4, help="publish a policy version every N steps (default 4)")
-    p.add_argument("--batch-size", type=int, default=4, help="trainer batch size (default 4)")
+    p.add_argument("--batch-size", type=int, default=4, help="examples (SFT) or pairs (DPO) per step (default 4)")
+    p.add_argument("--dpo-micro-batch", type=int, default=2,
+                   help="pairs per forward in DPO, the rest by gradient accumulation (default 2: a DPO step on 4 "
+                        "pairs of ~1k tokens in fp32 needs ~20 GB at once and was OOM-killed on a 24 GB machine)")
     p.add_argument("--max-tokens", type=int, default=128, help="completion tokens, eval and rollouts (default 128)")
     p.add_argument("--max-length", type=int, default=1024, help="training max tokens (default 1024)")
     p.add_argument("--sft-lr", type=float, help="SFT learning rate (default: trainer sft's; tiny: 5e-3)")
@@ -151,8 +154,9 @@ def run_demo(args: argparse.Namespace) -> int:
     _step(f"1/7 model: {args.model}")
     base = resolve_model(args.model, out, args.env, py, logs)
     n, seed = str(args.n), str(args.seed)
-    train_common = ["--max-length", str(args.max_length), "--batch-size", str(args.batch_size), "--no-tensorboard",
-                    "--seed", seed]
+    train_common = ["--max-length", str(args.max_length), "--no-tensorboard", "--seed", seed]
+    micro = max(1, min(args.dpo_micro_batch, args.batch_size))
+    dpo_batch = ["--batch-size", str(micro), "--grad-accum", str(max(1, args.batch_size // micro))]
 
     def pipeline(policy_url: str) -> None:
         evals: list[Path] = []
@@ -174,7 +178,8 @@ def run_demo(args: argparse.Namespace) -> int:
         sft = out / "sft"
         _run([py, "-m", "trainer.cli", "sft", "--model", str(base), "--env", args.env, "--split", "train",
               "--n-conversations", n, "--sample-seed", seed, "--epochs", str(args.sft_epochs), "--out", str(sft),
-              *train_common, *(["--lr", str(sft_lr)] if sft_lr else [])], logs / "sft.log", 3600,
+              "--batch-size", str(args.batch_size), *train_common, *(["--lr", str(sft_lr)] if sft_lr else [])],
+             logs / "sft.log", 3600,
              (None, _count_steps(sft), "step"))  # total unknown up front: CLARIFY conversations add examples
         load_adapter(policy_url, "sft", sft / "adapter")
         evaluate("5/7", f"SFT (n={args.n})", "--policy-model", "sft", "--train-conversations",
@@ -191,7 +196,7 @@ def run_demo(args: argparse.Namespace) -> int:
         with start_process(serve_cmd, None, logs / "serve.log"):
             _run([py, "-m", "trainer.cli", "run", "--model", str(base), "--queue", str(queue), "--out", str(act),
                   "--policy-url", policy_url, "--max-steps", str(args.act_steps), "--publish-every",
-                  str(args.publish_every), "--adapter-name", "act", *train_common,
+                  str(args.publish_every), "--adapter-name", "act", *dpo_batch, *train_common,
                   *(["--lr", str(dpo_lr)] if dpo_lr else [])], logs / "trainer.log", 5400,
                  (args.act_steps, _count_steps(act), "step"))
         from .queue import open_queue
