@@ -83,7 +83,7 @@ def _run(cmd: list[str], log: Path, timeout: float,
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="ACT on SmolLM2 offline: zero-shot, ICL, SFT and ACT from the same base, one table",
-        description="Run the whole ACT pipeline on AmbigSQL, offline on CPU (about 20-30 minutes on 2 cores with "
+        description="Run the whole ACT pipeline on AmbigSQL, offline on CPU (about 45 minutes on 2 cores with "
                     "SmolLM2-135M-Instruct): fetch the model, evaluate it zero-shot and with k in-context shots, "
                     "train the SFT baseline on n training conversations, run ACT (`simkit serve` + `trainer run` "
                     "as two processes with hot-reloaded LoRA versions) on the same n conversations from the same "
