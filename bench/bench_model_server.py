@@ -1,6 +1,6 @@
 """Model-server throughput vs a plain batched `model.generate`, same prompts, same run.
 
-    python bench/bench_model_server.py --model runs/smollm2 --batch 32 --max-tokens 64
+    python bench/bench_model_server.py --model runs/models/smollm2 --batch 32 --max-tokens 64
 
 Baseline: the prompts (AmbigSQL test tasks, as the policy sees them) as one left-padded batch
 through `model.generate` (greedy) in this process. Candidate: the same prompts sent at once to
@@ -68,7 +68,7 @@ async def served(url: str, chats: list[list[dict]], max_tokens: int) -> tuple[in
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="runs/smollm2", help="checkpoint folder (default runs/smollm2)")
+    ap.add_argument("--model", default="runs/models/smollm2", help="checkpoint folder (default runs/models/smollm2)")
     ap.add_argument("--env", default="ambigsql", help="where the prompts come from (default ambigsql)")
     ap.add_argument("--batch", type=int, default=32, help="prompts = server --max-batch (default 32)")
     ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt (default 64)")

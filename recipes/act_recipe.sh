@@ -13,7 +13,7 @@
 #   plus the base model; each evaluated with `simkit eval` on the test split, all gathered by
 #   `simkit compare` into OUT/results.md (and OUT/vs_n.png).
 #
-# usage: recipes/act_recipe.sh [MODEL_DIR] [OUT_DIR]        (defaults: runs/smollm2 runs/recipe-ambigsql)
+# usage: recipes/act_recipe.sh [MODEL_DIR] [OUT_DIR]        (defaults: runs/models/smollm2 runs/recipe-ambigsql)
 #
 # Resumable: a stage whose output exists is skipped (SFT: sft/adapter; ACT/IRPO training: a DONE file written
 # after the trainer exits 0; eval: eval/metrics.json); an interrupted stage is simply run again (serve and
@@ -40,7 +40,7 @@
 #   PORT=8011 PYTHON=     (default: .venv/bin/python when present, else python)
 set -euo pipefail
 
-MODEL=${1:-runs/smollm2}
+MODEL=${1:-runs/models/smollm2}
 OUT=${2:-runs/recipe-ambigsql}
 ENV_NAME=ambigsql
 TRAIN_SPLIT=train
