@@ -168,31 +168,43 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=_run_build)
 
 
+async def open_act_run(command: str, env_name: str, env_kw: dict[str, Any], roles_cfg: Any, *,
+                       pseudo_label: bool, split: str | None, n: int | None, seed: int) -> tuple[Any, Any, Any]:
+    """The set-up `pairs build` and `serve` share: roles, the env wired to them, and the recorded
+    n-conversation sample. Returns (env, roles, sample); a bad request closes the roles and exits
+    with a message naming `command`."""
+    from .env import make
+    from .roles import build_roles
+    from .sampling import TooFewConversations, sample_conversations
+
+    roles = build_roles(roles_cfg, make(env_name, **env_kw).name)
+    if pseudo_label and roles_cfg.classifier.offline:
+        await roles.aclose()
+        raise SystemExit(f"{command}: --pseudo-label needs an LLM annotator: pass --classifier URL")
+    # the env's own data seed stays the default: the same tasks as `trainer sft`, `pairs build`, `eval`
+    env = make(env_name, classifier=roles.classifier, simulator=roles.simulator, **env_kw)
+    split = split or next(iter(env.splits()))
+    try:
+        sample = sample_conversations(env.tasks(split), n, seed, env=env.name, split=split)
+    except TooFewConversations as e:
+        await roles.aclose()
+        raise SystemExit(f"{command}: {e}")
+    return env, roles, sample
+
+
 def _run_build(args: argparse.Namespace) -> int:
     return asyncio.run(_build_main(args))
 
 
 async def _build_main(args: argparse.Namespace) -> int:
     from .agents import describe
-    from .env import make
-    from .roles import build_roles, roles_config
-
-    from .sampling import TooFewConversations, sample_conversations
+    from .roles import roles_config
 
     env_kw = {"data_dir": args.data_dir} if args.data_dir else {}
-    probe = make(args.env, **env_kw)
-    roles_cfg = roles_config(args)
-    roles = build_roles(roles_cfg, probe.name)
-    if args.pseudo_label and roles_cfg.classifier.offline:
-        await roles.aclose()
-        raise SystemExit("--pseudo-label needs an LLM annotator: pass --classifier URL")
-    env = make(args.env, classifier=roles.classifier, simulator=roles.simulator, **env_kw)
-    split = args.split or next(iter(env.splits()))
-    try:
-        sample = sample_conversations(env.tasks(split), args.n_conversations, args.seed, env=env.name, split=split)
-    except TooFewConversations as e:
-        await roles.aclose()
-        raise SystemExit(f"simkit pairs build: {e}")
+    env, roles, sample = await open_act_run("simkit pairs build", args.env, env_kw, roles_config(args),
+                                            pseudo_label=args.pseudo_label, split=args.split,
+                                            n=args.n_conversations, seed=args.seed)
+    split = sample.split
     tasks = sample.tasks
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -265,11 +265,9 @@ class Server:
 async def serve(cfg: ServeConfig, role_args: argparse.Namespace | RolesConfig | None = None) -> dict[str, Any]:
     """Phase 1 once, then Phase 2 until a limit or a signal. The roles come from `cfg.roles`
     (`role_args`, parsed role flags or a RolesConfig, replaces them: the older call style)."""
-    from .env import make
-    from .pairs import build_pairs, new_phase1_stats, read_pairs
+    from .pairs import build_pairs, new_phase1_stats, open_act_run, read_pairs
     from .queue import AsyncPairQueue, open_queue
-    from .roles import build_roles, roles_config
-    from .sampling import TooFewConversations, sample_conversations
+    from .roles import roles_config
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -277,20 +275,10 @@ async def serve(cfg: ServeConfig, role_args: argparse.Namespace | RolesConfig | 
     env_kw: dict[str, Any] = {"data_dir": cfg.data_dir} if cfg.data_dir else {}
     if cfg.clarify_rounds is not None:
         env_kw["clarify_rounds"] = cfg.clarify_rounds
-    probe = make(cfg.env, **env_kw)
     roles_cfg = cfg.roles if role_args is None else roles_config(role_args)
-    roles = build_roles(roles_cfg, probe.name)
-    if cfg.pseudo_label and roles_cfg.classifier.offline:
-        await roles.aclose()
-        raise SystemExit("simkit serve: --pseudo-label needs an LLM annotator: pass --classifier URL")
-    # the env's own data seed stays the default: the same tasks as `trainer sft`, `pairs build`, `eval`
-    env = make(cfg.env, classifier=roles.classifier, simulator=roles.simulator, **env_kw)
-    split = cfg.split or next(iter(env.splits()))
-    try:
-        sample = sample_conversations(env.tasks(split), cfg.n_conversations, cfg.seed, env=env.name, split=split)
-    except TooFewConversations as e:
-        await roles.aclose()
-        raise SystemExit(f"simkit serve: {e}")
+    env, roles, sample = await open_act_run("simkit serve", cfg.env, env_kw, roles_cfg, pseudo_label=cfg.pseudo_label,
+                                            split=cfg.split, n=cfg.n_conversations, seed=cfg.seed)
+    split = sample.split
     sample.write(run_dir)
     tasks = sample.tasks
     queue = AsyncPairQueue(open_queue(cfg.queue))
