@@ -20,7 +20,12 @@ def test_demo_runs_every_step_and_writes_tables_and_plots(tmp_path):
     runs = {d: json.loads((out / d / "metrics.json").read_text())
             for d in ("eval-zero-shot", "eval-icl", "eval-sft", "eval-act")}
     assert all(r["n"] == 8 for r in runs.values())
-    assert runs["eval-sft"]["model"] == "sft" and runs["eval-act"]["model"] == "act-v2"
+    from simkit.queue import open_queue
+
+    with open_queue(out / "queue.sqlite") as q:
+        last = q.current_version()
+    assert last is not None and last.adapter.startswith("act-v")
+    assert runs["eval-sft"]["model"] == "sft" and runs["eval-act"]["model"] == last.adapter  # ACT row = newest version
     assert runs["eval-icl"]["icl_shots"] == 1 and runs["eval-sft"]["n_train"] == 16
     # SFT and ACT trained on the same recorded sample of 16 conversations
     sample = json.loads((out / "sft" / "conversations.json").read_text())
