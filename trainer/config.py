@@ -67,6 +67,10 @@ class RunConfig(CommonConfig):
     publish_every: int = Field(10, ge=1, description="publish a new policy version every N optimizer steps")
     save_every: int | None = Field(None, ge=1, description="checkpoint + ack the trained pairs every N steps "
                                                            "(default: publish_every)")
+    init_adapter: str | None = Field(None, description="start from this LoRA adapter (e.g. `trainer sft`'s RUN/adapter) "
+                                                       "instead of a fresh one: it is trained further and a frozen "
+                                                       "copy is DPO's reference, so each version is one adapter on "
+                                                       "the same base (the usual SFT-then-preference pipeline)")
     beta: float = Field(0.05, gt=0, description="DPO beta (authors: 0.05)")
     loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"],
                                  description="TRL DPO loss type(s): sigmoid, hinge, ipo, exo_pair, nca_pair, robust, "

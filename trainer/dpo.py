@@ -228,8 +228,8 @@ class DPORun:
                 min_version=(lambda: None) if c.max_staleness is None else
                 (lambda: max(0, self.version - c.max_staleness)))
             self.trainer = QueueDPOTrainer(
-                model=load_model(c.model, c.dtype), args=self.dpo_config(), processing_class=tokenizer,
-                peft_config=lora_config(c), source=source, on_micro_batch=self.ledger.on_micro_batch,
+                model=policy_model(c), args=self.dpo_config(), processing_class=tokenizer,
+                peft_config=None if c.init_adapter else lora_config(c), source=source, on_micro_batch=self.ledger.on_micro_batch,
                 step_extras=self.step_extras, callbacks=[_RunCallback(self), MetricsCallback(self.writer)])
             self.trainer.remove_callback(PrinterCallback)  # MetricsCallback logs one concise line per step
             if self.stop.is_set():
@@ -251,6 +251,20 @@ class DPORun:
                 self.writer.close()
                 self.publisher.close()
                 self.queue.close()
+
+
+def policy_model(c: RunConfig):
+    """The base model, or base + `init_adapter` made trainable (TRL then keeps a frozen copy of that
+    adapter, named "ref", as the DPO reference)."""
+    model = load_model(c.model, c.dtype)
+    if not c.init_adapter:
+        return model
+    from peft import PeftModel
+
+    if not (Path(c.init_adapter) / "adapter_config.json").is_file():
+        raise SystemExit(f"--init-adapter {c.init_adapter}: no adapter_config.json there; give the folder "
+                         "`trainer sft` wrote (RUN/adapter)")
+    return PeftModel.from_pretrained(model, c.init_adapter, is_trainable=True)
 
 
 def loss_args(c: RunConfig) -> dict:
