@@ -188,3 +188,23 @@ def test_init_adapter_must_exist(tiny_model, tmp_path):
                     init_adapter=str(tmp_path / "nowhere"), tensorboard=False)
     with pytest.raises(SystemExit, match="adapter_config.json"):
         DPORun(cfg).main()
+
+
+def test_bf16_mixed_trains_on_cpu(tiny_model, tmp_path):
+    """`--dtype bf16-mixed`: float32 weights with bfloat16 autocast, on CPU too (the published
+    adapter stays float32, which every server loads)."""
+    from safetensors.torch import load_file
+
+    q = open_queue(tmp_path / "q.db")
+    q.append(toy_pairs(4))
+    q.close()
+    cfg = RunConfig(queue=str(tmp_path / "q.db"), model=str(tiny_model), out=str(tmp_path / "run"), max_steps=2,
+                    batch_size=2, publish_every=1, max_length=256, lr=1e-2, log_level="warning", dtype="bf16-mixed",
+                    adapter_name="bf16mixed", tensorboard=False)
+    assert DPORun(cfg).main() == 0
+    steps = [r for r in read_metrics(tmp_path / "run") if r["event"] == "step"]
+    assert len(steps) == 2 and all(r["loss"] == r["loss"] for r in steps)  # finite, not NaN
+    q = open_queue(tmp_path / "q.db")
+    weights = load_file(f"{q.current_version().path}/adapter_model.safetensors")
+    q.close()
+    assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}

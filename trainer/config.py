@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from simkit.config import add_config_args, config_from_args, load_yaml, save_snapshot
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16", "bf16-mixed"]
 
 
 class CommonConfig(BaseModel):
@@ -39,7 +39,9 @@ class CommonConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
     lora_target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"], description="LoRA target modules ('all-linear' = every linear but lm_head)")
-    dtype: Dtype = Field("auto", description="weights dtype; auto = bfloat16 on GPU, float32 on CPU")
+    dtype: Dtype = Field("auto", description="weights dtype; auto = bfloat16 on GPU, float32 on CPU; bf16-mixed = "
+                                           "float32 weights with bfloat16 autocast, also on CPU (for CPUs with "
+                                           "AVX512-BF16/AMX)")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory (large models on GPU)")
     seed: int = Field(0, description="random seed (LoRA init, dropout)")
     tensorboard: bool = Field(True, description="also write metrics to RUN_DIR/tb for TensorBoard")
