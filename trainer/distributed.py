@@ -55,6 +55,15 @@ class Dist:
         state = PartialState(cpu=not torch.cuda.is_available())
         return cls(state.process_index, state.num_processes)
 
+    def trainer_args(self) -> dict[str, Any]:
+        """TrainingArguments for this layout: without a GPU, transformers only sets accelerate up for
+        several CPU processes (gloo) when told `use_cpu`; DDP with LoRA has no unused parameters."""
+        if self.world == 1:
+            return {}
+        import torch
+
+        return {"use_cpu": not torch.cuda.is_available(), "ddp_find_unused_parameters": False}
+
     def bcast(self, obj: T) -> T:
         """Rank 0's `obj` on every rank (the others' argument is ignored)."""
         if self.world == 1:

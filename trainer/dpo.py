@@ -120,9 +120,10 @@ class _RunCallback(TrainerCallback):
 class DPORun:
     """Everything one `trainer run` process owns: queue, model, ledger, publisher, metrics."""
 
-    def __init__(self, cfg: RunConfig, dist: Dist | None = None):
+    def __init__(self, cfg: RunConfig, dist: Dist | None = None, lock: RunLock | None = None):
         self.cfg = cfg
         self.dist = dist or Dist()
+        self._given_lock = lock  # the CLI takes it before the heavy imports, to fail at once
         self.run_dir = cfg.run_dir.resolve()
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.stop = threading.Event()
@@ -218,7 +219,7 @@ class DPORun:
             label_smoothing=c.label_smoothing, max_length=c.max_length, **loss_args(c),
             seed=c.seed, logging_steps=1, save_strategy="no",
             save_total_limit=None, report_to="none", remove_unused_columns=False, ignore_data_skip=True,
-            dataloader_num_workers=0, disable_tqdm=True, **precision_args(c.dtype),
+            dataloader_num_workers=0, disable_tqdm=True, **precision_args(c.dtype), **self.dist.trainer_args(),
             **checkpointing_args(DPOConfig, c.gradient_checkpointing))
 
     def _open(self) -> tuple[str | None, int]:
@@ -226,7 +227,7 @@ class DPORun:
         Returns (checkpoint to resume from or None, its step)."""
         c = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.lock = RunLock(self.run_dir).acquire()
+        self.lock = self._given_lock or RunLock(self.run_dir).acquire()
         save_snapshot(c, self.run_dir, "config.yaml")
         self.queue = open_queue(c.queue)
         self.writer = MetricsWriter(self.run_dir, tensorboard=c.tensorboard)
@@ -262,9 +263,9 @@ class DPORun:
             resume, step = d.bcast(self._open() if d.is_main else None)
             if step >= c.max_steps:  # not a single step left: say so instead of an empty Trainer epoch
                 if d.is_main:
-                    msg = f"trainer run: {self.run_dir} already finished (step {step} of {c.max_steps}); nothing to do"
-                    log.info(msg)
-                    print(msg, flush=True)
+                    self.writer.event("finished", step=step, max_steps=c.max_steps)
+                    print(f"trainer run: {self.run_dir} already finished (step {step} of {c.max_steps}); "
+                          "nothing to do (raise --max-steps to train on)", flush=True)
                 return 0
             tokenizer = load_tokenizer(c.model)
             world = d.world
@@ -321,12 +322,13 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def run(cfg: RunConfig) -> int:
+def run(cfg: RunConfig, lock: RunLock | None = None) -> int:
+    """`trainer run` in this process (one rank of several under accelerate launch / torchrun)."""
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     quiet_libraries()
     dist = Dist.from_env()
     try:
-        return DPORun(cfg, dist).main()
+        return DPORun(cfg, dist, lock if dist.is_main else None).main()
     except RunDirLocked as e:
         print(f"trainer run: error: {e}", file=sys.stderr, flush=True)
         return 2
