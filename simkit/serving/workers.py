@@ -92,11 +92,25 @@ def last_row(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def _worker_main(cfg_json: str) -> None:
+def _stop_with_parent(parent_pid: int) -> None:
+    """A worker must not outlive its parent (kill -9 of the parent alone would leave it running
+    beside the restarted parent's new worker on the same state file): on Linux the kernel sends
+    it SIGTERM (serve's clean stop: flush, save the watermark) when the parent dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # it died before the line above
+        sys.exit(0)
+
+
+def _worker_main(cfg_json: str, parent_pid: int) -> None:
     """Child process entry: one ordinary serve with its slice of the tasks."""
     import asyncio
 
     from ..serve import ServeConfig, serve
+
+    _stop_with_parent(parent_pid)
 
     cfg = ServeConfig.model_validate_json(cfg_json)
     try:
@@ -152,7 +166,7 @@ class WorkerPool:
 
     def _start(self, w: _Worker) -> None:
         w.run_dir.mkdir(parents=True, exist_ok=True)
-        w.proc = self.ctx.Process(target=_worker_main, args=(w.cfg_json,), name=f"serve-worker-{w.index}",
+        w.proc = self.ctx.Process(target=_worker_main, args=(w.cfg_json, os.getpid()), name=f"serve-worker-{w.index}",
                                   daemon=False)
         w.proc.start()
         (w.run_dir / "pid").write_text(f"{w.proc.pid}\n")  # for operators (and the kill tests)
