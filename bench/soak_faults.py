@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 from simkit.testing import free_port, wait_http  # noqa: E402
 
 PY = sys.executable
+WORKERS, CONCURRENCY = 2, 8  # serve's --workers and --concurrency (per worker)
 
 
 @dataclass
@@ -98,7 +99,7 @@ def _adapters(run: Path) -> set[str]:
     return {p.name for p in d.iterdir()} if d.is_dir() else set()
 
 
-def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float]) -> dict:
+def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float], max_staleness: int = 2) -> dict:
     from simkit.tiny_model import init_tiny
 
     rng = random.Random(seed)
@@ -116,9 +117,9 @@ def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float]
                                           "--port", str(ms_port)], logs / "model_server.log")
     serve = Proc("serve", lambda: [PY, "-m", "simkit.cli", "serve", "--env", "toy", "--queue", str(queue),
                                    "--run-dir", str(serve_dir), "--policy", ms_url, "--simulator", fake_url,
-                                   "--classifier", fake_url, "--workers", "2", "--concurrency", "8",
+                                   "--classifier", fake_url, "--workers", str(WORKERS), "--concurrency", str(CONCURRENCY),
                                    "--max-tokens", "8", "--timeout", "5", "--max-pending", "64",
-                                   "--poll-s", "0.3"], logs / "serve.log")
+                                   "--poll-s", "0.3", "--max-staleness", str(max_staleness)], logs / "serve.log")
     trainer = Proc("trainer", lambda: [PY, "-m", "trainer.cli", "run", "--queue", str(queue), "--model", str(tiny),
                                        "--out", str(train_dir), "--policy-url", ms_url, "--publish-every", "3",
                                        "--max-steps", "100000", "--batch-size", "2", "--max-length", "1024",
@@ -181,11 +182,11 @@ def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float]
         for p in (serve, trainer, model, fake):
             if p.popen is not None and p.alive():
                 p.kill9()
-    summary = reconcile(queue, train_dir, serve_dir, serve_kills=serve.kills + sum(
-        1 for e in events if e.get("kill") == "serve-worker" and "pid" in e))
-    summary.update(duration_s=round(elapsed, 1), seed=seed, stop_codes=stop_codes, events=events,
+    worker_kills = sum(1 for e in events if e.get("kill") == "serve-worker" and "pid" in e)
+    summary = reconcile(queue, train_dir, serve_dir, workers_killed=WORKERS * serve.kills + worker_kills)
+    summary.update(duration_s=round(elapsed, 1), seed=seed, max_staleness=max_staleness, stop_codes=stop_codes, events=events,
                    kills={p.name: p.kills for p in (model, serve, trainer)},
-                   worker_kills=sum(1 for e in events if e.get("kill") == "serve-worker" and "pid" in e),
+                   worker_kills=worker_kills,
                    publish_kills=sum(1 for e in events if e.get("during_publish")))
     return summary
 
@@ -195,7 +196,7 @@ def _lineage(train_dir: Path) -> list[dict]:
     return [json.loads(x) for x in audit.read_text().splitlines() if x.strip()] if audit.exists() else []
 
 
-def reconcile(queue_path: Path, train_dir: Path, serve_dir: Path, serve_kills: int) -> dict:
+def reconcile(queue_path: Path, train_dir: Path, serve_dir: Path, workers_killed: int) -> dict:
     """The checks of the module docstring; `checks` maps each name to (ok, detail)."""
     from simkit.queue import open_queue
 
@@ -230,7 +231,7 @@ def reconcile(queue_path: Path, train_dir: Path, serve_dir: Path, serve_kills: i
 
     states = [json.loads(p.read_text()) for p in sorted(serve_dir.glob("worker-*/state.json"))]
     episodes, pairs = sum(s["episodes"] for s in states), sum(s["pairs"] for s in states)
-    slack = serve_kills * 8  # --concurrency: episodes in flight per worker when it died
+    slack = workers_killed * CONCURRENCY  # episodes in flight in a worker when it died
     checks["serve_pairs"] = (stats["appended"] <= pairs + slack,
                              f"queue appended {stats['appended']} <= serve pairs {pairs} + lost in-flight "
                              f"<= {slack} ({episodes} episodes, {stats['duplicates']} duplicate appends)")
@@ -248,13 +249,15 @@ def main() -> int:
     p.add_argument("--kill-every", type=float, nargs=2, default=(4.0, 9.0), metavar=("MIN", "MAX"),
                    help="seconds between kills, uniform (default 4 9)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-staleness", type=int, default=2,
+                   help="serve's --max-staleness (default 2; a large value means no stale drops: a control run)")
     p.add_argument("--work", help="scratch directory (default: a new temporary one, kept)")
     p.add_argument("--json", help="write the summary here")
     a = p.parse_args()
     import tempfile
 
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="soak-"))
-    s = soak(work, a.duration, a.seed, tuple(a.kill_every))
+    s = soak(work, a.duration, a.seed, tuple(a.kill_every), a.max_staleness)
     print(f"# soak {s['duration_s']}s in {work}: kills {s['kills']}, worker kills {s['worker_kills']}, "
           f"kills during publish {s['publish_kills']}")
     print(f"queue: {s['queue']}")
