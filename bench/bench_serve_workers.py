@@ -27,22 +27,32 @@ from simkit.fakeserver import FakeConfig, start_fake_server  # noqa: E402
 from simkit.serving.workers import last_row  # noqa: E402
 
 
+def _server_cpu_s(url: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/stats", timeout=10) as r:
+        return float(json.loads(r.read())["cpu_s"])
+
+
 def run_serve(url: str, workers: int, epochs: int, concurrency: int, tmp: Path) -> dict:
     name = f"w{workers}"
     cmd = [sys.executable, "-m", "simkit.cli", "serve", "--env", "toy", "--queue", str(tmp / f"{name}.db"),
            "--run-dir", str(tmp / name), "--policy", url, "--simulator", url, "--classifier", url,
            "--max-epochs", str(epochs), "--concurrency", str(concurrency), "--workers", str(workers),
            "--max-pending", "1000000"]
+    s0 = _server_cpu_s(url)
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # serve and its (joined) workers, start-up included
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    server_cpu = _server_cpu_s(url) - s0
     dirs = [tmp / name / f"worker-{g}" for g in range(workers)] if workers > 1 else [tmp / name]
     rows = [last_row(d / "metrics.jsonl") for d in dirs]
     episodes = sum(r["episodes"] for r in rows)
     wall = max(r["elapsed_s"] for r in rows)
     return {"workers": workers, "episodes": episodes, "wall_s": wall, "episodes_per_s": episodes / wall,
-            "serve_cpu_s": cpu, "episodes_per_cpu_s": episodes / cpu}
+            "serve_cpu_s": cpu, "episodes_per_cpu_s": episodes / cpu, "server_cpu_s": server_cpu,
+            "server_cpu_ms_per_episode": 1000 * server_cpu / episodes}
 
 
 def main() -> int:
@@ -60,7 +70,8 @@ def main() -> int:
     ratio = many["episodes_per_s"] / one["episodes_per_s"]
     for r in (one, many):
         print(f"workers {r['workers']}: {r['episodes']} episodes in {r['wall_s']:.2f}s = {r['episodes_per_s']:.0f} ep/s; "
-              f"serve CPU {r['serve_cpu_s']:.2f}s = {r['episodes_per_cpu_s']:.0f} ep per CPU-s")
+              f"serve CPU {r['serve_cpu_s']:.2f}s = {r['episodes_per_cpu_s']:.0f} ep per CPU-s; fake server "
+              f"{r['server_cpu_ms_per_episode']:.2f} ms CPU per episode")
     print(f"# {os.cpu_count()} CPUs, load average before: {os.getloadavg()[0]:.2f}")
     print(f"ratio {a.workers} workers / 1 worker: {ratio:.2f}x episodes/s "
           f"(CPU efficiency ratio {many['episodes_per_cpu_s'] / one['episodes_per_cpu_s']:.2f})")
