@@ -66,6 +66,7 @@ class Proc:
     popen: subprocess.Popen | None = None
     kills: int = 0
     starts: int = 0
+    started_at: float = 0.0
 
     def start(self) -> None:
         out = open(self.log, "ab")
@@ -73,6 +74,7 @@ class Proc:
                                       env={**os.environ, "OMP_NUM_THREADS": "1", **self.env})
         out.close()
         self.starts += 1
+        self.started_at = time.monotonic()
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -92,6 +94,22 @@ class Proc:
         except subprocess.TimeoutExpired:
             os.killpg(self.popen.pid, signal.SIGKILL)
             return self.popen.wait()
+
+
+def _starts(train_dir: Path) -> int:
+    """`start` / `resume` events in the trainer's metrics: written once its SIGTERM handler is in."""
+    path = train_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"event": "start"' in line or '"event": "resume"' in line)
+
+
+def _wait_ready(trainer: "Proc", train_dir: Path, before: int, timeout: float = 120) -> None:
+    """Before the final SIGTERM: a trainer restarted a moment ago may still be importing torch, and
+    a SIGTERM then just ends it (-15; harmless, nothing leased). Wait until it is up."""
+    deadline = time.monotonic() + timeout
+    while trainer.alive() and _starts(train_dir) <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _adapters(run: Path) -> set[str]:
@@ -133,6 +151,7 @@ def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float]
     trainer.start()
 
     events: list[dict] = []
+    trainer_starts_before = 0
     t0 = time.monotonic()
     targets = ["model-server", "serve", "serve-worker", "trainer", "trainer-publish"]
     rng.shuffle(targets)
@@ -143,6 +162,8 @@ def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float]
             for p in (model, serve, trainer):  # a process that exited on its own: note it, restart it
                 if not p.alive():
                     events.append({"t": round(time.monotonic() - t0, 1), "exited": p.name, "code": p.popen.returncode})
+                    if p is trainer:
+                        trainer_starts_before = _starts(train_dir)
                     p.start()
             if time.monotonic() - t0 >= duration:
                 break
@@ -166,6 +187,7 @@ def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float]
                         ev["missed"] = True
             elif target == "trainer":
                 trainer.kill9()
+                trainer_starts_before = _starts(train_dir)
                 trainer.start()
             else:  # in the middle of a publish: as soon as a new adapter directory shows up
                 seen = _adapters(train_dir)
@@ -174,9 +196,12 @@ def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float]
                     time.sleep(0.01)
                 ev["during_publish"] = bool(_adapters(train_dir) - seen)
                 trainer.kill9()
+                trainer_starts_before = _starts(train_dir)
                 trainer.start()
             events.append(ev)
         elapsed = time.monotonic() - t0
+        _wait_ready(trainer, train_dir, trainer_starts_before)
+        time.sleep(max(0.0, serve.started_at + 5 - time.monotonic()))  # serve's parent has its handlers by then
         stop_codes = {"serve": serve.stop(), "trainer": trainer.stop()}
     finally:
         for p in (serve, trainer, model, fake):

@@ -65,6 +65,13 @@ def test_workers_partition_and_survive_sigkill(fake, tmp_path):
     w1 = [json.loads(line)["task_id"] for line in (tmp_path / "two" / "worker-1" / "dpref.jsonl").read_text().splitlines()]
     assert not set(w0) & set(w1)
 
+    # two "hosts" (--shard 0/2 and 1/2) against one queue: the same union again
+    hosts = [subprocess.Popen(_cmd(fake, tmp_path, f"host{i}", "--shard", f"{i}/2") + ["--queue", str(tmp_path / "hosts.db")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    for h in hosts:
+        assert h.wait(timeout=180) == 0, h.stderr.read()[-3000:]
+    assert _pairs(tmp_path, "hosts") == (ref_ids, ref_tasks)
+
     # kill -9 one worker mid-run: the parent restarts it, it resumes from its own state.json
     run = tmp_path / "kill"
     proc = subprocess.Popen(_cmd(fake, tmp_path, "kill", "--workers", "2"), stdout=subprocess.PIPE,

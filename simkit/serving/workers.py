@@ -14,8 +14,8 @@ Each worker is an ordinary single-process serve with its own run directory RUN_D
 (state.json watermark, dpref.jsonl, metrics.jsonl), so resume is per worker. The parent only
 supervises: it aggregates the workers' latest metrics rows into one status line and
 RUN_DIR/metrics.jsonl, and restarts a worker that dies (kill -9, OOM, crash) — it resumes from
-its own watermark — up to `max_restarts` times per worker; beyond that the parent stops the
-others and exits 1. A worker that exits 0 (its --max-episodes / --max-epochs reached) is done.
+its own watermark — after a backoff (0.5 s, doubling) up to `max_restarts` times per worker;
+beyond that the parent stops the others and exits 1. A worker that exits 0 (its --max-episodes / --max-epochs reached) is done.
 SIGINT / SIGTERM are forwarded; the parent exits when every worker has.
 """
 from __future__ import annotations
@@ -130,13 +130,14 @@ class _Worker:
     restarts: int = 0
     exits: list[int] = field(default_factory=list)
     done: bool = False
+    restart_at: float | None = None  # monotonic time of a pending restart (backoff)
 
 
 class WorkerPool:
     """Start, watch, restart and aggregate the worker processes of one serve host."""
 
-    def __init__(self, cfg: Any, max_restarts: int = 5, poll_s: float = 0.5):
-        self.cfg, self.max_restarts, self.poll_s = cfg, max_restarts, poll_s
+    def __init__(self, cfg: Any, max_restarts: int = 5, poll_s: float = 0.5, backoff_s: float = 0.5):
+        self.cfg, self.max_restarts, self.poll_s, self.backoff_s = cfg, max_restarts, poll_s, backoff_s
         self.run_dir = Path(cfg.run_dir)
         self.shard, self.shards = parse_shard(cfg.shard)
         self.total = self.shards * cfg.workers
@@ -204,9 +205,10 @@ class WorkerPool:
             w.done = True
             return
         w.restarts += 1
-        print(f"simkit serve: worker {w.index} {reason}; restarting it ({w.restarts}/{self.max_restarts}), "
-              f"it resumes from {w.run_dir / 'state.json'}", file=sys.stderr, flush=True)
-        self._start(w)
+        delay = self.backoff_s * 2 ** (w.restarts - 1)  # a worker failing at start-up must not spin
+        w.restart_at = time.monotonic() + delay
+        print(f"simkit serve: worker {w.index} {reason}; restarting it in {delay:.1f}s ({w.restarts}/"
+              f"{self.max_restarts}), it resumes from {w.run_dir / 'state.json'}", file=sys.stderr, flush=True)
 
     def run(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -220,6 +222,12 @@ class WorkerPool:
                 for w in self.workers:
                     if w.proc is not None and not w.proc.is_alive():
                         self._reap(w)
+                    elif w.restart_at is not None and (self.stopping or time.monotonic() >= w.restart_at):
+                        w.restart_at = None
+                        if self.stopping:
+                            w.done = True
+                        else:
+                            self._start(w)
                 self.reporter.tick()
                 self.reporter.write_metrics()
                 time.sleep(self.poll_s)
