@@ -25,7 +25,9 @@
 #   METHODS="act-sync act-async random-actions no-simulation no-sampling irpo"   which trained variants to run
 #                         (SFT and the base model always run); a subset fits a small machine's time
 #   SEED=0                seed of the conversation sample, task order and training (same for every method)
-#   BATCH=4 GRAD_ACCUM=1  trainer batch; EPOCHS=2 passes over the n conversations for ACT (the authors' 2)
+#   TRAIN_PROCS=1         data-parallel trainer processes (GPUs): >1 runs `accelerate launch --multi_gpu
+#                         --num_processes TRAIN_PROCS -m trainer.cli run` (rank 0 leases, acks, commits, publishes)
+#   BATCH=4 GRAD_ACCUM=1  trainer batch (per process); EPOCHS=2 passes over the n conversations for ACT (the authors' 2)
 #   ACT_STEPS=            DPO steps per ACT run (default ceil(EPOCHS * n / (BATCH * GRAD_ACCUM)))
 #   SFT_EPOCHS=8          the authors' SFT baseline
 #   PUBLISH_EVERY=5       async schedule: a new policy version every P steps
@@ -55,6 +57,7 @@ METHODS=${METHODS:-"act-sync act-async random-actions no-simulation no-sampling 
 SEED=${SEED:-0}
 BATCH=${BATCH:-4}
 GRAD_ACCUM=${GRAD_ACCUM:-1}
+TRAIN_PROCS=${TRAIN_PROCS:-1}
 EPOCHS=${EPOCHS:-2}
 ACT_STEPS=${ACT_STEPS:-}
 SFT_EPOCHS=${SFT_EPOCHS:-8}
@@ -82,7 +85,11 @@ MODEL=$(cd "$MODEL" && pwd)
 LOG=$OUT/recipe.log
 SIMKIT=("$PYTHON" -m simkit.cli)
 TRAINER=("$PYTHON" -m trainer.cli)
-MICRO=$((BATCH * GRAD_ACCUM))
+TRAINER_RUN=("${TRAINER[@]}")  # the multi-GPU launch: one trainer.cli run per GPU under accelerate (DDP)
+if (( TRAIN_PROCS > 1 )); then
+  TRAINER_RUN=("$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$TRAIN_PROCS" -m trainer.cli)
+fi
+MICRO=$((BATCH * GRAD_ACCUM * TRAIN_PROCS))  # pairs per optimizer step
 
 log() { echo "$(date -Is) $*" | tee -a "$LOG"; }
 
@@ -212,7 +219,7 @@ serve_cmd() {  # serve_cmd N DIR RUN_DIR EXTRA...  → SERVE array
 trainer_cmd() {  # trainer_cmd N DIR ADAPTER STEPS EXTRA...  → TRAIN array
   local n=$1 dir=$2 adapter=$3 steps=$4; shift 4
   start_from "$n"
-  TRAIN=("${TRAINER[@]}" run --model "$MODEL" --queue "$dir/queue.sqlite" --out "$dir/train" --policy-url "$POLICY_URL"
+  TRAIN=("${TRAINER_RUN[@]}" run --model "$MODEL" --queue "$dir/queue.sqlite" --out "$dir/train" --policy-url "$POLICY_URL"
          --adapter-name "$adapter" --max-steps "$steps" --batch-size "$BATCH" --grad-accum "$GRAD_ACCUM"
          --seed "$SEED" --no-tensorboard "${START_TRAIN[@]}" "$@" $TRAIN_ARGS)
 }

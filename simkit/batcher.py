@@ -112,10 +112,14 @@ class ContinuousBatcher:
                     return
             while not self._control.empty():
                 fn, fut = self._control.get()
+                if not fut.set_running_or_notify_cancel():  # the caller gave up (e.g. its HTTP request timed
+                    continue  # out): skip the call; a cancelled future must not be resolved (that would kill this thread)
                 try:
-                    fut.set_result(fn())
+                    result = fn()
                 except BaseException as e:  # reported to the caller
                     fut.set_exception(e)
+                else:
+                    fut.set_result(result)
             try:
                 self._admit()
                 if self.rows:

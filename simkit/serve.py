@@ -89,6 +89,12 @@ class ServeConfig(BaseModel):
     retries: int = Field(2, ge=0, description="in-process retries of an episode whose role call gave up (then it "
                                               "is a counted failure and the resume watermark moves past it)")
     retry_backoff_s: float = Field(0.5, ge=0, description="wait before the first such retry (doubles per retry)")
+    workers: int = Field(1, ge=1, description="serve processes on this host, each with its own event loop, task "
+                                              "slice and RUN_DIR/worker-G state (the parent aggregates status and "
+                                              "restarts a worker that dies)")
+    shard: str = Field("0/1", json_schema_extra={"metavar": "I/S"}, description="this host's shard I of S: hosts x workers partition the "
+                                                        "tasks (worker g = I*workers+i takes task g mod S*workers); "
+                                                        "every host needs the same --workers, --seed and --n")
     roles: RolesConfig = Field(default_factory=RolesConfig, description="the three roles and their clients")
 
     @model_validator(mode="before")
@@ -112,6 +118,9 @@ class ServeConfig(BaseModel):
         else:
             self.max_staleness = ASYNC_MAX_STALENESS if self.max_staleness is None else self.max_staleness
             self.max_pending = ASYNC_MAX_PENDING if self.max_pending is None else self.max_pending
+        from .serving.workers import parse_shard
+
+        parse_shard(self.shard)
         if self.mode == "irpo" and self.ablation != "none":
             raise ValueError("--mode irpo is a baseline of its own: no --ablation with it")
         return self
@@ -129,7 +138,7 @@ class Server:
     each finished rollout goes to the sink, the sink's flush commits the cursor's watermark, and
     a watcher task follows versions and reports status."""
 
-    def __init__(self, cfg: ServeConfig, env, roles, queue):
+    def __init__(self, cfg: ServeConfig, env, roles, queue, quiet: bool = False):
         self.cfg, self.env, self.roles, self.queue = cfg, env, roles, queue
         self.run_dir = Path(cfg.run_dir)
         self.stop = asyncio.Event()
@@ -141,7 +150,7 @@ class Server:
         self.sink = PairSink(queue, cfg.max_staleness,
                              self.run_dir / "trajectories.jsonl" if cfg.save_trajectories else None)
         self.cursor: TaskCursor | None = None
-        self.reporter = StatusReporter(self.run_dir / "metrics.jsonl", self._snapshot)
+        self.reporter = StatusReporter(self.run_dir / "metrics.jsonl", self._snapshot, quiet=quiet)
         self._t0 = time.monotonic()
 
     @property
@@ -262,9 +271,14 @@ class Server:
             m["successes"] += bool(t.info.get("success"))
 
 
-async def serve(cfg: ServeConfig, role_args: argparse.Namespace | RolesConfig | None = None) -> dict[str, Any]:
-    """Phase 1 once, then Phase 2 until a limit or a signal. The roles come from `cfg.roles`
-    (`role_args`, parsed role flags or a RolesConfig, replaces them: the older call style)."""
+async def serve(cfg: ServeConfig, role_args: argparse.Namespace | RolesConfig | None = None,
+                quiet: bool = False) -> dict[str, Any]:
+    """Phase 1 once, then Phase 2 until a limit or a signal, over this process's shard of the
+    tasks (`cfg.shard`; `--workers` runs several of these, see `simkit.serving.workers`). The
+    roles come from `cfg.roles` (`role_args`, parsed role flags or a RolesConfig, replaces them:
+    the older call style). `quiet`: no status line (a pool worker; its parent prints one)."""
+    from .serving.workers import parse_shard, shard_of
+
     from .pairs import build_pairs, new_phase1_stats, open_act_run, read_pairs
     from .queue import AsyncPairQueue, open_queue
     from .roles import roles_config
@@ -280,9 +294,13 @@ async def serve(cfg: ServeConfig, role_args: argparse.Namespace | RolesConfig | 
                                             split=cfg.split, n=cfg.n_conversations, seed=cfg.seed)
     split = sample.split
     sample.write(run_dir)
-    tasks = sample.tasks
+    tasks = shard_of(sample.tasks, *parse_shard(cfg.shard))
+    if not tasks:
+        await roles.aclose()
+        raise SystemExit(f"simkit serve: shard {cfg.shard} of {len(sample.tasks)} conversations is empty: "
+                         "use fewer workers / shards")
     queue = AsyncPairQueue(open_queue(cfg.queue))
-    server = Server(cfg, env, roles, queue)
+    server = Server(cfg, env, roles, queue, quiet=quiet)
     server.split = split
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -337,6 +355,13 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"simkit serve: bad configuration: {e}")
     if not cfg.roles.policy.url:
         raise SystemExit("simkit serve: --policy URL is required (e.g. http://127.0.0.1:8000/v1)")
+    if cfg.workers > 1:
+        from .serving.workers import WorkerPool
+
+        pool = WorkerPool(cfg)
+        code = pool.run()
+        print(json.dumps(pool.snapshot()))
+        return code
     summary = asyncio.run(serve(cfg))
     print(json.dumps(summary))
     return 0

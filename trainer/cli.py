@@ -27,6 +27,11 @@ versions old). --sync is the paper's: publish every step and train each step onl
 the latest version (stale ones are dropped, also if leased before the publish); run `simkit serve
 --sync` with it. IRPO baseline: --rpo-alpha A (DPO + A x NLL of the chosen) on `simkit serve --mode irpo`.
 Outputs: RUN_DIR/{config.yaml, metrics.jsonl, tb/, checkpoints/, adapters/, trained_pairs.jsonl}.
+One trainer per RUN_DIR: a second one exits at once naming the first (pid, host, start; RUN_DIR/trainer.lock).
+Data parallel (DDP; rank 0 leases, acks, commits and publishes, every rank trains its share):
+  accelerate launch --multi_gpu --num_processes 8 -m trainer.cli run ...     # GPUs
+  torchrun --nproc_per_node 2 -m trainer.cli run ...                         # CPU (gloo) or GPUs
+--batch-size is per process: each step trains batch_size x grad_accum x processes pairs.
 """
 
 SFT_EPILOG = """\
@@ -84,9 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import os
+
+    from .lock import RunDirLocked, RunLock
+
+    cfg = config_from_args(RunConfig, args, args.parser)
+    lock = None
+    if os.environ.get("RANK", "0") == "0":  # rank 0 (or the only process) owns the run dir: fail before torch loads
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = RunLock(cfg.run_dir).acquire()
+        except RunDirLocked as e:
+            args.parser.exit(2, f"trainer run: error: {e}\n")
     from .dpo import run
 
-    return run(config_from_args(RunConfig, args, args.parser))
+    return run(cfg, lock)
 
 
 def _sft(args: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ from trl.data_utils import common_prefix_length
 
 from simkit.types import PreferencePair
 
+from .distributed import Dist
+
 log = logging.getLogger("trainer")
 META = "_pairs"  # batch key with [(pair id, policy version)]; popped before the model sees the batch
 
@@ -49,6 +51,7 @@ class PairCollator:
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collator([{k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for e in examples])
         batch[META] = [(e["pair_id"], e["policy_version"]) for e in examples]
+        batch[META] += [peer for e in examples for peer in e.get("peers", ())]  # data parallel: rank 0 books all
         return batch
 
 
@@ -67,13 +70,18 @@ class QueueSource(torch.utils.data.IterableDataset):
     made by a version that was replaced meanwhile. A pair found stale then is consumed without
     training (`on_skip`, counted in `stale_skipped`), so with min_version = the current version (the
     sync schedule) no step ever trains on a pair older than the policy version in force.
+
+    Data parallel (`dist.world > 1`, see `distributed.py`): only rank 0 has a queue; it gathers
+    global micro-batches of `lease_n` examples (batch_size x world), broadcasts each, and every
+    rank yields its slice; rank 0's examples carry the other ranks' ids (`peers`) for the ledger.
     """
 
     def __init__(self, queue, tokenizer, *, lease_n: int, budget: Callable[[], int], stop: threading.Event,
-                 on_lease: Callable, on_skip: Callable, consumer: str = "trainer", lease_s: float = 3600.0,
+                 on_lease: Callable | None, on_skip: Callable | None, consumer: str = "trainer", lease_s: float = 3600.0,
                  poll_s: float = 0.5, max_length: int | None = None, idle_timeout_s: float | None = None,
-                 min_version: Callable[[], int | None] = lambda: None, prefetch: int = 1):
+                 min_version: Callable[[], int | None] = lambda: None, prefetch: int = 1, dist: Dist = Dist()):
         super().__init__()
+        self.dist = dist
         self.queue, self.tokenizer = queue, tokenizer
         self.lease_n, self.budget, self.stop = lease_n, budget, stop
         self.on_lease, self.on_skip = on_lease, on_skip
@@ -85,6 +93,40 @@ class QueueSource(torch.utils.data.IterableDataset):
         self._feeders: list[_Feeder] = []
 
     def __iter__(self) -> Iterator[dict]:
+        if not self.dist.is_main:
+            yield from self._follow()
+            return
+        if self.dist.world == 1:
+            yield from self._lead()
+            return
+        group: list[dict] = []
+        for ex in self._lead():
+            group.append(ex)
+            if len(group) == self.lease_n:
+                yield from self._scatter(group)
+                group = []
+        # the data ended (stop, idle, budget): tell the other ranks; a partial group is not trained.
+        # (When the Trainer stops pulling at max_steps, every rank stops at the same micro-batch.)
+        self.dist.bcast(None)
+
+    def _scatter(self, group: list[dict]) -> Iterator[dict]:
+        """Rank 0: broadcast one global micro-batch, yield slice 0 annotated with the peers' ids."""
+        self.dist.bcast(group)
+        n, world = len(group) // self.dist.world, self.dist.world
+        for j, ex in enumerate(group[:n]):
+            peers = [(group[r * n + j]["pair_id"], group[r * n + j]["policy_version"]) for r in range(1, world)]
+            yield {**ex, "peers": peers}
+
+    def _follow(self) -> Iterator[dict]:
+        """Rank > 0: this rank's slice of each global micro-batch rank 0 broadcasts, until None."""
+        while True:
+            group = self.dist.bcast(None)
+            if group is None:
+                return
+            n = len(group) // self.dist.world
+            yield from group[self.dist.rank * n:(self.dist.rank + 1) * n]
+
+    def _lead(self) -> Iterator[dict]:
         remaining = self.budget()
         if remaining <= 0:
             return

@@ -9,12 +9,18 @@
 train dataloader (the queue), `training_step` (records the ids of the micro-batch it trains),
 and `log` (adds queue metrics). The loss, reference model, precision and the optimizer /
 scheduler / checkpoint machinery are TRL's and transformers' own.
+
+Several processes (`accelerate launch --multi_gpu --num_processes N -m trainer.cli run ...` or
+`torchrun --nproc_per_node N -m trainer.cli run ...`) train data-parallel: rank 0 alone owns the
+queue, ledger, checkpoints' commit and publishing (see `distributed.py`). One `trainer run` per
+run directory (`lock.py`).
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,7 +35,9 @@ from simkit.queue import open_queue
 
 from .config import RunConfig, save_snapshot
 from .data import META, PairCollator, QueueSource
+from .distributed import Dist, close
 from .ledger import Ledger, latest_committed, rotate
+from .lock import RunDirLocked, RunLock
 from .metrics import MetricsCallback, MetricsWriter
 from .models import checkpointing_args, load_model, load_tokenizer, lora_config, precision_args
 from .publish import PublishError, Publisher
@@ -53,9 +61,9 @@ class QueueDPOTrainer(DPOTrainer):
                  step_extras: Callable[[], dict] = dict, **kwargs: Any):
         self._source, self._on_micro_batch, self._step_extras = source, on_micro_batch, step_extras
         super().__init__(*args, train_dataset=_placeholder_dataset(), **kwargs)
-        if self.accelerator.num_processes > 1:  # one ledger, one lease owner, one publisher
-            raise NotImplementedError("trainer run is single-process (one GPU or CPU); multi-process "
-                                      "data parallelism over the queue is not supported yet")
+        if self.accelerator.num_processes != source.dist.world:
+            raise RuntimeError(f"accelerate runs {self.accelerator.num_processes} processes but the queue source "
+                               f"was set up for {source.dist.world}")
 
     def get_train_dataloader(self) -> DataLoader:
         # A plain DataLoader (no accelerate prefetch): a batch is trained as soon as it is leased,
@@ -80,32 +88,42 @@ class _RunCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.run.t_last = time.perf_counter()
 
+    # Decisions are rank 0's, broadcast (identity with one process): all ranks save and stop together.
     def on_step_end(self, args, state, control, **kw):
         run, step = self.run, state.global_step
-        run.after_step(step)
-        final = step >= state.max_steps or run.stopping
+        if run.dist.is_main:
+            run.after_step(step)
+        stop, stopping = run.dist.bcast((run.stop.is_set(), run.stopping))
+        final = step >= state.max_steps or stopping
         if step % run.cfg.commit_every == 0 or step % run.cfg.publish_every == 0 or final:
             control.should_save = True
-        if run.stop.is_set():
+        if stop:
             control.should_training_stop = True
 
     def on_epoch_end(self, args, state, control, **kw):
         # the source ended between steps (stop signal, idle timeout): commit what is trained
-        if self.run.ledger.uncommitted:
+        run = self.run
+        uncommitted, stopping = run.dist.bcast((run.dist.is_main and run.ledger.uncommitted > 0, run.stopping))
+        if uncommitted:
             control.should_save = True
-        if self.run.stopping:
+        if stopping:
             control.should_training_stop = True
 
     def on_save(self, args, state, control, **kw):
-        final = state.global_step >= state.max_steps or self.run.stopping
-        self.run.commit(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, final)
+        run = self.run
+        run.dist.barrier()  # every rank's part of the checkpoint (its RNG state) is on disk
+        final = state.global_step >= state.max_steps or run.dist.bcast(run.stopping)
+        if run.dist.is_main:
+            run.commit(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, final)
 
 
 class DPORun:
     """Everything one `trainer run` process owns: queue, model, ledger, publisher, metrics."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, dist: Dist | None = None, lock: RunLock | None = None):
         self.cfg = cfg
+        self.dist = dist or Dist()
+        self._given_lock = lock  # the CLI takes it before the heavy imports, to fail at once
         self.run_dir = cfg.run_dir.resolve()
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.stop = threading.Event()
@@ -171,8 +189,9 @@ class DPORun:
 
         return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def _resume_state(self) -> Path | None:
-        """Ack what the last committed checkpoint trained, release the rest, republish if due."""
+    def _resume_state(self) -> tuple[Path | None, int]:
+        """Ack what the last committed checkpoint trained, release the rest, republish if due.
+        Returns the checkpoint to resume from and its step."""
         found = latest_committed(self.ckpt_dir)
         path, marker = found if found else (None, None)
         released = self.ledger.restore(marker, self.cfg.consumer)
@@ -188,7 +207,7 @@ class DPORun:
                      self.ledger.committed_total, released)
             if marker.get("publish") and self.last_published_step < marker["step"]:
                 self.publish(path, marker["step"])  # died between commit and publish
-        return path
+        return path, marker["step"] if marker else 0
 
     def dpo_config(self) -> DPOConfig:
         c = self.cfg
@@ -200,12 +219,15 @@ class DPORun:
             label_smoothing=c.label_smoothing, max_length=c.max_length, **loss_args(c),
             seed=c.seed, logging_steps=1, save_strategy="no",
             save_total_limit=None, report_to="none", remove_unused_columns=False, ignore_data_skip=True,
-            dataloader_num_workers=0, disable_tqdm=True, **precision_args(c.dtype),
+            dataloader_num_workers=0, disable_tqdm=True, **precision_args(c.dtype), **self.dist.trainer_args(),
             **checkpointing_args(DPOConfig, c.gradient_checkpointing))
 
-    def main(self) -> int:
+    def _open(self) -> tuple[str | None, int]:
+        """Rank 0: lock the run dir, open queue, metrics, ledger and publisher, and resume.
+        Returns (checkpoint to resume from or None, its step)."""
         c = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = self._given_lock or RunLock(self.run_dir).acquire()
         save_snapshot(c, self.run_dir, "config.yaml")
         self.queue = open_queue(c.queue)
         self.writer = MetricsWriter(self.run_dir, tensorboard=c.tensorboard)
@@ -215,42 +237,68 @@ class DPORun:
             naming=c.adapter_naming, keep_loaded=c.keep_loaded, retries=c.publish_retries,
             timeout_s=c.publish_timeout_s, api_key=os.environ.get(c.api_key_env) or None,
             merge_base=c.model if c.merge else None, merge_dtype=c.dtype)
+        path, step = self._resume_state()
+        return (str(path) if path else None), step
+
+    def _close(self) -> None:
+        c = self.cfg
+        try:
+            if self.source is not None:
+                self.source.close()  # no feeder may lease after the release below
+            if self.queue is not None:
+                self.queue.release(c.consumer)  # leased but not committed: back to the queue
+        finally:
+            for part in (self.writer, self.publisher, self.queue):
+                if part is not None:
+                    part.close()
+            if self.lock is not None:
+                self.lock.release()  # last: the run dir is free once everything above is settled
+
+    def main(self) -> int:
+        c, d = self.cfg, self.dist
+        self.queue = self.writer = self.ledger = self.publisher = self.lock = None
         previous = self._install_signals()
         self.source = None
         try:
-            resume = self._resume_state()
+            resume, step = d.bcast(self._open() if d.is_main else None)
+            if step >= c.max_steps:  # not a single step left: say so instead of an empty Trainer epoch
+                if d.is_main:
+                    self.writer.event("finished", step=step, max_steps=c.max_steps)
+                    print(f"trainer run: {self.run_dir} already finished (step {step} of {c.max_steps}); "
+                          "nothing to do (raise --max-steps to train on)", flush=True)
+                return 0
             tokenizer = load_tokenizer(c.model)
+            world = d.world
             self.source = source = QueueSource(
-                self.queue, tokenizer, lease_n=c.batch_size, stop=self.stop,
-                budget=lambda: (c.max_steps - self.trainer.state.global_step) * c.batch_size * c.grad_accum,
-                on_lease=self.ledger.on_lease, on_skip=self.ledger.on_skip, consumer=c.consumer,
+                self.queue, tokenizer, lease_n=c.batch_size * world, stop=self.stop,
+                budget=lambda: (c.max_steps - self.trainer.state.global_step) * c.batch_size * c.grad_accum * world,
+                on_lease=self.ledger.on_lease if d.is_main else None,
+                on_skip=self.ledger.on_skip if d.is_main else None, consumer=c.consumer,
                 lease_s=c.lease_s, poll_s=c.poll_s, max_length=c.max_length, idle_timeout_s=c.idle_timeout_s,
                 min_version=(lambda: None) if c.max_staleness is None else
-                (lambda: max(0, self.version - c.max_staleness)))
+                (lambda: max(0, self.version - c.max_staleness)), dist=d)
+            callbacks = [_RunCallback(self)] + ([MetricsCallback(self.writer)] if d.is_main else [])
             self.trainer = QueueDPOTrainer(
                 model=policy_model(c), args=self.dpo_config(), processing_class=tokenizer,
-                peft_config=None if c.init_adapter else lora_config(c), source=source, on_micro_batch=self.ledger.on_micro_batch,
-                step_extras=self.step_extras, callbacks=[_RunCallback(self), MetricsCallback(self.writer)])
+                peft_config=None if c.init_adapter else lora_config(c), source=source,
+                on_micro_batch=self.ledger.on_micro_batch if d.is_main else (lambda pairs: None),
+                step_extras=self.step_extras, callbacks=callbacks)
             self.trainer.remove_callback(PrinterCallback)  # MetricsCallback logs one concise line per step
-            if self.stop.is_set():
+            if d.bcast(self.stop.is_set()):
                 return 0
-            self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-            self.writer.event("stop", step=self.trainer.state.global_step, reason="idle" if source.idle else
-                              "signal" if self.stop.is_set() else "max_steps",
-                              committed_total=self.ledger.committed_total, skipped_total=self.ledger.skipped_total,
-                              version=self.version)
+            self.trainer.train(resume_from_checkpoint=resume)
+            if d.is_main:
+                self.writer.event("stop", step=self.trainer.state.global_step, reason="idle" if source.idle else
+                                  "signal" if self.stop.is_set() else "max_steps",
+                                  committed_total=self.ledger.committed_total,
+                                  skipped_total=self.ledger.skipped_total, version=self.version)
             return 0
         finally:
             try:
-                if self.source is not None:
-                    self.source.close()  # no feeder may lease after the release below
-                self.queue.release(c.consumer)  # leased but not committed: back to the queue
+                self._close()
             finally:
                 for sig, h in previous.items():
                     signal.signal(sig, h)
-                self.writer.close()
-                self.publisher.close()
-                self.queue.close()
 
 
 def policy_model(c: RunConfig):
@@ -288,7 +336,15 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def run(cfg: RunConfig) -> int:
+def run(cfg: RunConfig, lock: RunLock | None = None) -> int:
+    """`trainer run` in this process (one rank of several under accelerate launch / torchrun)."""
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     quiet_libraries()
-    return DPORun(cfg).main()
+    dist = Dist.from_env()
+    try:
+        return DPORun(cfg, dist, lock if dist.is_main else None).main()
+    except RunDirLocked as e:
+        print(f"trainer run: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        close(dist)

@@ -12,17 +12,18 @@ def status_line(s: dict[str, Any]) -> str:
     return (f"v{s['version']} | {s['episodes']} ep ({s['episodes_per_s']:.1f}/s) | {s['pairs']} pairs "
             f"({s['pairs_per_s']:.1f}/s) | action acc {s['action_accuracy'] or 0:.2f} | success "
             f"{s['success_rate'] or 0:.2f} | queue {s['queue_depth']} | failed {s['failures']} | "
-            f"stale dropped {s['dropped_stale']}")
+            f"stale dropped {s['dropped_stale']}" + (f" | workers {s['alive']}/{s['workers']}" if "workers" in s else ""))
 
 
 class StatusReporter:
     def __init__(self, metrics_path: Path, snapshot: Callable[[], dict[str, Any]],
-                 metrics_every_s: float = 1.0, log_every_s: float = 5.0):
+                 metrics_every_s: float = 1.0, log_every_s: float = 5.0, quiet: bool = False):
         self.metrics_path, self.snapshot = metrics_path, snapshot
         self.metrics_every_s, self.log_every_s = metrics_every_s, log_every_s
         self._last_metrics = time.monotonic()
         self._last_log = 0.0
         self.tty = sys.stderr.isatty()
+        self.quiet = quiet  # metrics only, no line (a pool worker: its parent prints the sum)
 
     def write_metrics(self, final: bool = False) -> None:
         now = time.monotonic()
@@ -33,6 +34,8 @@ class StatusReporter:
 
     def tick(self) -> None:
         """The status line: redrawn on a terminal, one line every `log_every_s` in logs."""
+        if self.quiet:
+            return
         line = status_line(self.snapshot())
         if self.tty:
             print("\r" + line[:200].ljust(120), end="", file=sys.stderr, flush=True)
@@ -41,5 +44,5 @@ class StatusReporter:
             print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.tty:
+        if self.tty and not self.quiet:
             print(file=sys.stderr)

@@ -1,0 +1,298 @@
+"""Fault soak of the whole ACT loop: every process killed with SIGKILL at random moments, the
+simulator and classifier failing, and afterwards every count must reconcile.
+
+    .venv/bin/python bench/soak_faults.py --duration 300            # 5 minutes of chaos
+    .venv/bin/python bench/soak_faults.py --duration 45 --json s.json   # what tests/test_soak.py runs
+
+Processes (all real subprocesses, in a scratch directory):
+- the embedded model server (tiny random Llama): the policy, loads each published adapter;
+- a fake OpenAI server for the simulator and the classifier with 10% HTTP 500s and 1% requests
+  that never answer (`simkit.fakeserver`; the one process never killed: it *is* the fault);
+- `simkit serve --env toy --workers 2` (async schedule, --max-staleness 2);
+- `trainer run --publish-every 3` (batch 2, never-ending --max-steps).
+A chaos loop kills one target every few seconds and restarts it: the model server, serve (the
+whole process group), one serve worker (the pool restarts it), the trainer, and the trainer in
+the middle of a publish (as soon as a new adapter directory appears). At the end serve and the
+trainer get SIGTERM (clean stop), and the checks below run on the queue, the trainer's ledger
+and serve's state files.
+
+Reconciliation (each check is named in the output; exit status 1 if any fails):
+- `queue_balance`: appended = acked + dropped + pending, with pending counted by leasing every
+  live pair (no pair vanished);
+- `lineage`: the trainer's commits form one chain (each commit's parent is the previous commit);
+- `trained_once`: no pair id in two commits;
+- `acked_is_trained`: the queue's acked count equals the pairs the commits trained (nothing
+  was trained without being acked, nothing acked untrained: skips would show here);
+- `trained_not_pending`: no trained pair is still pending or dropped (SQLite: per id, `done`);
+- `serve_pairs`: the queue's appended pairs are covered by serve's episodes (Σ state.json
+  pairs), up to the in-flight episodes lost per serve kill that were redone with another
+  outcome.
+Under the queue rule "a leased pair is never dropped stale; staleness applies when leasing",
+all of these hold. A queue that drops leased pairs breaks `acked_is_trained` and
+`trained_not_pending` (a trained pair is acked after it was dropped: the ack is a no-op).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from simkit.testing import free_port, wait_http  # noqa: E402
+
+PY = sys.executable
+WORKERS, CONCURRENCY = 2, 8  # serve's --workers and --concurrency (per worker)
+
+
+@dataclass
+class Proc:
+    """One restartable process (its own process group), its log, its kills."""
+
+    name: str
+    cmd: Callable[[], list[str]]
+    log: Path
+    env: dict = field(default_factory=dict)
+    popen: subprocess.Popen | None = None
+    kills: int = 0
+    starts: int = 0
+    started_at: float = 0.0
+
+    def start(self) -> None:
+        out = open(self.log, "ab")
+        self.popen = subprocess.Popen(self.cmd(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1", **self.env})
+        out.close()
+        self.starts += 1
+        self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def kill9(self) -> None:
+        if self.alive():
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.kills += 1
+        self.popen.wait()
+
+    def stop(self, timeout: float = 120) -> int:
+        if not self.alive():
+            return self.popen.returncode
+        os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            return self.popen.wait()
+
+
+def _starts(train_dir: Path) -> int:
+    """`start` / `resume` events in the trainer's metrics: written once its SIGTERM handler is in."""
+    path = train_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"event": "start"' in line or '"event": "resume"' in line)
+
+
+def _wait_ready(trainer: "Proc", train_dir: Path, before: int, timeout: float = 120) -> None:
+    """Before the final SIGTERM: a trainer restarted a moment ago may still be importing torch, and
+    a SIGTERM then just ends it (-15; harmless, nothing leased). Wait until it is up."""
+    deadline = time.monotonic() + timeout
+    while trainer.alive() and _starts(train_dir) <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _adapters(run: Path) -> set[str]:
+    d = run / "adapters"
+    return {p.name for p in d.iterdir()} if d.is_dir() else set()
+
+
+def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float], max_staleness: int = 2) -> dict:
+    from simkit.tiny_model import init_tiny
+
+    rng = random.Random(seed)
+    work.mkdir(parents=True, exist_ok=True)
+    tiny = init_tiny(work / "tiny")
+    queue, serve_dir, train_dir = work / "q.db", work / "serve", work / "train"
+    ms_port, fake_port = free_port(), free_port()
+    ms_url, fake_url = f"http://127.0.0.1:{ms_port}/v1", f"http://127.0.0.1:{fake_port}/v1"
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+
+    fake = Proc("fake", lambda: [PY, "-m", "simkit.fakeserver", "--port", str(fake_port), "--latency-ms", "5",
+                                 "--error-rate", "0.1", "--stall-rate", "0.01"], logs / "fake.log")
+    model = Proc("model-server", lambda: [PY, "-m", "simkit.cli", "model-server", "--model", str(tiny),
+                                          "--port", str(ms_port)], logs / "model_server.log")
+    serve = Proc("serve", lambda: [PY, "-m", "simkit.cli", "serve", "--env", "toy", "--queue", str(queue),
+                                   "--run-dir", str(serve_dir), "--policy", ms_url, "--simulator", fake_url,
+                                   "--classifier", fake_url, "--workers", str(WORKERS), "--concurrency", str(CONCURRENCY),
+                                   "--max-tokens", "8", "--timeout", "5", "--max-pending", "64",
+                                   "--poll-s", "0.3", "--max-staleness", str(max_staleness)], logs / "serve.log")
+    trainer = Proc("trainer", lambda: [PY, "-m", "trainer.cli", "run", "--queue", str(queue), "--model", str(tiny),
+                                       "--out", str(train_dir), "--policy-url", ms_url, "--publish-every", "3",
+                                       "--max-steps", "100000", "--batch-size", "2", "--max-length", "1024",
+                                       "--no-tensorboard", "--poll-s", "0.2", "--lr", "1e-3", "--adapter-name", "soak",
+                                       "--publish-retries", "2", "--publish-timeout-s", "10"], logs / "trainer.log")
+    for p in (fake, model):
+        p.start()
+    wait_http(f"http://127.0.0.1:{fake_port}/health", 60, fake.popen)
+    wait_http(f"http://127.0.0.1:{ms_port}/health", 180, model.popen)
+    serve.start()
+    trainer.start()
+
+    events: list[dict] = []
+    trainer_starts_before = 0
+    t0 = time.monotonic()
+    targets = ["model-server", "serve", "serve-worker", "trainer", "trainer-publish"]
+    rng.shuffle(targets)
+    i = 0
+    try:
+        while time.monotonic() - t0 < duration:
+            time.sleep(rng.uniform(*kill_every))
+            for p in (model, serve, trainer):  # a process that exited on its own: note it, restart it
+                if not p.alive():
+                    events.append({"t": round(time.monotonic() - t0, 1), "exited": p.name, "code": p.popen.returncode})
+                    if p is trainer:
+                        trainer_starts_before = _starts(train_dir)
+                    p.start()
+            if time.monotonic() - t0 >= duration:
+                break
+            target = targets[i % len(targets)]
+            i += 1
+            ev = {"t": round(time.monotonic() - t0, 1), "kill": target}
+            if target == "model-server":
+                model.kill9()
+                model.start()
+            elif target == "serve":
+                serve.kill9()
+                serve.start()
+            elif target == "serve-worker":
+                pids = sorted(serve_dir.glob("worker-*/pid"))
+                if pids:
+                    pid = int(rng.choice(pids).read_text())
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        ev["pid"] = pid
+                    except ProcessLookupError:
+                        ev["missed"] = True
+            elif target == "trainer":
+                trainer.kill9()
+                trainer_starts_before = _starts(train_dir)
+                trainer.start()
+            else:  # in the middle of a publish: as soon as a new adapter directory shows up
+                seen = _adapters(train_dir)
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and _adapters(train_dir) <= seen and trainer.alive():
+                    time.sleep(0.01)
+                ev["during_publish"] = bool(_adapters(train_dir) - seen)
+                trainer.kill9()
+                trainer_starts_before = _starts(train_dir)
+                trainer.start()
+            events.append(ev)
+        elapsed = time.monotonic() - t0
+        _wait_ready(trainer, train_dir, trainer_starts_before)
+        time.sleep(max(0.0, serve.started_at + 5 - time.monotonic()))  # serve's parent has its handlers by then
+        stop_codes = {"serve": serve.stop(), "trainer": trainer.stop()}
+    finally:
+        for p in (serve, trainer, model, fake):
+            if p.popen is not None and p.alive():
+                p.kill9()
+    worker_kills = sum(1 for e in events if e.get("kill") == "serve-worker" and "pid" in e)
+    summary = reconcile(queue, train_dir, serve_dir, workers_killed=WORKERS * serve.kills + worker_kills)
+    summary.update(duration_s=round(elapsed, 1), seed=seed, max_staleness=max_staleness, stop_codes=stop_codes, events=events,
+                   kills={p.name: p.kills for p in (model, serve, trainer)},
+                   worker_kills=worker_kills,
+                   publish_kills=sum(1 for e in events if e.get("during_publish")))
+    return summary
+
+
+def _lineage(train_dir: Path) -> list[dict]:
+    audit = train_dir / "trained_pairs.jsonl"
+    return [json.loads(x) for x in audit.read_text().splitlines() if x.strip()] if audit.exists() else []
+
+
+def reconcile(queue_path: Path, train_dir: Path, serve_dir: Path, workers_killed: int) -> dict:
+    """The checks of the module docstring; `checks` maps each name to (ok, detail)."""
+    from simkit.queue import open_queue
+
+    checks: dict[str, tuple[bool, str]] = {}
+    with open_queue(queue_path) as q:
+        q.release("trainer")  # the trainer stopped cleanly already; a no-op then
+        stats = q.stats()
+        pending = list(q.lease(10**9, consumer="soak-check", lease_s=60).pairs)
+        q.release("soak-check")
+        versions = q.versions()
+    pending_ids = {p.id for p in pending}
+    balance = stats["acked"] + stats["dropped_stale"] + len(pending)
+    checks["queue_balance"] = (stats["appended"] == balance,
+                               f"appended {stats['appended']} = acked {stats['acked']} + dropped "
+                               f"{stats['dropped_stale']} + pending {len(pending)} ({balance})")
+
+    commits = _lineage(train_dir)
+    chain = all(c["parent_step"] == (commits[k - 1]["step"] if k else 0) for k, c in enumerate(commits))
+    checks["lineage"] = (chain, f"{len(commits)} commits, steps {[c['step'] for c in commits][:6]}...")
+    trained = [i for c in commits for i in c["pair_ids"]]
+    checks["trained_once"] = (len(trained) == len(set(trained)), f"{len(trained)} trained, {len(set(trained))} distinct")
+    # [stale-drop rule] fails on a queue that drops leased pairs: the ack of a trained, dropped pair is a no-op
+    checks["acked_is_trained"] = (stats["acked"] == len(set(trained)),
+                                  f"queue acked {stats['acked']} vs trained {len(set(trained))}")
+    with sqlite3.connect(queue_path) as db:  # per-id view (SQLite backend)
+        state = dict(db.execute("SELECT id, done FROM pairs"))
+    bad = [i for i in set(trained) if state.get(i) != 2]
+    # [stale-drop rule] idem, per id: a trained pair must be acked (done = 2), never dropped (3) or live
+    checks["trained_not_pending"] = (not bad and not (pending_ids & set(trained)),
+                                     f"{len(bad)} trained pairs not acked (e.g. {bad[:3]}; states "
+                                     f"{sorted({state.get(i) for i in bad}, key=str)})")
+
+    states = [json.loads(p.read_text()) for p in sorted(serve_dir.glob("worker-*/state.json"))]
+    episodes, pairs = sum(s["episodes"] for s in states), sum(s["pairs"] for s in states)
+    slack = workers_killed * CONCURRENCY  # episodes in flight in a worker when it died
+    checks["serve_pairs"] = (stats["appended"] <= pairs + slack,
+                             f"queue appended {stats['appended']} <= serve pairs {pairs} + lost in-flight "
+                             f"<= {slack} ({episodes} episodes, {stats['duplicates']} duplicate appends)")
+    return {"ok": all(ok for ok, _ in checks.values()),
+            "checks": {k: {"ok": ok, "detail": d} for k, (ok, d) in checks.items()},
+            "queue": stats, "serve": {"episodes": episodes, "pairs": pairs,
+                                      "restarts": sum(s["restarts"] for s in states)},
+            "trainer": {"commits": len(commits), "last_step": commits[-1]["step"] if commits else 0,
+                        "trained": len(trained), "versions": len(versions)}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=300, help="seconds of chaos (default 300)")
+    p.add_argument("--kill-every", type=float, nargs=2, default=(4.0, 9.0), metavar=("MIN", "MAX"),
+                   help="seconds between kills, uniform (default 4 9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-staleness", type=int, default=2,
+                   help="serve's --max-staleness (default 2; a large value means no stale drops: a control run)")
+    p.add_argument("--work", help="scratch directory (default: a new temporary one, kept)")
+    p.add_argument("--json", help="write the summary here")
+    a = p.parse_args()
+    import tempfile
+
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="soak-"))
+    s = soak(work, a.duration, a.seed, tuple(a.kill_every), a.max_staleness)
+    print(f"# soak {s['duration_s']}s in {work}: kills {s['kills']}, worker kills {s['worker_kills']}, "
+          f"kills during publish {s['publish_kills']}")
+    print(f"queue: {s['queue']}")
+    print(f"serve: {s['serve']}  trainer: {s['trainer']}  stop codes: {s['stop_codes']}")
+    for name, c in s["checks"].items():
+        print(f"{'ok  ' if c['ok'] else 'FAIL'} {name}: {c['detail']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(s, indent=2))
+    return 0 if s["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
