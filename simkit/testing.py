@@ -95,10 +95,11 @@ class RedisServer:
     `kill()` is a SIGKILL (no shutdown save); `start()` again reuses the same dir and port, so
     the restarted server replays the AOF."""
 
-    def __init__(self, data_dir: str | os.PathLike, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(self, data_dir: str | os.PathLike, port: int | None = None, appendonly: bool = True,
+                 exe: str = "redis-server") -> None:
         import shutil
 
-        exe = shutil.which("redis-server")
+        exe = shutil.which(exe)
         if exe is None:
             raise RuntimeError("redis-server not found: install it (Debian/Ubuntu: apt-get install -y "
                                "redis-server; macOS: brew install redis); .ci/run does this on CI")
