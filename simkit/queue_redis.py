@@ -62,7 +62,9 @@ _LEASE = """
 local s, g, c, n, H = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local idle, minv = ARGV[5], tonumber(ARGV[6])
 local out, got, expired, dropped, seen_count = {}, 0, 0, 0, 0
-local function field(kv, name)
+local function field(kv, name)  -- entries are written as i, v, b: try that order first
+  local pos = name == 'i' and 1 or name == 'v' and 3 or 5
+  if kv[pos] == name then return kv[pos + 1] end
   for j = 1, #kv, 2 do if kv[j] == name then return kv[j + 1] end end
 end
 local function take(eid, kv)  -- a pending entry now held by c: hand out or drop
@@ -77,7 +79,7 @@ end
 -- 1. expired or given-back leases, oldest first
 local start = '-'
 while got < n do
-  local pend = redis.call('XPENDING', s, g, 'IDLE', H, start, '+', n - got)
+  local pend = redis.call('XPENDING', s, g, 'IDLE', H, start, '+', math.min(n - got, 4000))
   if #pend == 0 then break end
   for _, p in ipairs(pend) do
     local eid = p[1]
@@ -87,14 +89,15 @@ while got < n do
     start = '(' .. eid
   end
 end
--- 2. never delivered
+-- 2. never delivered: read, set their lease time in one XCLAIM, hand out or drop
 while got < n do
-  local r = redis.call('XREADGROUP', 'GROUP', g, c, 'COUNT', n - got, 'STREAMS', s, '>')
+  local r = redis.call('XREADGROUP', 'GROUP', g, c, 'COUNT', math.min(n - got, 4000), 'STREAMS', s, '>')
   if not r or #r == 0 or #r[1][2] == 0 then break end
-  for _, e in ipairs(r[1][2]) do
-    redis.call('XCLAIM', s, g, c, 0, e[1], 'IDLE', idle, 'JUSTID')
-    take(e[1], e[2])
-  end
+  local args = {'XCLAIM', s, g, c, 0}
+  for _, e in ipairs(r[1][2]) do args[#args + 1] = e[1] end
+  args[#args + 1] = 'IDLE'; args[#args + 1] = idle; args[#args + 1] = 'JUSTID'
+  redis.call(unpack(args))
+  for _, e in ipairs(r[1][2]) do take(e[1], e[2]) end
 end
 redis.call('HINCRBY', KEYS[3], 'leased', got)
 redis.call('HINCRBY', KEYS[3], 'expired', expired)
@@ -104,16 +107,20 @@ return out
 
 # KEYS: stream, seen, stats. ARGV: group, mark ('a' acked / 'd' dropped), counter, pair ids...
 _SETTLE = """
-local n = 0
+local eids, marks = {}, {}
 for i = 4, #ARGV do
   local eid = redis.call('HGET', KEYS[2], ARGV[i])
   if eid and eid ~= 'a' and eid ~= 'd' then
-    redis.call('XACK', KEYS[1], ARGV[1], eid); redis.call('XDEL', KEYS[1], eid)
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[2]); n = n + 1
+    eids[#eids + 1] = eid; marks[#marks + 1] = ARGV[i]; marks[#marks + 1] = ARGV[2]
   end
 end
-redis.call('HINCRBY', KEYS[3], ARGV[3], n)
-return n
+if #eids > 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(eids))
+  redis.call('XDEL', KEYS[1], unpack(eids))
+  redis.call('HSET', KEYS[2], unpack(marks))
+end
+redis.call('HINCRBY', KEYS[3], ARGV[3], #eids)
+return #eids
 """
 
 # KEYS: stream, seen, stats. ARGV: group, H, new idle, consumer ('' = any), count as released (0/1),
@@ -293,9 +300,10 @@ class RedisQueue(PairQueue):
 
     def _settle(self, ids: list[str], mark: str, counter: str) -> int:
         self._check()
-        if not ids:
-            return 0
-        return int(self._s["settle"](keys=self._keys3(), args=[_GROUP, mark, counter, *ids]))
+        n = 0
+        for i in range(0, len(ids), 2000):  # Lua's unpack() takes ~8000 values at most
+            n += int(self._s["settle"](keys=self._keys3(), args=[_GROUP, mark, counter, *ids[i:i + 2000]]))
+        return n
 
     def ack(self, lease_or_ids: "Lease | Sequence[str]") -> int:
         return self._settle(_ids_of(lease_or_ids), "a", "acked")
