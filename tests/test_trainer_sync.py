@@ -70,7 +70,7 @@ def test_sync_rejects_a_conflicting_async_setting():
     with pytest.raises(ValueError, match="sync"):
         RunConfig(queue="q", model="m", out="o", sync=True, max_staleness=2)
     c = RunConfig(queue="q", model="m", out="o")
-    assert (c.sync, c.publish_every, c.max_staleness) == (False, 10, 2)  # async stays the default
+    assert (c.sync, c.publish_every, c.max_staleness) == (False, 10, None)  # async stays the default
 
 
 def test_serve_sync_preset():

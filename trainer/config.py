@@ -84,10 +84,11 @@ class RunConfig(CommonConfig):
     poll_s: float = Field(0.5, gt=0, description="wait between lease attempts while the queue is empty")
     idle_timeout_s: float | None = Field(None, gt=0, description="stop cleanly after this long without new pairs "
                                                                  "(default: wait forever)")
-    max_staleness: int | None = Field(2, ge=0, description="the one staleness limit: pairs more than this many versions "
-                                                          "behind the current one are dropped (counted) when leasing, "
-                                                          "and skipped when a leased pair is about to be trained "
-                                                          "(default 2; --sync: 0; null in YAML: keep all)")
+    max_staleness: int | None = Field(None, ge=0, description="the one staleness limit (serve has none): pairs more than "
+                                                             "this many versions behind the current one are dropped "
+                                                             "(counted) when leasing, and skipped when a leased pair is "
+                                                             "about to be trained (default: keep all, for offline DPO "
+                                                             "and IRPO rounds; async ACT: 2; --sync: 0)")
     adapter_name: str = Field("policy", description="adapter name on the servers (versioned naming adds -vN)")
     adapter_naming: Literal["versioned", "inplace"] = Field(
         "versioned", description="versioned: a new name per version (policy-v3); inplace: reuse one name with "
