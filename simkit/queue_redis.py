@@ -4,8 +4,8 @@ Open it with `open_queue("redis://host:6379/0?stream=act")`. Keys (one Redis, no
 `act` the stream (one entry per live pair: id, version, JSON), consumer group `simkit`;
 `act:seen` hash pair id → stream entry id while live, "a" acked, "d" dropped (the dedup set,
 kept forever, ~100 B per pair); `act:stats` counters; `act:versions` + `act:vmax` the versions.
-Every call is one Lua script (atomic, one round trip); acked and dropped entries are XACKed
-and XDELeted, so the stream holds live pairs only.
+Every state change is one Lua script (atomic, one round trip); acked and dropped entries are
+XACKed and XDELeted, so the stream holds live pairs only.
 
 Leases are the group's pending entries (XREADGROUP / XCLAIM / XACK). A lease's expiry is kept
 in the entry's idle time: leasing sets it to `_H - lease_s`, so the entry is expired once its
@@ -20,11 +20,13 @@ or an OS crash; `appendfsync always` loses nothing but fsyncs every write. Witho
 snapshots only) a restart rolls back to the last snapshot: appended pairs vanish (serve
 re-appends what its journal says is missing), acks vanish (committed pairs are trained again),
 and the dedup set forgets ids. The data set is the live pairs plus the dedup hash: size
-`maxmemory` accordingly, with `maxmemory-policy noeviction`.
+`maxmemory` accordingly, with `maxmemory-policy noeviction`. Opening a queue on a server
+without AOF logs a warning.
 """
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any, Sequence
@@ -34,6 +36,7 @@ from .queue import Lease, PairQueue, VersionInfo, _ids_of, decode_pairs
 from .types import PreferencePair
 
 __all__ = ["RedisQueue"]
+log = logging.getLogger("simkit.queue")
 
 _H = 100_000_000_000  # ms (~3 years): an entry whose idle time reached this is expired
 _GROUP = "simkit"
@@ -255,6 +258,16 @@ class RedisQueue(PairQueue):
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+        self._warn_without_aof()
+
+    def _warn_without_aof(self) -> None:
+        try:
+            aof = self._r.config_get("appendonly").get("appendonly")
+        except self._error:  # CONFIG disabled (managed Redis): nothing to check
+            return
+        if aof == "no" or aof == b"no":
+            log.warning("Redis at %s runs without AOF (appendonly no): a restart loses appended pairs, "
+                        "acks and the dedup set since the last snapshot; see simkit/queue_redis.py", self.url)
 
     def _keys3(self) -> list[str]:
         return [self.stream, self.k_seen, self.k_stats]

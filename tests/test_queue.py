@@ -586,3 +586,11 @@ def test_redis_server_helper_says_how_to_install(tmp_path):
 
     with pytest.raises(RuntimeError, match="apt-get install -y redis-server"):
         RedisServer(tmp_path / "r", exe="redis-server-not-installed")
+
+
+def test_redis_without_aof_is_warned_about(tmp_path, caplog):
+    from simkit.testing import RedisServer
+
+    with RedisServer(tmp_path / "r", appendonly=False) as srv, caplog.at_level("WARNING", logger="simkit.queue"):
+        open_queue(srv.url()).close()
+    assert "without AOF" in caplog.text
