@@ -1,11 +1,12 @@
 """Redis Streams backend of the PairQueue: for serve and trainer on different machines.
 
 Open it with `open_queue("redis://host:6379/0?stream=act")`. Keys (one Redis, not Cluster):
-`act` the stream (one entry per live pair: id, version, JSON), consumer group `simkit`;
-`act:seen` hash pair id → stream entry id while live, "a" acked, "d" dropped (the dedup set,
-kept forever, ~100 B per pair); `act:stats` counters; `act:versions` + `act:vmax` the versions.
-Every state change is one Lua script (atomic, one round trip); acked and dropped entries are
-XACKed and XDELeted, so the stream holds live pairs only.
+`act` the stream (one entry per live pair: id, version), consumer group `simkit`;
+`act:bodies` hash pair id → JSON (live pairs only); `act:seen` hash pair id → stream entry id
+while live, "a" acked, "d" dropped (the dedup set, kept forever, ~100 B per pair); `act:stats`
+counters; `act:versions` + `act:vmax` the versions. Every state change is one Lua script
+(atomic); the JSON never passes through Lua (which costs ~8 µs per 4 KB pair): append sends it
+with HSETNX in the same MULTI as its script, lease reads it with HMGET after its script.
 
 Leases are the group's pending entries (XREADGROUP / XCLAIM / XACK). A lease's expiry is kept
 in the entry's idle time: leasing sets it to `_H - lease_s`, so the entry is expired once its
@@ -42,31 +43,35 @@ _H = 100_000_000_000  # ms (~3 years): an entry whose idle time reached this is 
 _GROUP = "simkit"
 _COUNTERS = ("appended", "duplicates", "leased", "acked", "dropped_stale", "released", "expired")
 
-# KEYS: stream, seen, stats. ARGV: (pair id, version, json) * n
+# KEYS: stream, seen, stats, bodies. ARGV: (pair id, version) * n. Runs in the MULTI right after
+# the bodies' HSETNX: a new id gets its stream entry, an acked / dropped one loses its body again.
 _APPEND = """
 local new = 0
-for i = 1, #ARGV, 3 do
+for i = 1, #ARGV, 2 do
   local pid = ARGV[i]
-  if redis.call('HEXISTS', KEYS[2], pid) == 0 then
-    local eid = redis.call('XADD', KEYS[1], '*', 'i', pid, 'v', ARGV[i + 1], 'b', ARGV[i + 2])
+  local st = redis.call('HGET', KEYS[2], pid)
+  if not st then
+    local eid = redis.call('XADD', KEYS[1], '*', 'i', pid, 'v', ARGV[i + 1])
     redis.call('HSET', KEYS[2], pid, eid)
     new = new + 1
+  elseif st == 'a' or st == 'd' then
+    redis.call('HDEL', KEYS[4], pid)
   end
 end
-local n = #ARGV / 3
+local n = #ARGV / 2
 redis.call('HINCRBY', KEYS[3], 'appended', new)
 redis.call('HINCRBY', KEYS[3], 'duplicates', n - new)
 return new
 """
 
-# KEYS: stream, seen, stats. ARGV: group, consumer, n, H, lease idle, min_version ('' = none).
-# Returns {pair id, json, ...} of the pairs handed out.
+# KEYS: stream, seen, stats, bodies. ARGV: group, consumer, n, H, lease idle, min_version ('' = none).
+# Returns the ids of the pairs handed out.
 _LEASE = """
 local s, g, c, n, H = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local idle, minv = ARGV[5], tonumber(ARGV[6])
 local out, got, expired, dropped, seen_count = {}, 0, 0, 0, 0
-local function field(kv, name)  -- entries are written as i, v, b: try that order first
-  local pos = name == 'i' and 1 or name == 'v' and 3 or 5
+local function field(kv, name)  -- entries are written as i, v: try that order first
+  local pos = name == 'i' and 1 or 3
   if kv[pos] == name then return kv[pos + 1] end
   for j = 1, #kv, 2 do if kv[j] == name then return kv[j + 1] end end
 end
@@ -74,9 +79,9 @@ local function take(eid, kv)  -- a pending entry now held by c: hand out or drop
   local pid = field(kv, 'i')
   if minv and tonumber(field(kv, 'v')) < minv then
     redis.call('XACK', s, g, eid); redis.call('XDEL', s, eid)
-    redis.call('HSET', KEYS[2], pid, 'd'); dropped = dropped + 1
+    redis.call('HSET', KEYS[2], pid, 'd'); redis.call('HDEL', KEYS[4], pid); dropped = dropped + 1
   else
-    out[#out + 1] = pid; out[#out + 1] = field(kv, 'b'); got = got + 1
+    out[#out + 1] = pid; got = got + 1
   end
 end
 -- 1. expired or given-back leases, oldest first
@@ -108,19 +113,21 @@ redis.call('HINCRBY', KEYS[3], 'dropped_stale', dropped)
 return out
 """
 
-# KEYS: stream, seen, stats. ARGV: group, mark ('a' acked / 'd' dropped), counter, pair ids...
+# KEYS: stream, seen, stats, bodies. ARGV: group, mark ('a' acked / 'd' dropped), counter, pair ids...
 _SETTLE = """
-local eids, marks = {}, {}
+local eids, marks, pids = {}, {}, {}
 for i = 4, #ARGV do
   local eid = redis.call('HGET', KEYS[2], ARGV[i])
   if eid and eid ~= 'a' and eid ~= 'd' then
-    eids[#eids + 1] = eid; marks[#marks + 1] = ARGV[i]; marks[#marks + 1] = ARGV[2]
+    eids[#eids + 1] = eid; pids[#pids + 1] = ARGV[i]
+    marks[#marks + 1] = ARGV[i]; marks[#marks + 1] = ARGV[2]
   end
 end
 if #eids > 0 then
   redis.call('XACK', KEYS[1], ARGV[1], unpack(eids))
   redis.call('XDEL', KEYS[1], unpack(eids))
   redis.call('HSET', KEYS[2], unpack(marks))
+  redis.call('HDEL', KEYS[4], unpack(pids))
 end
 redis.call('HINCRBY', KEYS[3], ARGV[3], #eids)
 return #eids
@@ -162,7 +169,7 @@ redis.call('HINCRBY', KEYS[2], 'released', n)
 return n
 """
 
-# KEYS: stream, seen, stats. ARGV: group, H, min_version. Drops stale available pairs.
+# KEYS: stream, seen, stats, bodies. ARGV: group, H, min_version. Drops stale available pairs.
 _DROP = """
 local s, g, H, minv = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = 0
@@ -173,7 +180,7 @@ local function drop(eid, kv)
   end
   if v < minv then
     redis.call('XACK', s, g, eid); redis.call('XDEL', s, eid)
-    redis.call('HSET', KEYS[2], pid, 'd'); n = n + 1
+    redis.call('HSET', KEYS[2], pid, 'd'); redis.call('HDEL', KEYS[4], pid); n = n + 1
   end
 end
 local start = '-'
@@ -246,8 +253,9 @@ class RedisQueue(PairQueue):
         self.url, self.stream = url, stream or from_url
         self.chunk = chunk  # pairs per append script (one pipeline carries them all)
         self._r = redis.Redis.from_url(base)
-        self._error = redis.ResponseError
+        self._error, self._noscript = redis.ResponseError, redis.exceptions.NoScriptError
         self.k_seen, self.k_stats = f"{self.stream}:seen", f"{self.stream}:stats"
+        self.k_bodies = f"{self.stream}:bodies"
         self.k_versions, self.k_vmax = f"{self.stream}:versions", f"{self.stream}:vmax"
         self._s = {name: self._r.register_script(src) for name, src in (
             ("append", _APPEND), ("lease", _LEASE), ("settle", _SETTLE), ("retime", _RETIME),
@@ -269,8 +277,8 @@ class RedisQueue(PairQueue):
             log.warning("Redis at %s runs without AOF (appendonly no): a restart loses appended pairs, "
                         "acks and the dedup set since the last snapshot; see simkit/queue_redis.py", self.url)
 
-    def _keys3(self) -> list[str]:
-        return [self.stream, self.k_seen, self.k_stats]
+    def _keys(self) -> list[str]:
+        return [self.stream, self.k_seen, self.k_stats, self.k_bodies]
 
     def _check(self) -> None:
         if self._closed:
@@ -285,13 +293,22 @@ class RedisQueue(PairQueue):
         self._check()
         if not rows:
             return 0
-        pipe = self._r.pipeline(transaction=False)
-        for i in range(0, len(rows), self.chunk):
-            args: list[Any] = []
-            for pid, v, _, body in rows[i:i + self.chunk]:
-                args += (pid, int(v), body)
-            self._s["append"](keys=self._keys3(), args=args, client=pipe)
-        return sum(pipe.execute())
+        new = 0
+        for i in range(0, len(rows), self.chunk):  # one MULTI per chunk: bodies, then the script
+            part = rows[i:i + self.chunk]
+            for attempt in (0, 1):
+                pipe = self._r.pipeline(transaction=True)
+                for pid, _, _, body in part:
+                    pipe.hsetnx(self.k_bodies, pid, body)
+                self._s["append"](keys=self._keys(), args=[x for pid, v, _, _ in part for x in (pid, int(v))],
+                                  client=pipe)
+                try:
+                    new += pipe.execute()[-1]
+                    break
+                except self._noscript:  # a restarted server lost the script: load it, run it again
+                    if attempt:
+                        raise
+        return new
 
     def lease(self, n: int, consumer: str = "trainer", lease_s: float = 600.0,
               min_version: int | None = None) -> Lease:
@@ -301,13 +318,14 @@ class RedisQueue(PairQueue):
         if n <= 0:
             return Lease(lease_id, consumer, [], expires_at)
         idle = max(0, _H - int(float(lease_s) * 1000))
-        flat = self._s["lease"](keys=self._keys3(), args=[
+        pids = self._s["lease"](keys=self._keys(), args=[
             _GROUP, consumer, int(n), _H, idle, "" if min_version is None else int(min_version)])
-        bodies = flat[1::2]
+        # a body gone already means another consumer acked the pair (our lease ran out meanwhile)
+        bodies = [b for b in self._r.hmget(self.k_bodies, pids) if b is not None] if pids else []
         try:
             pairs = decode_pairs(bodies)
         except Exception:  # e.g. written by an incompatible simkit: give them back, then fail
-            self.nack([pid.decode() for pid in flat[0::2]])
+            self.nack([pid.decode() for pid in pids])
             raise
         return Lease(lease_id, consumer, pairs, expires_at)
 
@@ -315,7 +333,7 @@ class RedisQueue(PairQueue):
         self._check()
         n = 0
         for i in range(0, len(ids), 2000):  # Lua's unpack() takes ~8000 values at most
-            n += int(self._s["settle"](keys=self._keys3(), args=[_GROUP, mark, counter, *ids[i:i + 2000]]))
+            n += int(self._s["settle"](keys=self._keys(), args=[_GROUP, mark, counter, *ids[i:i + 2000]]))
         return n
 
     def ack(self, lease_or_ids: "Lease | Sequence[str]") -> int:
@@ -325,7 +343,7 @@ class RedisQueue(PairQueue):
         self._check()
         if not ids:
             return 0
-        return int(self._s["retime"](keys=self._keys3(),
+        return int(self._s["retime"](keys=self._keys(),
                                      args=[_GROUP, _H, idle, consumer, int(released), *ids]))
 
     def nack(self, lease_or_ids: "Lease | Sequence[str]") -> int:
@@ -350,7 +368,7 @@ class RedisQueue(PairQueue):
     def drop_stale(self, min_version: int) -> int:
         """Drop available (not leased) pairs older than `min_version`. Scans them: O(available)."""
         self._check()
-        return int(self._s["drop"](keys=self._keys3(), args=[_GROUP, _H, int(min_version)]))
+        return int(self._s["drop"](keys=self._keys(), args=[_GROUP, _H, int(min_version)]))
 
     def missing(self, ids: Sequence[str]) -> list[str]:
         self._check()
