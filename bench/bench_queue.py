@@ -215,7 +215,7 @@ def run_once(pairs: list[PreferencePair], bodies: list[str], batch: int, tmp: st
             for chunk in rb:
                 rq.append_json([(r[0] + "-j", *r[1:]) for r in chunk])  # new ids: not duplicates
         rate("redis_append_json", c)
-        rq._r.delete(stream, *(f"{stream}:{k}" for k in ("seen", "stats", "versions", "vmax")))
+        rq._r.delete(stream, *(f"{stream}:{k}" for k in ("seen", "stats", "bodies", "versions", "vmax")))
         rq.close()
 
     # ---- the queue, JSON already serialised (what model_dump_json costs)

@@ -594,3 +594,14 @@ def test_redis_without_aof_is_warned_about(tmp_path, caplog):
     with RedisServer(tmp_path / "r", appendonly=False) as srv, caplog.at_level("WARNING", logger="simkit.queue"):
         open_queue(srv.url()).close()
     assert "without AOF" in caplog.text
+
+
+def test_redis_depth_is_one_hash_read(redis_server):
+    """Back-pressure polls depth(): on Redis it is one HMGET of three counters at any queue size."""
+    with open_queue(redis_server.url()) as q:
+        q.append([_pair(i) for i in range(500)])
+        q.ack(q.lease(100))
+        q._r.config_resetstat()
+        assert q.depth() == 400
+        calls = {k: v["calls"] for k, v in q._r.info("commandstats").items() if "config" not in k}
+        assert calls == {"cmdstat_hmget": 1}, calls
