@@ -117,3 +117,23 @@ async def test_resume_reappends_pairs_a_truncated_wal_lost(tmp_path, caplog):
         assert f"lost {len(lost)} of the 30 pairs" in caplog.text
         assert await aq.missing(ids) == [] and (await aq.stats())["appended"] == 30
         assert await sink.recover() == 0 and sink.recovered == len(lost)  # idempotent
+
+
+async def test_sink_journal_keeps_two_segments_and_recovers_from_both(tmp_path):
+    from types import SimpleNamespace
+
+    from simkit.queue import AsyncPairQueue
+    from simkit.serving import PairSink
+    from trainer.synthetic import toy_pairs
+
+    pairs, journal = toy_pairs(30), tmp_path / "queued.jsonl"
+    async with AsyncPairQueue(open_queue(tmp_path / "a.db")) as aq:
+        sink = PairSink(aq, journal=journal, journal_mb=4000 / 2**20)  # ~4 KB segments
+        for i in range(0, 30, 5):
+            await sink.write([SimpleNamespace(pair=p) for p in pairs[i:i + 5]])
+    kept = [PreferencePair.model_validate_json(ln).id for seg in (Path(str(journal) + ".1"), journal)
+            for ln in seg.read_text().splitlines()]
+    assert 5 <= len(kept) < 30 and kept == [p.id for p in pairs][-len(kept):]  # the newest, in order
+    async with AsyncPairQueue(open_queue(tmp_path / "b.db")) as fresh:  # a queue that lost everything
+        assert await PairSink(fresh, journal=journal).recover() == len(kept)
+        assert (await fresh.stats())["appended"] == len(kept)

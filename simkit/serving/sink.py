@@ -5,6 +5,8 @@ Serve does not judge staleness: the consumer does, at lease time (`lease(min_ver
 (`queued.jsonl`, fsynced), so a resume can re-append what the queue lost (a truncated SQLite
 WAL, a Redis restart without AOF): `recover()` asks the queue which journalled ids it is
 `missing` and appends those again (ids are idempotent, so nothing is queued twice).
+The journal keeps the newest ~`journal_mb` to 2x that (two segments): far more than a queue
+can lose (SQLite checkpoints its WAL every ~16 MB; Redis AOF everysec loses <= ~1 s).
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ log = logging.getLogger("simkit.serve")
 
 
 class PairSink:
-    def __init__(self, queue, trajectories: Path | None = None, journal: Path | None = None):
+    def __init__(self, queue, trajectories: Path | None = None, journal: Path | None = None,
+                 journal_mb: float = 256.0):
         self.queue, self.trajectories, self.journal = queue, trajectories, journal
+        self.journal_bytes = int(journal_mb * 2**20)
         self.depth = 0  # unacked pairs in the queue, as last seen (back-pressure)
         self.appended = self.duplicates = self.dropped_stale = self.recovered = 0
 
@@ -43,6 +47,8 @@ class PairSink:
     def _journal(self, pairs: Sequence[PreferencePair]) -> None:
         if self.journal is None:
             return
+        if self.journal.exists() and self.journal.stat().st_size > self.journal_bytes:
+            os.replace(self.journal, self._previous)  # the older segment goes
         with open(self.journal, "a", encoding="utf-8") as f:
             f.write("".join(p.model_dump_json() + "\n" for p in pairs))
             f.flush()
@@ -50,9 +56,10 @@ class PairSink:
 
     async def recover(self) -> int:
         """Re-append the journalled pairs the queue does not have; returns how many."""
-        if self.journal is None or not self.journal.exists():
+        if self.journal is None:
             return 0
-        lines = [ln for ln in self.journal.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        lines = [ln for seg in (self._previous, self.journal) if seg.exists()
+                 for ln in seg.read_text(encoding="utf-8").splitlines() if ln.strip()]
         pairs: dict[str, str] = {}
         for ln in lines:
             try:
@@ -66,6 +73,11 @@ class PairSink:
             self.recovered += await self.queue.append([PreferencePair.model_validate_json(pairs[i])
                                                        for i in gone])
         return len(gone)
+
+    @property
+    def _previous(self) -> Path:
+        assert self.journal is not None
+        return self.journal.with_name(self.journal.name + ".1")
 
     async def refresh_depth(self) -> int:
         self.depth = await self.queue.depth()
