@@ -29,8 +29,8 @@ Guarantees (docs/DESIGN.md, "Seams", the queue):
 only their id (the JSON body lives in a side table and is deleted) so dedup stays exact while the
 file stays small, and state changes (lease, ack) rewrite ~100-byte rows, never the JSON.
 `RedisQueue` (`simkit/queue_redis.py`, `redis://host:6379/0?stream=act`) is the same over Redis
-Streams, for processes on several machines. `AsyncPairQueue` wraps any backend for asyncio code: every call runs on one dedicated worker
-thread, so the event loop never blocks on SQLite.
+Streams, for processes on several machines. `AsyncPairQueue` wraps any backend for asyncio code:
+every call runs on one dedicated worker thread, so the event loop never blocks on I/O.
 """
 from __future__ import annotations
 
@@ -693,5 +693,6 @@ def open_queue(url_or_path: "str | os.PathLike") -> PairQueue:
 
         return RedisQueue(s)
     if "://" in s:
-        raise ValueError(f"unknown queue URL scheme in {s!r}: expected sqlite:///path, redis://host:port/db?stream=NAME or a path")
+        raise ValueError(f"unknown queue URL scheme in {s!r}: expected sqlite:///path, "
+                         f"redis://host:port/db?stream=NAME or a path")
     return SQLiteQueue(s)
