@@ -6,6 +6,11 @@ plain SQLite baseline in the same run (same file system, WAL, synchronous=NORMAL
 * consume — queue.lease(batch) + queue.ack(lease) (includes model_validate_json) vs. a bare
             SELECT … ORDER BY rowid LIMIT batch + DELETE of those rows, one transaction per batch.
 
+The Redis backend (RedisQueue over a real redis-server with AOF on, appendfsync everysec,
+started in a temp dir unless --redis-url names one) runs the same append and consume loops in
+the same run; its rates and the Redis / SQLite-queue ratios get a table of their own
+(--no-redis skips it).
+
 Extra columns show where the time goes: pre-serialised (the queue's append_json, no
 model_dump_json) and plain+decode (the bare consume loop plus the queue's decode_pairs).
 Both sides use the same SQLite settings (WAL, synchronous=NORMAL, secure_delete=FAST, 16 KiB
@@ -14,10 +19,12 @@ pages); runs are interleaved and the median is shown, with a CPU-time rate besid
     .venv/bin/python bench/bench_queue.py                    # table
     .venv/bin/python bench/bench_queue.py --json             # one JSON object
     .venv/bin/python bench/bench_queue.py -n 20000 --batch 64 256 512 --repeat 3
+    .venv/bin/python bench/bench_queue.py --redis-url redis://127.0.0.1:6379/0   # an existing Redis
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -31,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from simkit.queue import SQLiteQueue, decode_pairs  # noqa: E402
+from simkit.queue import PairQueue, SQLiteQueue, decode_pairs  # noqa: E402
 from simkit.types import Message, PreferencePair  # noqa: E402
 
 TARGET = 20_000  # pairs/s, each way
@@ -124,7 +131,26 @@ def _plain_append(db: sqlite3.Connection, batches: list[list[str]]) -> None:
         db.execute("COMMIT")
 
 
-def run_once(pairs: list[PreferencePair], bodies: list[str], batch: int, tmp: str, page_size: int) -> dict:
+def _queue_loops(q: PairQueue, pb: list[list[PreferencePair]], batch: int, n: int) -> tuple["_Clock", "_Clock"]:
+    """append every batch, then lease + ack until empty: the two clocks."""
+    with _Clock() as ca:
+        for chunk in pb:
+            q.append(chunk)
+    assert q.depth() == n
+    got = 0
+    with _Clock() as cc:
+        while True:
+            lease = q.lease(batch, consumer="bench")
+            if not lease:
+                break
+            q.ack(lease)
+            got += len(lease)
+    assert got == n and q.depth() == 0, (got, q.depth())
+    return ca, cc
+
+
+def run_once(pairs: list[PreferencePair], bodies: list[str], batch: int, tmp: str, page_size: int,
+             redis_url: str | None = None) -> dict:
     n = len(pairs)
     res: dict[str, float] = {}
 
@@ -152,22 +178,45 @@ def run_once(pairs: list[PreferencePair], bodies: list[str], batch: int, tmp: st
 
     # ---- the queue: append (model_dump_json included), then lease + ack (decoding included)
     q = SQLiteQueue(os.path.join(tmp, "queue.db"), page_size=page_size)
-    with _Clock() as c:
-        for chunk in pb:
-            q.append(chunk)
-    rate("queue_append", c)
-    assert q.depth() == n
-    got = 0
-    with _Clock() as c:
-        while True:
-            lease = q.lease(batch, consumer="bench")
-            if not lease:
-                break
-            q.ack(lease)
-            got += len(lease)
-    rate("queue_consume", c)
-    assert got == n and q.depth() == 0, (got, q.depth())
+    ca, cc = _queue_loops(q, pb, batch, n)
+    rate("queue_append", ca)
+    rate("queue_consume", cc)
     q.close()
+
+    # ---- the Redis backend, same loops; a fresh stream per run
+    if redis_url is not None:
+        from simkit.queue_redis import RedisQueue
+
+        stream = f"bench-{os.path.basename(tmp)}-{time.time_ns()}"
+        rq = RedisQueue(redis_url, stream=stream)
+
+        def server_cpu() -> float:
+            info = rq._r.info("cpu")
+            return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+        s0 = server_cpu()
+        with _Clock() as ca:
+            for chunk in pb:
+                rq.append(chunk)
+        s1 = server_cpu()
+        with _Clock() as cc:
+            got = 0
+            while lease := rq.lease(batch, consumer="bench"):
+                rq.ack(lease)
+                got += len(lease)
+        s2 = server_cpu()
+        assert got == n and rq.depth() == 0, (got, rq.depth())
+        rate("redis_append", ca)
+        rate("redis_consume", cc)
+        # both processes' CPU: what the pair costs the machine (the server's from INFO cpu)
+        res["redis_append_cpu_both"] = n / max(1e-9, ca.cpu + s1 - s0)
+        res["redis_consume_cpu_both"] = n / max(1e-9, cc.cpu + s2 - s1)
+        with _Clock() as c:
+            for chunk in rb:
+                rq.append_json([(r[0] + "-j", *r[1:]) for r in chunk])  # new ids: not duplicates
+        rate("redis_append_json", c)
+        rq._r.delete(stream, *(f"{stream}:{k}" for k in ("seen", "stats", "bodies", "versions", "vmax")))
+        rq.close()
 
     # ---- the queue, JSON already serialised (what model_dump_json costs)
     q = SQLiteQueue(os.path.join(tmp, "queue-json.db"), page_size=page_size)
@@ -187,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--page-size", type=int, default=16384, help="SQLite page size, both sides")
     ap.add_argument("--dir", default=None, help="where the SQLite files go (default: a temp dir)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument("--redis-url", default=None, help="use this Redis (default: start redis-server with AOF "
+                                                      "everysec in a temp dir)")
+    ap.add_argument("--no-redis", action="store_true", help="SQLite only")
     args = ap.parse_args(argv)
 
     pairs = make_pairs(args.n)
@@ -199,25 +251,36 @@ def main(argv: list[str] | None = None) -> int:
     avg_kb = sum(map(len, bodies)) / len(bodies) / 1024
     runs: dict[int, list[dict]] = {b: [] for b in args.batch}
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-queue-") as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-queue-") as tmp, \
+            contextlib.ExitStack() as stack:
+        redis_url = None if args.no_redis else args.redis_url
+        if not args.no_redis and redis_url is None:
+            from simkit.testing import RedisServer
+
+            redis_url = stack.enter_context(RedisServer(os.path.join(tmp, "redis"))).url()
         for r in range(args.repeat):  # interleaved, so a busy spell on a shared box hits every size
             for b in args.batch:
                 sub = os.path.join(tmp, f"b{b}-r{r}")
                 os.makedirs(sub)
-                runs[b].append(run_once(pairs, bodies, b, sub, args.page_size))
+                runs[b].append(run_once(pairs, bodies, b, sub, args.page_size, redis_url))
     results = []
     for b, rs in runs.items():
         med = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
         med["batch"] = b
         med["append_ratio"] = med["queue_append"] / med["plain_append"]
         med["consume_ratio"] = med["queue_consume"] / med["plain_consume"]
+        if "redis_append" in med:
+            med["redis_append_ratio"] = med["redis_append"] / med["queue_append"]
+            med["redis_consume_ratio"] = med["redis_consume"] / med["queue_consume"]
         results.append(med)
 
     ok = all(r["queue_append"] >= TARGET and r["queue_consume"] >= TARGET for r in results)
+    redis_ok = all(r.get("redis_append", 0) >= TARGET and r.get("redis_consume", 0) >= TARGET for r in results)
     load = os.getloadavg()[0]
     if args.json:
         print(json.dumps({"n": args.n, "repeat": args.repeat, "avg_pair_kb": round(avg_kb, 2),
                           "page_size": args.page_size, "target_pairs_per_s": TARGET, "meets_target": ok,
+                          "redis_meets_target": None if args.no_redis else redis_ok,
                           "sqlite": sqlite3.sqlite_version, "cpus": os.cpu_count(), "loadavg_1m": load,
                           "seconds": round(time.perf_counter() - t0, 1),
                           "results": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
@@ -238,6 +301,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r[op + '_ratio']:>5.2f} {r['queue_' + op + '_cpu']:>9,.0f} {r['plain_' + op + '_cpu']:>9,.0f}  "
                   f"{label} {r[extra]:>8,.0f}")
     print(f"target {'met' if ok else 'NOT met'} (wall clock, every batch size, both ways)")
+    if not args.no_redis:
+        print()
+        print("Redis Streams backend (RedisQueue, AOF everysec) vs the SQLite queue, same pairs, same run")
+        print("'redis cpu' = pairs per CPU-second of this process; 'cpu+server' adds redis-server's CPU")
+        hdr = (f"{'op':<8} {'batch':>5} {'redis':>8} {'sqlite':>8} {'ratio':>5} {'redis cpu':>9} "
+               f"{'cpu+server':>10} {'sqlite cpu':>10}  {'extra (wall)':<24}")
+        print(hdr)
+        print("-" * len(hdr))
+        for op in ("append", "consume"):
+            for r in results:
+                extra = f"pre-serialised {r['redis_append_json']:>8,.0f}" if op == "append" else ""
+                print(f"{op:<8} {r['batch']:>5} {r['redis_' + op]:>8,.0f} {r['queue_' + op]:>8,.0f} "
+                      f"{r['redis_' + op + '_ratio']:>5.2f} {r['redis_' + op + '_cpu']:>9,.0f} "
+                      f"{r['redis_' + op + '_cpu_both']:>10,.0f} {r['queue_' + op + '_cpu']:>10,.0f}  {extra}")
+        print(f"Redis target {'met' if redis_ok else 'NOT met'} (wall clock, every batch size, both ways)")
     return 0
 
 

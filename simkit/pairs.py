@@ -152,7 +152,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--env", required=True, help="environment name (see `simkit envs`)")
     b.add_argument("--split", default=None, help="task split (default: the env's first split)")
     b.add_argument("--out", required=True, help="output JSONL path (appended to; resumable)")
-    b.add_argument("--queue", help="also append the pairs to this queue (SQLite path)")
+    b.add_argument("--queue", help="also append the pairs to this queue: a SQLite path or "
+                                   "redis://host:6379/0?stream=act")
     b.add_argument("--n-conversations", "--n", "--limit", dest="n_conversations", type=int, metavar="N",
                    help=conversations_help() + " (--limit is the old name of this option)")
     b.add_argument("--pseudo-label", action="store_true",

@@ -30,23 +30,24 @@ from .roles import RolesConfig
 from .sampling import conversations_help
 from .serving import PairSink, Slot, StatusReporter, TaskCursor, VersionFollower
 
-ASYNC_MAX_PENDING, ASYNC_MAX_STALENESS = 4096, 2
+ASYNC_MAX_PENDING = 4096
 
 
 class ServeConfig(BaseModel):
     """Everything `simkit serve` needs; loadable from YAML (`--config`), overridden by flags
     (generated from these fields by `simkit.config`).
 
-    Schedules: the default is asynchronous (rollouts keep flowing while the trainer trains; pairs
-    up to `max_staleness` versions old are kept). `sync=True` is the paper's quasi-online schedule:
-    staleness 0 (a pair made by an older policy is dropped as soon as a new version is published),
-    bounded pending (`max_pending` defaults to `concurrency`), the version re-read before every
-    episode; run `trainer run --sync` (publish every step, train only current-version pairs)."""
+    Schedules: the default is asynchronous (rollouts keep flowing while the trainer trains).
+    `sync=True` is the paper's quasi-online schedule: bounded pending (`max_pending` defaults to
+    `concurrency`), the version re-read before every episode; run `trainer run --sync` (publish
+    every step, train only current-version pairs). Staleness is one setting, the trainer's
+    `--max-staleness`, enforced when it leases: serve appends every pair it makes."""
 
     model_config = ConfigDict(extra="forbid")
 
     env: str = Field(description="environment name (see `simkit envs`)")
-    queue: str = Field(description="queue path (SQLite file) shared with `trainer run`")
+    queue: str = Field(description="the queue shared with `trainer run`: a SQLite path (sqlite:///path) or "
+                                   "redis://host:6379/0?stream=act")
     split: str | None = Field(None, description="task split (default: the env's first split)")
     run_dir: str = Field("runs/serve", description="run directory: config, state, metrics.jsonl, dpref.jsonl")
     data_dir: str | None = Field(None, description="task data folder (default $SIMKIT_DATA_DIR)")
@@ -58,13 +59,11 @@ class ServeConfig(BaseModel):
         None, ge=1, description="back-pressure: pause while the queue holds this many unacked pairs (default "
                                 f"{ASYNC_MAX_PENDING}; with --sync: --concurrency; set it to the trainer's batch_size "
                                 "x grad_accum to waste least)")
-    max_staleness: int | None = Field(
-        None, ge=0, description="drop pairs more than this many versions behind the current policy (default "
-                                f"{ASYNC_MAX_STALENESS}; --sync: 0)")
     sync: bool = Field(False, description="the paper's schedule: every trainer step trains only on pairs of the "
-                                          "latest policy version (staleness 0, bounded pending, version re-read "
-                                          "before each episode); pair it with `trainer run --sync`. Off: "
-                                          "asynchronous (staleness up to --max-staleness, rollouts never wait)")
+                                          "latest policy version (bounded pending, version re-read before each "
+                                          "episode); pair it with `trainer run --sync`, which trains only "
+                                          "current-version pairs. Off: asynchronous (rollouts never wait; the "
+                                          "trainer's --max-staleness bounds what it trains)")
     ablation: Literal["none", "random-actions", "no-sampling", "no-simulation"] = Field(
         "none", description="ACT ablations: random-actions (a random label replaces the gold action and, where it "
                             "differs, the forced response for it wins over the reference); no-sampling (Phase 1 "
@@ -110,13 +109,9 @@ class ServeConfig(BaseModel):
     @model_validator(mode="after")
     def _schedule(self) -> "ServeConfig":
         if self.sync:
-            if self.max_staleness not in (None, 0):
-                raise ValueError("sync means max_staleness 0; drop --max-staleness or --sync")
-            self.max_staleness = 0
             if self.max_pending is None:
                 self.max_pending = self.concurrency
         else:
-            self.max_staleness = ASYNC_MAX_STALENESS if self.max_staleness is None else self.max_staleness
             self.max_pending = ASYNC_MAX_PENDING if self.max_pending is None else self.max_pending
         from .serving.workers import parse_shard
 
@@ -146,9 +141,9 @@ class Server:
                       identical_dropped=0, no_contrast=0)
         self.phase1: dict[str, int] = {}
         self.split: str | None = None
-        self.follower = VersionFollower(queue, roles.policy, cfg.max_staleness)
-        self.sink = PairSink(queue, cfg.max_staleness,
-                             self.run_dir / "trajectories.jsonl" if cfg.save_trajectories else None)
+        self.follower = VersionFollower(queue, roles.policy)
+        self.sink = PairSink(queue, self.run_dir / "trajectories.jsonl" if cfg.save_trajectories else None,
+                             journal=self.run_dir / "queued.jsonl")
         self.cursor: TaskCursor | None = None
         self.reporter = StatusReporter(self.run_dir / "metrics.jsonl", self._snapshot, quiet=quiet)
         self._t0 = time.monotonic()
@@ -167,7 +162,8 @@ class Server:
                 await asyncio.wait_for(self.stop.wait(), self.cfg.poll_s)
             except TimeoutError:
                 pass
-            await self.follow_version()
+            await self.follower.follow()
+            await self.sink.refresh_stats()
             self.reporter.tick()
             self.reporter.write_metrics()  # also while back-pressure holds rollouts
 
@@ -198,13 +194,13 @@ class Server:
         st = self.cursor.state if self.cursor else None
         return {"time": time.time(), "elapsed_s": round(el, 2), "version": self.version,
                 "adapter": self._adapter(), "queue_depth": self.sink.depth,
-                **m, "dropped_stale": self.sink.dropped_stale + self.follower.dropped_stale,
+                **m, "dropped_stale": self.sink.dropped_stale, "recovered": self.sink.recovered,
                 "duplicates": self.sink.duplicates, "retries": self.cursor.retried if self.cursor else 0,
                 "episodes_per_s": round(m["episodes"] / el, 3), "pairs_per_s": round(m["pairs"] / el, 3),
                 "action_accuracy": round(m["right_action"] / m["episodes"], 4) if m["episodes"] else None,
                 "success_rate": round(m["successes"] / m["terminated"], 4) if m["terminated"] else None,
                 "epoch": st.epoch if st else 0, "position": st.position if st else 0, "sync": self.cfg.sync,
-                "mode": self.cfg.mode, "max_staleness": self.cfg.max_staleness, "phase1": self.phase1,
+                "mode": self.cfg.mode, "phase1": self.phase1,
                 "classifier": describe(self.roles.classifier), "simulator": describe(self.roles.simulator)}
 
     def _adapter(self) -> str | None:
@@ -223,6 +219,7 @@ class Server:
                                           max_epochs=cfg.max_epochs, max_episodes=cfg.max_episodes,
                                           retries=cfg.retries, retry_backoff_s=cfg.retry_backoff_s)
         self._t0 = time.monotonic()
+        await self.sink.recover()  # the queue must hold every pair below the watermark
         await self.follow_version()
         watcher = asyncio.create_task(self._watch())
         buf: list[Rollout] = []

@@ -87,3 +87,65 @@ def start_model_server(model_dir: str | os.PathLike, port: int | None = None, lo
     base = f"http://127.0.0.1:{port}"
     with start_process(args, base + "/health", log_path, timeout=timeout) as proc:
         yield ServerProcess(proc, base, log_path)
+
+
+class RedisServer:
+    """A real `redis-server` on loopback with AOF on (appendfsync everysec), in its own dir.
+
+    `kill()` is a SIGKILL (no shutdown save); `start()` again reuses the same dir and port, so
+    the restarted server replays the AOF."""
+
+    def __init__(self, data_dir: str | os.PathLike, port: int | None = None, appendonly: bool = True,
+                 exe: str = "redis-server") -> None:
+        import shutil
+
+        exe = shutil.which(exe)
+        if exe is None:
+            raise RuntimeError("redis-server not found: install it (Debian/Ubuntu: apt-get install -y "
+                               "redis-server; macOS: brew install redis); .ci/run does this on CI")
+        self.exe, self.dir = exe, Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, stream: str = "act") -> str:
+        return f"redis://127.0.0.1:{self.port}/0?stream={stream}"
+
+    def start(self, timeout: float = 20.0) -> "RedisServer":
+        args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+                "--save", "", "--daemonize", "no", "--protected-mode", "yes",
+                "--logfile", str(self.dir / "redis.log")]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n{log}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"redis-server on port {self.port} did not answer within {timeout:.0f}s")
+
+    def kill(self) -> None:
+        """SIGKILL: nothing is flushed beyond what the AOF already has."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -46,3 +46,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    """A real redis-server (AOF on) on a free loopback port, one per test. Fails, never skips,
+    when redis-server is not installed: `apt-get install -y redis-server` (CI's .ci/run does)."""
+    from simkit.testing import RedisServer
+
+    with RedisServer(tmp_path_factory.mktemp("redis")) as srv:
+        yield srv

@@ -16,12 +16,11 @@ async def test_serve_and_trainer_close_the_loop(model_server, tiny_model, tmp_pa
     queue, serve_dir, act_dir = tmp_path / "q.sqlite", tmp_path / "serve", tmp_path / "act"
     serve_cmd = [sys.executable, "-m", "simkit.cli", "serve", "--env", "toy", "--queue", str(queue),
                  "--run-dir", str(serve_dir), "--policy", model_server.url, "--max-tokens", "8",
-                 "--concurrency", "8", "--poll-s", "0.2", "--max-pending", "1000", "--save-trajectories",
-                 "--max-staleness", "100"]
+                 "--concurrency", "8", "--poll-s", "0.2", "--max-pending", "1000", "--save-trajectories"]
     trainer_cmd = [sys.executable, "-m", "trainer.cli", "run", "--model", str(tiny_model), "--queue", str(queue),
                    "--out", str(act_dir), "--policy-url", model_server.url, "--max-steps", "6",
                    "--publish-every", "2", "--batch-size", "2", "--max-length", "256", "--adapter-name", "act",
-                   "--no-tensorboard", "--lr", "1e-3"]
+                   "--no-tensorboard", "--lr", "1e-3", "--max-staleness", "100"]
     with start_process(serve_cmd, None, tmp_path / "serve.log") as serve:
         res = subprocess.run(trainer_cmd, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

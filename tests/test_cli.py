@@ -24,7 +24,7 @@ def test_top_level_help_lists_every_command():
 @pytest.mark.parametrize("args,must", [
     (["model-server"], ["--model", "--port", "--served-model-name", "--max-batch", "load_lora_adapter", "--api-key"]),
     (["model", "init-tiny"], ["--out", "--seed", "--corpus"]),
-    (["serve"], ["--env", "--queue", "--policy", "--max-staleness", "--max-pending", "--ablation", "--config",
+    (["serve"], ["--env", "--queue", "--policy", "redis://", "--max-pending", "--ablation", "--config",
                  "--sync", "--pseudo-label", "--n-conversations", "--mode", "--clarify-rounds", "error if N exceeds"]),
     (["pairs", "build"], ["--pseudo-label", "--out", "--policy", "--classifier", "--n-conversations", "dialogues"]),
     (["eval"], ["--icl-shots", "--icl-select", "--split", "--out", "--api-key-env", "--n-conversations",

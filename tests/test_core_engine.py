@@ -193,7 +193,7 @@ async def test_version_stamps_are_per_turn_across_a_mid_episode_switch(tmp_path)
             assert await follower.follow()
 
         policy = simkit.Policy(SwitchingClient(publish_v2))
-        follower = VersionFollower(queue, policy, max_staleness=2)
+        follower = VersionFollower(queue, policy)
         assert await follower.follow() and policy.version == 1
         r = await phase2_rollout(env, base, task, policy, version=follower.version)
     asked, answered = r.trajectory.assistant_turns

@@ -1,5 +1,6 @@
-"""The durable pair queue (simkit.queue): real SQLite files in tmp_path, real separate processes
-where crashes and concurrency matter."""
+"""The durable pair queue (simkit.queue): the contract runs over both backends — real SQLite files
+in tmp_path and a real redis-server (AOF on) per test — with real separate processes where
+crashes and concurrency matter."""
 from __future__ import annotations
 
 import asyncio
@@ -38,8 +39,41 @@ def _run_py(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def q(tmp_path):
+def url(backend, tmp_path, request) -> str:
+    """Where the queue of this test lives: a SQLite path or a redis:// URL (a fresh server)."""
+    if backend == "redis":
+        return request.getfixturevalue("redis_server").url("act")
+    return str(tmp_path / "q.db")
+
+
+@pytest.fixture
+def open_q(url):
+    """Opens another handle on the test's queue (as another process would); all closed after."""
+    opened: list[PairQueue] = []
+
+    def make() -> PairQueue:
+        opened.append(open_queue(url))
+        return opened[-1]
+
+    yield make
+    for h in opened:
+        h.close()
+
+
+@pytest.fixture
+def q(open_q):
+    return open_q()
+
+
+@pytest.fixture
+def sq(tmp_path):
+    """SQLite only: tests of its storage details."""
     queue = SQLiteQueue(tmp_path / "q.db")
     yield queue
     queue.close()
@@ -124,15 +158,16 @@ def test_release_nack_and_renew(q):
     assert q.stats()["released"] == 5
 
 
-def test_state_survives_reopen(tmp_path):
+def test_state_survives_reopen(tmp_path, backend, url):
     path = tmp_path / "sub" / "q.db"  # parent dirs are created
-    with SQLiteQueue(path) as q1:
+    spec = str(path) if backend == "sqlite" else url
+    with open_queue(spec) as q1:
         q1.append([_pair(i) for i in range(3)])
         held = q1.lease(2, consumer="t")
         q1.ack(held.ids[:1])
         q1.publish_version(1, "policy-v1", "/adapters/v1", meta={"step": 10})
-    assert (tmp_path / "sub" / "q.db").exists()
-    with SQLiteQueue(path) as q2:
+    assert backend == "redis" or (tmp_path / "sub" / "q.db").exists()
+    with open_queue(spec) as q2:
         assert q2.depth() == 2 and q2.stats()["in_flight"] == 1
         assert q2.lease(10).ids == [_pair(2).id]  # the leased one stays hidden across reopen
         assert q2.release("t") == 1 and q2.lease(10).ids == [held.ids[1]]
@@ -146,8 +181,8 @@ def test_state_survives_reopen(tmp_path):
 # --------------------------------------------------------------------------- crash recovery
 CONSUMER = """
 import os, signal, sys
-from simkit.queue import SQLiteQueue
-q = SQLiteQueue(sys.argv[1])
+from simkit.queue import open_queue
+q = open_queue(sys.argv[1])
 lease = q.lease(10, consumer="trainer", lease_s=float(sys.argv[2]))
 q.ack(lease.ids[:4])
 print(",".join(lease.ids), flush=True)
@@ -156,11 +191,10 @@ os.kill(os.getpid(), signal.SIGKILL)  # die before acknowledging the rest: no cl
 
 
 @pytest.mark.parametrize("recovery", ["release", "expiry"])
-def test_consumer_dying_before_ack_gets_same_pairs_again(tmp_path, recovery):
+def test_consumer_dying_before_ack_gets_same_pairs_again(q, url, recovery):
     """A consumer which dies before acknowledging gets the same pairs again, and acknowledged
     pairs never come back."""
-    path = tmp_path / "q.db"
-    q = SQLiteQueue(path)
+    path = url
     pairs = [_pair(i) for i in range(15)]
     q.append(pairs)
     lease_s = 600.0 if recovery == "release" else 1.0
@@ -187,13 +221,12 @@ def test_consumer_dying_before_ack_gets_same_pairs_again(tmp_path, recovery):
     s = q.stats()
     assert s["acked"] == 10 and s["depth"] == 5
     assert s["released" if recovery == "release" else "expired"] >= 6
-    q.close()
 
 
 # --------------------------------------------------------------------------- concurrency
 APPENDER = """
 import sys
-from simkit.queue import SQLiteQueue
+from simkit.queue import open_queue
 from simkit.types import Message, PreferencePair
 import time
 path, who, n, start_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
@@ -203,7 +236,7 @@ def pair(i, tag):
                           rejected=[Message(role="assistant", content="r")],
                           gold_action="ANSWER", task_id=f"{tag}-{i}")
 time.sleep(max(0.0, start_at - time.time()))  # all processes open the new file at once
-q = SQLiteQueue(path)
+q = open_queue(path)
 new = 0
 for start in range(0, n, 7):
     batch = [pair(i, who) for i in range(start, min(n, start + 7))]
@@ -213,15 +246,15 @@ print(new)
 """
 
 
-def test_two_appenders_and_a_leaser_lose_and_duplicate_nothing(tmp_path):
-    path = tmp_path / "q.db"  # not created yet: three processes race to create it
+def test_two_appenders_and_a_leaser_lose_and_duplicate_nothing(url):
+    path = url  # SQLite: not created yet, three processes race to create it
     n = 120
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start_at = time.time() + 1.5
     procs = [subprocess.Popen([sys.executable, "-c", APPENDER, str(path), who, str(n), str(start_at)], cwd=REPO,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for who in ("a", "b")]
     time.sleep(max(0.0, start_at - time.time()))
-    q = SQLiteQueue(path)  # the consumer: this process, leasing while the others append
+    q = open_queue(path)  # the consumer: this process, leasing while the others append
     seen: list[str] = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -260,8 +293,8 @@ def test_fork_reopens_connection(tmp_path):
 
 
 # --------------------------------------------------------------------------- versions, staleness
-def test_policy_version_channel(tmp_path):
-    trainer, serve = SQLiteQueue(tmp_path / "q.db"), SQLiteQueue(tmp_path / "q.db")
+def test_policy_version_channel(open_q, tmp_path):
+    trainer, serve = open_q(), open_q()
     assert serve.current_version() is None
     trainer.publish_version(1, "policy-v1", tmp_path / "v1")
     trainer.publish_version(2, "policy-v2", None, meta={"servers": ["http://x"]})
@@ -275,25 +308,70 @@ def test_policy_version_channel(tmp_path):
     assert serve.current_version().adapter == "policy-v2b"
     assert serve.stats()["version"] == 2
     assert [v.version for v in serve.versions()] == [1, 2]
-    trainer.close(), serve.close()
 
 
-def test_staleness_bound_drops_and_counts(q):
+def test_staleness_is_enforced_at_lease_and_spares_leased_pairs(q):
     old = [_pair(i, version=0) for i in range(3)]
     mid = [_pair(i, version=1) for i in range(3)]
     new = [_pair(i, version=2) for i in range(3)]
     q.append(old + mid + new)
     q.ack([old[0].id])
     held = q.lease(1, consumer="t")  # old[1], leased when it goes stale
-    assert q.drop_stale(1) == 2  # old[1] (leased) and old[2]; the acked one is not counted
-    assert q.ack(held) == 0  # a dropped pair cannot be acked (it was not trained on a current policy)
+    assert q.drop_stale(1) == 1  # old[2] only: a leased pair is never dropped under its consumer
+    assert q.ack(held) == 1  # ...so its ack counts
     assert q.depth() == 6
-    got = q.lease(10, min_version=2)
+    got = q.lease(10, min_version=2)  # the stale ones are dropped, counted, never handed out
     assert got.ids == [p.id for p in new]
     s = q.stats()
-    assert s["dropped_stale"] == 5 and s["depth"] == 3 and s["in_flight"] == 3
+    assert s["dropped_stale"] == 4 and s["depth"] == 3 and s["in_flight"] == 3 and s["acked"] == 2
     assert q.append(old + mid) == 0  # dropped ids stay known: a stale pair is not queued again
     assert q.drop_stale(0) == 0 and q.drop_stale(-5) == 0
+    assert q.drop_stale(3) == 0  # all three new ones are leased: spared
+
+
+def test_expired_or_released_pairs_are_stale_checked_again(q):
+    q.append([_pair(i, version=1) for i in range(4)])
+    a = q.lease(2, consumer="a", lease_s=0.2)
+    b = q.lease(2, consumer="b")
+    q.nack(b)
+    time.sleep(0.3)  # a's lease expired: both batches are available again, and now stale
+    assert q.lease(10, consumer="c", min_version=2).pairs == []
+    assert q.stats()["dropped_stale"] == 4 and q.depth() == 0
+    assert q.ack(a) == 0 and q.ack(b) == 0  # dropped while available: not theirs any more
+
+
+def test_lease_never_hands_out_a_pair_older_than_the_floor(q):
+    import random
+
+    rng = random.Random(0)
+    q.append([_pair(i, version=rng.randint(0, 9)) for i in range(200)])
+    floor, seen = 0, 0
+    while True:
+        lease = q.lease(7, consumer="t", min_version=floor)
+        if not lease:
+            break
+        assert all(p.policy_version >= floor for p in lease)
+        seen += len(lease)
+        q.ack(lease)
+        floor += 1
+    s = q.stats()
+    assert seen + s["dropped_stale"] == 200 and s["depth"] == 0
+
+
+def test_missing_lists_ids_never_seen(q):
+    pairs = [_pair(i) for i in range(5)]
+    q.append(pairs[:3])
+    q.ack(q.lease(1))
+    q.drop_stale(1)  # acked and dropped ids still count as seen
+    ids = [p.id for p in pairs]
+    assert q.missing(ids) == ids[3:]
+    assert q.missing([]) == []
+
+
+def test_stats_keys_are_the_same_for_every_backend(q):
+    q.append([_pair(0)])
+    assert set(q.stats()) == {"appended", "duplicates", "leased", "acked", "dropped_stale", "released",
+                              "expired", "depth", "in_flight", "available", "version"}
 
 
 def test_hot_calls_do_not_scan_the_queue(tmp_path):
@@ -398,8 +476,8 @@ async def test_async_cancelled_lease_gives_pairs_back(tmp_path):
     await aq.close()
 
 
-async def test_async_back_pressure_and_open_by_path(tmp_path):
-    async with AsyncPairQueue(str(tmp_path / "q.db")) as aq:
+async def test_async_back_pressure_and_open_by_path(url):
+    async with AsyncPairQueue(url) as aq:
         await aq.append([_pair(i) for i in range(3)])
         assert await aq.wait_below(4, poll_s=0.01) == 3
         with pytest.raises(asyncio.TimeoutError):
@@ -427,8 +505,6 @@ def test_open_queue_urls(tmp_path, monkeypatch):
         q.close()
         assert where.exists(), spec
         assert _sqlite_journal_mode(where) == "wal"
-    with pytest.raises(NotImplementedError, match="Redis"):
-        open_queue("redis://localhost:6379/0")
     with pytest.raises(ValueError):
         open_queue("postgres://x/y")
     with pytest.raises(ValueError):
@@ -445,7 +521,8 @@ def _sqlite_journal_mode(path: Path) -> str:
         c.close()
 
 
-def test_undecodable_rows_are_given_back_not_stuck(q):
+def test_undecodable_rows_are_given_back_not_stuck(sq):
+    q = sq
     q.append([_pair(0), _pair(1)])
     q._conn.execute("UPDATE bodies SET body = '{\"id\": \"broken\"}' WHERE seq = 2")
     with pytest.raises(Exception):
@@ -454,7 +531,8 @@ def test_undecodable_rows_are_given_back_not_stuck(q):
     assert s["in_flight"] == 0 and s["available"] == 2 and s["released"] == 2
 
 
-def test_pairs_are_stored_as_json(q):
+def test_pairs_are_stored_as_json(sq):
+    q = sq
     p = _pair(7)
     q.append([p])
     body = q._conn.execute("SELECT body FROM bodies").fetchone()[0]
@@ -462,3 +540,68 @@ def test_pairs_are_stored_as_json(q):
     q.ack(q.lease(1))
     assert q._conn.execute("SELECT count(*) FROM bodies").fetchone()[0] == 0  # acked: id kept, JSON gone
     assert q._conn.execute("SELECT count(*) FROM pairs").fetchone()[0] == 1
+
+
+# --------------------------------------------------------------------------- Redis specifics
+def test_open_queue_redis_url_and_streams_are_separate(redis_server):
+    from simkit.queue_redis import RedisQueue
+
+    with open_queue(redis_server.url("a")) as a, open_queue(redis_server.url("b")) as b:
+        assert isinstance(a, RedisQueue) and (a.stream, b.stream) == ("a", "b")
+        assert a.append([_pair(0)]) == 1 and b.append([_pair(0)]) == 1  # one dedup set per stream
+        assert a.depth() == b.depth() == 1
+
+
+def test_redis_kill_9_with_aof_loses_nothing_appended_or_acked(redis_server):
+    """SIGKILL redis-server mid-run, restart it on the same dir and port: every appended pair is
+    still there, acked pairs never come back, dedup and leases and versions survive."""
+    url = redis_server.url("act")
+    q = open_queue(url)
+    pairs = [_pair(i, version=1) for i in range(300)]
+    for i in range(0, 300, 50):
+        q.append(pairs[i:i + 50])
+    q.publish_version(3, "policy-v3", meta={"step": 7})
+    acked = q.lease(100, consumer="t")
+    assert q.ack(acked) == 100
+    held = q.lease(50, consumer="t", lease_s=600)  # in flight when Redis dies
+    redis_server.kill()
+    redis_server.start()  # replays the AOF (appendfsync everysec: the writes were in it already)
+    q2 = open_queue(url)
+    s = q2.stats()
+    assert (s["appended"], s["acked"], s["depth"], s["in_flight"], s["version"]) == (300, 100, 200, 50, 3)
+    assert q2.append(pairs) == 0  # the dedup set survived
+    assert q2.missing([p.id for p in pairs]) == []
+    rest = q2.lease(1000, consumer="t")
+    assert rest.ids == [p.id for p in pairs[150:]]  # the held lease is still hidden
+    assert q2.release("t") == 200
+    again = q2.lease(1000, consumer="t2")
+    assert again.ids == held.ids + rest.ids and not set(again.ids) & set(acked.ids)
+    assert q2.ack(again) == 200 and q2.depth() == 0
+    assert q2.current_version().meta == {"step": 7}
+    q.close(), q2.close()
+
+
+def test_redis_server_helper_says_how_to_install(tmp_path):
+    from simkit.testing import RedisServer
+
+    with pytest.raises(RuntimeError, match="apt-get install -y redis-server"):
+        RedisServer(tmp_path / "r", exe="redis-server-not-installed")
+
+
+def test_redis_without_aof_is_warned_about(tmp_path, caplog):
+    from simkit.testing import RedisServer
+
+    with RedisServer(tmp_path / "r", appendonly=False) as srv, caplog.at_level("WARNING", logger="simkit.queue"):
+        open_queue(srv.url()).close()
+    assert "without AOF" in caplog.text
+
+
+def test_redis_depth_is_one_hash_read(redis_server):
+    """Back-pressure polls depth(): on Redis it is one HMGET of three counters at any queue size."""
+    with open_queue(redis_server.url()) as q:
+        q.append([_pair(i) for i in range(500)])
+        q.ack(q.lease(100))
+        q._r.config_resetstat()
+        assert q.depth() == 400
+        calls = {k: v["calls"] for k, v in q._r.info("commandstats").items() if "config" not in k}
+        assert calls == {"cmdstat_hmget": 1}, calls

@@ -25,7 +25,7 @@ def test_serve_pseudo_label_sync_and_irpo(tmp_path):
         dpref = read_pairs(run / "dpref.jsonl")
         assert len(dpref) + summary["phase1"]["identical_dropped"] == 6
         assert all(p.meta["label_source"] == "annotator" for p in dpref)
-        assert summary["sync"] is True and summary["max_staleness"] == 0
+        assert summary["sync"] is True and "max_staleness" not in summary  # the trainer's setting
         assert sum(summary["phase1"][k] for k in ("forced_ok", "retried_ok", "fallback")) == 6
         assert summary["classifier"].startswith("LLM") and summary["simulator"].startswith("grounded")
         conv = json.loads((run / "conversations.json").read_text())

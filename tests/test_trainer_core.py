@@ -47,9 +47,11 @@ def test_help_is_complete():
                               text=True).returncode == 0
 
 
-def test_ledger_commit_protocol_survives_crash_points(tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_ledger_commit_protocol_survives_crash_points(tmp_path, backend, request):
     """Marker = commit point: ack after it, repair on restart, drop checkpoints without one."""
-    q = open_queue(tmp_path / "q.db")
+    url = request.getfixturevalue("redis_server").url() if backend == "redis" else str(tmp_path / "q.db")
+    q = open_queue(url)
     q.append(toy_pairs(6))
     ckpts = tmp_path / "run" / "checkpoints"
     ledger = Ledger(q, tmp_path / "run", lease_s=60)
@@ -69,7 +71,7 @@ def test_ledger_commit_protocol_survives_crash_points(tmp_path):
     (ckpts / "checkpoint-3").mkdir()  # died while saving step 3: no marker
     q.close()
 
-    q = open_queue(tmp_path / "q.db")
+    q = open_queue(url)
     path, found = latest_committed(ckpts)
     assert path.name == "checkpoint-2" and not (ckpts / "checkpoint-3").exists()
     fresh = Ledger(q, tmp_path / "run", lease_s=60)
@@ -121,3 +123,42 @@ def test_sft_rows_from_env_and_jsonl(tmp_path):
                     + "\n")
     rows = build_rows(SFTRunConfig(model="m", out="o", data=str(data)))
     assert [len(r["prompt"]) for r in rows] == [1, 3]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_queue_source_never_yields_a_pair_older_than_the_floor(tiny_model, tmp_path, backend, request):
+    """One staleness rule, at consume: no pair older than current version - max_staleness reaches
+    training, whether the queue drops it at lease or the source skips a batch leased before a publish."""
+    import threading
+
+    from trainer.data import QueueSource
+    from trainer.models import load_tokenizer
+
+    url = request.getfixturevalue("redis_server").url() if backend == "redis" else str(tmp_path / "q.db")
+    q = open_queue(url)
+    q.append(toy_pairs(4, version=0) + toy_pairs(4, version=3, offset=4) + toy_pairs(4, version=1, offset=8)
+             + toy_pairs(4, version=5, offset=12))
+    state = {"version": 3}
+    max_staleness = 1
+    floor = lambda: max(0, state["version"] - max_staleness)  # noqa: E731
+    skipped: list[str] = []
+
+    def on_skip(pair, reason):
+        skipped.append(pair.id)
+        q.ack([pair.id])
+
+    src = QueueSource(q, load_tokenizer(str(tiny_model)), lease_n=2, budget=lambda: 100, stop=threading.Event(),
+                      on_lease=lambda lease: None, on_skip=on_skip, poll_s=0.05, idle_timeout_s=1.0,
+                      min_version=floor, max_length=512)
+    got = []
+    for ex in src:
+        assert ex["policy_version"] >= floor(), ex["policy_version"]
+        got.append(ex["policy_version"])
+        q.ack([ex["pair_id"]])
+        if len(got) == 1:
+            state["version"] = 5  # a publish: the floor rises from 2 to 4
+    src.close()
+    assert got == [3, 5, 5, 5, 5] and len(skipped) >= 1  # the batch leased ahead was stale by then
+    s = q.stats()
+    assert s["dropped_stale"] + len(skipped) + len(got) == 16 and s["depth"] == 0
+    q.close()

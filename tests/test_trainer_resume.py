@@ -16,8 +16,9 @@ from trainer.metrics import read_metrics
 from trainer.synthetic import toy_pairs
 
 
-def _start(tmp_path, tiny_model, run_dir, *extra, log_name="trainer.log"):
-    args = [sys.executable, "-m", "trainer.cli", "run", "--queue", str(tmp_path / "q.db"), "--model", str(tiny_model),
+def _start(tmp_path, tiny_model, run_dir, *extra, log_name="trainer.log", queue=None):
+    queue = queue or str(tmp_path / "q.db")
+    args = [sys.executable, "-m", "trainer.cli", "run", "--queue", queue, "--model", str(tiny_model),
             "--out", str(run_dir), "--batch-size", "2", "--max-length", "256", "--no-tensorboard", "--poll-s", "0.1",
             "--lr", "1e-3", *extra]
     log = open(tmp_path / log_name, "ab")
@@ -130,3 +131,34 @@ def test_signal_stops_cleanly(tiny_model, tmp_path, sig):
     assert st["acked"] == 2 * last and st["in_flight"] == 0  # everything trained is committed, the rest returned
     assert cur.version == 1 and cur.meta["step"] == last  # the final state was published
     assert read_marker(run_dir / "checkpoints" / f"checkpoint-{last}")["committed_total"] == 2 * last
+
+
+def test_sigkill_then_resume_exactly_once_over_redis(tiny_model, tmp_path, redis_server):
+    """The same exactly-once ledger over a Redis queue: a real `trainer run`, SIGKILLed after a
+    commit, restarted; every pair is trained once in the checkpoint lineage and acked once."""
+    url = redis_server.url("act")
+    pairs = toy_pairs(12)
+    with open_queue(url) as q:
+        q.append(pairs)
+    run_dir, log = tmp_path / "run", tmp_path / "trainer.log"
+    cmd = ("--publish-every", "2", "--max-steps", "6", "--max-staleness", "100")
+    proc = _start(tmp_path, tiny_model, run_dir, *cmd, queue=url)
+    try:
+        _wait_for(lambda: any(r["step"] == 3 for r in _rows(run_dir, "step")), proc, what="step 3", log=log)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        with open_queue(url) as q:
+            at_kill = q.stats()
+        committed = [read_marker(p) for _, p in checkpoints(run_dir / "checkpoints") if read_marker(p)]
+        assert at_kill["acked"] == committed[-1]["committed_total"] and at_kill["in_flight"] >= 2
+        proc = _start(tmp_path, tiny_model, run_dir, *cmd, queue=url)
+        assert proc.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with open_queue(url) as q:
+        end = q.stats()
+        assert q.current_version().meta["step"] == 6
+    assert end["acked"] == 12 and end["in_flight"] == 0 and end["depth"] == 0
+    trained = [i for a in _audit(run_dir) for i in a["pair_ids"]]
+    assert len(trained) == len(set(trained)) == 12 and set(trained) == {p.id for p in pairs}

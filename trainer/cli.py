@@ -23,7 +23,7 @@ Pairs are acked once a checkpoint containing their step is committed; a killed t
 restarts from its last committed checkpoint (just run the same command again).
 SIGINT / SIGTERM: finish the current step, commit, publish, release unused leases, exit 0.
 Schedules: asynchronous by default (publish every --publish-every steps, pairs up to --max-staleness
-versions old). --sync is the paper's: publish every step and train each step only on pairs made by
+versions old: the one staleness limit, applied when leasing; serve has none). --sync is the paper's: publish every step and train each step only on pairs made by
 the latest version (stale ones are dropped, also if leased before the publish); run `simkit serve
 --sync` with it. IRPO baseline: --rpo-alpha A (DPO + A x NLL of the chosen) on `simkit serve --mode irpo`.
 Outputs: RUN_DIR/{config.yaml, metrics.jsonl, tb/, checkpoints/, adapters/, trained_pairs.jsonl}.

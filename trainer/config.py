@@ -56,7 +56,8 @@ class CommonConfig(BaseModel):
 class RunConfig(CommonConfig):
     """`trainer run`: queue-fed DPO that publishes LoRA versions into the policy servers."""
 
-    queue: str = Field(description="pair queue: a SQLite path or sqlite:///path (the one `simkit serve` appends to)")
+    queue: str = Field(description="pair queue (the one `simkit serve` appends to): a SQLite path, sqlite:///path "
+                                   "or redis://host:6379/0?stream=act")
     policy_url: list[str] = Field(
         default_factory=list, description="OpenAI-style base URL(s) of the policy server(s) to load each version into "
                                           "(e.g. http://127.0.0.1:8000/v1); none = publish on the queue only")
@@ -89,10 +90,11 @@ class RunConfig(CommonConfig):
     poll_s: float = Field(0.5, gt=0, description="wait between lease attempts while the queue is empty")
     idle_timeout_s: float | None = Field(None, gt=0, description="stop cleanly after this long without new pairs "
                                                                  "(default: wait forever)")
-    max_staleness: int | None = Field(None, ge=0, description="drop queued pairs more than this many versions behind "
-                                                             "the current one, when leasing and again when a leased "
-                                                             "pair is about to be trained (default: keep all; "
-                                                             "--sync: 0)")
+    max_staleness: int | None = Field(None, ge=0, description="the one staleness limit (serve has none): pairs more than "
+                                                             "this many versions behind the current one are dropped "
+                                                             "(counted) when leasing, and skipped when a leased pair is "
+                                                             "about to be trained (default: keep all, for offline DPO "
+                                                             "and IRPO rounds; async ACT: 2; --sync: 0)")
     adapter_name: str = Field("policy", description="adapter name on the servers (versioned naming adds -vN)")
     adapter_naming: Literal["versioned", "inplace"] = Field(
         "versioned", description="versioned: a new name per version (policy-v3); inplace: reuse one name with "

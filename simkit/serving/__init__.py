@@ -2,7 +2,8 @@
 
 - `cursor.TaskCursor`: which (epoch, position) runs next, the resume watermark and its state
   file, and in-process retries of transient failures (the watermark always advances);
-- `sink.PairSink`: one staleness filter and one append to the queue (plus optional trajectories);
+- `sink.PairSink`: one append to the queue (journalled; plus optional trajectories) and the
+  resume check that re-appends what the queue lost;
 - `follower.VersionFollower`: follows the trainer's published version and switches the policy;
   the policy stamps each turn with the version that wrote it;
 - `status.StatusReporter`: the live status line and `metrics.jsonl`.

@@ -2,7 +2,8 @@
 
 The policy (`simkit.Policy.set_model(adapter, version)`) stamps each reply with the version
 whose adapter it asked, so turns are stamped per request, not per episode: a switch in the
-middle of an episode gives its later turns the new version.
+middle of an episode gives its later turns the new version. Stale pairs are not serve's
+business: the trainer drops them when it leases (one staleness rule, at consume).
 """
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ from typing import Any
 
 
 class VersionFollower:
-    def __init__(self, queue, policy: Any, max_staleness: int):
-        self.queue, self.policy, self.max_staleness = queue, policy, max_staleness
+    def __init__(self, queue, policy: Any):
+        self.queue, self.policy = queue, policy
         self.version = 0
         self.adapter: str | None = None
-        self.dropped_stale = 0  # queued pairs dropped as too old when a version arrived
 
     async def follow(self) -> bool:
         """Switch to a newer published version, if any; True when it switched."""
@@ -27,5 +27,4 @@ class VersionFollower:
                 self.policy.set_model(v.adapter, v.version)
             except TypeError:  # a policy without version stamping
                 self.policy.set_model(v.adapter)
-        self.dropped_stale += await self.queue.drop_stale(self.version - self.max_staleness)
         return True

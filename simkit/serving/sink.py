@@ -1,41 +1,90 @@
-"""The pair sink: the one place a pair is judged fresh enough and appended to the queue."""
+"""The pair sink: the one place serve appends pairs to the queue, and its resume check.
+
+Serve does not judge staleness: the consumer does, at lease time (`lease(min_version=…)`,
+`trainer run --max-staleness`). Before each append the pairs go to a journal
+(`queued.jsonl`, fsynced), so a resume can re-append what the queue lost (a truncated SQLite
+WAL, a Redis restart without AOF): `recover()` asks the queue which journalled ids it is
+`missing` and appends those again (ids are idempotent, so nothing is queued twice).
+The journal keeps the newest ~`journal_mb` to 2x that (two segments): far more than a queue
+can lose (SQLite checkpoints its WAL every ~16 MB; Redis AOF everysec loses <= ~1 s).
+"""
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
 from ..act import Rollout
 from ..types import PreferencePair
 
-
-def fresh(pairs: Sequence[PreferencePair], version: int, max_staleness: int) -> list[PreferencePair]:
-    """Pairs made by a policy at most `max_staleness` versions behind `version`."""
-    floor = version - max_staleness
-    return [p for p in pairs if p.policy_version >= floor]
+log = logging.getLogger("simkit.serve")
 
 
 class PairSink:
-    def __init__(self, queue, max_staleness: int, trajectories: Path | None = None):
-        self.queue, self.max_staleness, self.trajectories = queue, max_staleness, trajectories
+    def __init__(self, queue, trajectories: Path | None = None, journal: Path | None = None,
+                 journal_mb: float = 256.0):
+        self.queue, self.trajectories, self.journal = queue, trajectories, journal
+        self.journal_bytes = int(journal_mb * 2**20)
         self.depth = 0  # unacked pairs in the queue, as last seen (back-pressure)
-        self.appended = self.duplicates = self.dropped_stale = 0
+        self.appended = self.duplicates = self.dropped_stale = self.recovered = 0
 
-    async def write(self, rollouts: Sequence[Rollout], version: int) -> None:
-        """Append the fresh pairs of `rollouts` (duplicates are dropped by the queue) and, if
-        asked, every trajectory."""
+    async def write(self, rollouts: Sequence[Rollout], version: int | None = None) -> None:
+        """Append the pairs of `rollouts` (duplicates are dropped by the queue) and, if asked,
+        every trajectory."""
         pairs = [r.pair for r in rollouts if r.pair is not None]
-        keep = fresh(pairs, version, self.max_staleness)
-        self.dropped_stale += len(pairs) - len(keep)
-        if keep:
-            added = await self.queue.append(keep)
+        if pairs:
+            self._journal(pairs)
+            added = await self.queue.append(pairs)
             self.appended += added
-            self.duplicates += len(keep) - added
+            self.duplicates += len(pairs) - added
             self.depth += added
         if self.trajectories is not None and rollouts:
             with open(self.trajectories, "a", encoding="utf-8") as f:
                 for r in rollouts:
                     f.write(r.trajectory.model_dump_json() + "\n")
 
+    def _journal(self, pairs: Sequence[PreferencePair]) -> None:
+        if self.journal is None:
+            return
+        if self.journal.exists() and self.journal.stat().st_size > self.journal_bytes:
+            os.replace(self.journal, self._previous)  # the older segment goes
+        with open(self.journal, "a", encoding="utf-8") as f:
+            f.write("".join(p.model_dump_json() + "\n" for p in pairs))
+            f.flush()
+            os.fsync(f.fileno())
+
+    async def recover(self) -> int:
+        """Re-append the journalled pairs the queue does not have; returns how many."""
+        if self.journal is None:
+            return 0
+        lines = [ln for seg in (self._previous, self.journal) if seg.exists()
+                 for ln in seg.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        pairs: dict[str, str] = {}
+        for ln in lines:
+            try:
+                pairs[PreferencePair.model_validate_json(ln).id] = ln
+            except ValueError:  # a line torn by a crash mid-write: its pair was never appended
+                continue
+        gone = await self.queue.missing(list(pairs))
+        if gone:
+            log.warning("the queue lost %d of the %d pairs serve appended (e.g. a truncated SQLite WAL "
+                        "or a Redis restart without AOF): appending them again", len(gone), len(pairs))
+            self.recovered += await self.queue.append([PreferencePair.model_validate_json(pairs[i])
+                                                       for i in gone])
+        return len(gone)
+
+    @property
+    def _previous(self) -> Path:
+        assert self.journal is not None
+        return self.journal.with_name(self.journal.name + ".1")
+
     async def refresh_depth(self) -> int:
         self.depth = await self.queue.depth()
         return self.depth
+
+    async def refresh_stats(self) -> dict:
+        """Depth and the consumer's stale drops, from the queue's counters."""
+        s = await self.queue.stats()
+        self.depth, self.dropped_stale = s["depth"], s["dropped_stale"]
+        return s
