@@ -8,7 +8,7 @@ Processes (all real subprocesses, in a scratch directory):
 - the embedded model server (tiny random Llama): the policy, loads each published adapter;
 - a fake OpenAI server for the simulator and the classifier with 10% HTTP 500s and 1% requests
   that never answer (`simkit.fakeserver`; the one process never killed: it *is* the fault);
-- `simkit serve --env toy --workers 2` (async schedule, --max-staleness 2);
+- `simkit serve --env toy --workers 2` (async schedule; the trainer leases with --max-staleness 2);
 - `trainer run --publish-every 3` (batch 2, never-ending --max-steps).
 A chaos loop kills one target every few seconds and restarts it: the model server, serve (the
 whole process group), one serve worker (the pool restarts it), the trainer, and the trainer in
@@ -137,12 +137,13 @@ def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float]
                                    "--run-dir", str(serve_dir), "--policy", ms_url, "--simulator", fake_url,
                                    "--classifier", fake_url, "--workers", str(WORKERS), "--concurrency", str(CONCURRENCY),
                                    "--max-tokens", "8", "--timeout", "5", "--max-pending", "64",
-                                   "--poll-s", "0.3", "--max-staleness", str(max_staleness)], logs / "serve.log")
+                                   "--poll-s", "0.3"], logs / "serve.log")
     trainer = Proc("trainer", lambda: [PY, "-m", "trainer.cli", "run", "--queue", str(queue), "--model", str(tiny),
                                        "--out", str(train_dir), "--policy-url", ms_url, "--publish-every", "3",
                                        "--max-steps", "100000", "--batch-size", "2", "--max-length", "1024",
                                        "--no-tensorboard", "--poll-s", "0.2", "--lr", "1e-3", "--adapter-name", "soak",
-                                       "--publish-retries", "2", "--publish-timeout-s", "10"], logs / "trainer.log")
+                                       "--publish-retries", "2", "--publish-timeout-s", "10",
+                                       "--max-staleness", str(max_staleness)], logs / "trainer.log")
     for p in (fake, model):
         p.start()
     wait_http(f"http://127.0.0.1:{fake_port}/health", 60, fake.popen)
@@ -275,7 +276,7 @@ def main() -> int:
                    help="seconds between kills, uniform (default 4 9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-staleness", type=int, default=2,
-                   help="serve's --max-staleness (default 2; a large value means no stale drops: a control run)")
+                   help="the trainer's --max-staleness (default 2; a large value means no stale drops: a control run)")
     p.add_argument("--work", help="scratch directory (default: a new temporary one, kept)")
     p.add_argument("--json", help="write the summary here")
     a = p.parse_args()
