@@ -3,6 +3,7 @@ simulator and classifier failing, and afterwards every count must reconcile.
 
     .venv/bin/python bench/soak_faults.py --duration 300            # 5 minutes of chaos
     .venv/bin/python bench/soak_faults.py --duration 45 --json s.json   # what tests/test_soak.py runs
+    .venv/bin/python bench/soak_faults.py --queue-backend redis --duration 90   # over Redis Streams
 
 Processes (all real subprocesses, in a scratch directory):
 - the embedded model server (tiny random Llama): the policy, loads each published adapter;
@@ -12,7 +13,12 @@ Processes (all real subprocesses, in a scratch directory):
 - `trainer run --publish-every 3` (batch 2, never-ending --max-steps).
 A chaos loop kills one target every few seconds and restarts it: the model server, serve (the
 whole process group), one serve worker (the pool restarts it), the trainer, and the trainer in
-the middle of a publish (as soon as a new adapter directory appears). At the end serve and the
+the middle of a publish (as soon as a new adapter directory appears). With `--queue-backend
+redis` the queue is a real redis-server (AOF on, `appendfsync always`, in the scratch directory)
+and, once past half the duration, the chaos loop SIGKILLs redis-server itself and restarts it
+on the same AOF (serve workers and the trainer may fail on the lost connection: they are
+restarted like after a kill). For a process kill `everysec` would lose nothing either (the AOF
+write() precedes each reply; only the fsync differs); `always` also covers a power loss. At the end serve and the
 trainer get SIGTERM (clean stop), and the checks below run on the queue, the trainer's ledger
 and serve's state files.
 
@@ -21,12 +27,16 @@ Reconciliation (each check is named in the output; exit status 1 if any fails):
   live pair (no pair vanished);
 - `lineage`: the trainer's commits form one chain (each commit's parent is the previous commit);
 - `trained_once`: no pair id in two commits;
-- `acked_is_trained`: the queue's acked count equals the pairs the commits trained (nothing
-  was trained without being acked, nothing acked untrained: skips would show here);
-- `trained_not_pending`: no trained pair is still pending or dropped (SQLite: per id, `done`);
+- `acked_is_trained`: the queue's acked count equals the pairs the commits trained plus the pairs
+  the trainer consumed untrained and acked (its log's "pair X skipped:" lines: leased pairs that
+  went stale before their step, by design): nothing acked is unaccounted for;
+- `trained_not_pending`: no trained pair is still pending or dropped (per id: `PairQueue.states`);
 - `serve_pairs`: the queue's appended pairs are covered by serve's episodes (Σ state.json
   pairs), up to the in-flight episodes lost per serve kill that were redone with another
   outcome.
+- `redis_durable` (Redis only): every queue counter (appended, acked, dropped, …) read just before
+  redis-server was killed is still there, or higher, after it replayed its AOF.
+All checks read the queue through `open_queue` (the PairQueue API): both backends, one code.
 Under the queue rule "a leased pair is never dropped stale; staleness applies when leasing",
 all of these hold. A queue that drops leased pairs breaks `acked_is_trained` and
 `trained_not_pending` (a trained pair is acked after it was dropped: the ack is a no-op).
@@ -37,8 +47,8 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -49,7 +59,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from simkit.testing import free_port, wait_http  # noqa: E402
+from simkit.testing import RedisServer, free_port, wait_http  # noqa: E402
 
 PY = sys.executable
 WORKERS, CONCURRENCY = 2, 8  # serve's --workers and --concurrency (per worker)
@@ -117,13 +127,31 @@ def _adapters(run: Path) -> set[str]:
     return {p.name for p in d.iterdir()} if d.is_dir() else set()
 
 
-def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float], max_staleness: int = 2) -> dict:
+def _counters(queue: str) -> dict:
+    from simkit.queue import open_queue
+
+    with open_queue(queue) as q:
+        return {k: v for k, v in q.stats().items() if k not in ("depth", "in_flight", "available", "version")}
+
+
+def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float], max_staleness: int = 2,
+         backend: str = "sqlite") -> dict:
     from simkit.tiny_model import init_tiny
 
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
-    tiny = init_tiny(work / "tiny")
-    queue, serve_dir, train_dir = work / "q.db", work / "serve", work / "train"
+    redis = RedisServer(work / "redis", appendfsync="always").start() if backend == "redis" else None
+    try:
+        return _soak(work, duration, rng, kill_every, max_staleness, redis, init_tiny(work / "tiny")) | {"seed": seed}
+    finally:
+        if redis is not None:
+            redis.stop()
+
+
+def _soak(work: Path, duration: float, rng: random.Random, kill_every: tuple[float, float], max_staleness: int,
+          redis: RedisServer | None, tiny: Path) -> dict:
+    queue = redis.url("soak") if redis else str(work / "q.db")
+    serve_dir, train_dir = work / "serve", work / "train"
     ms_port, fake_port = free_port(), free_port()
     ms_url, fake_url = f"http://127.0.0.1:{ms_port}/v1", f"http://127.0.0.1:{fake_port}/v1"
     logs = work / "logs"
@@ -152,6 +180,7 @@ def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float]
     trainer.start()
 
     events: list[dict] = []
+    redis_restarts: list[dict] = []  # counters just before each kill, and after the AOF replay
     trainer_starts_before = 0
     t0 = time.monotonic()
     targets = ["model-server", "serve", "serve-worker", "trainer", "trainer-publish"]
@@ -168,10 +197,18 @@ def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float]
                     p.start()
             if time.monotonic() - t0 >= duration:
                 break
-            target = targets[i % len(targets)]
-            i += 1
+            if redis and not redis_restarts and time.monotonic() - t0 >= duration / 2:
+                target = "redis"  # once, mid-soak (not near the end: the final SIGTERM wants all up)
+            else:
+                target = targets[i % len(targets)]
+                i += 1
             ev = {"t": round(time.monotonic() - t0, 1), "kill": target}
-            if target == "model-server":
+            if target == "redis":
+                before = _counters(queue)
+                redis.kill()
+                redis.start()
+                redis_restarts.append({"before": before, "after": _counters(queue)})
+            elif target == "model-server":
                 model.kill9()
                 model.start()
             elif target == "serve":
@@ -209,9 +246,13 @@ def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float]
             if p.popen is not None and p.alive():
                 p.kill9()
     worker_kills = sum(1 for e in events if e.get("kill") == "serve-worker" and "pid" in e)
-    summary = reconcile(queue, train_dir, serve_dir, workers_killed=WORKERS * serve.kills + worker_kills)
-    summary.update(duration_s=round(elapsed, 1), seed=seed, max_staleness=max_staleness, stop_codes=stop_codes, events=events,
-                   kills={p.name: p.kills for p in (model, serve, trainer)},
+    # a Redis restart can end every worker mid-episode (a failed append), like a serve kill
+    summary = reconcile(queue, train_dir, serve_dir,
+                        workers_killed=WORKERS * (serve.kills + len(redis_restarts)) + worker_kills,
+                        redis_restarts=redis_restarts if redis else None, trainer_log=trainer.log)
+    summary.update(duration_s=round(elapsed, 1), max_staleness=max_staleness, stop_codes=stop_codes, events=events,
+                   backend="redis" if redis else "sqlite",
+                   kills={p.name: p.kills for p in (model, serve, trainer)} | ({"redis": len(redis_restarts)} if redis else {}),
                    worker_kills=worker_kills,
                    publish_kills=sum(1 for e in events if e.get("during_publish")))
     return summary
@@ -222,17 +263,26 @@ def _lineage(train_dir: Path) -> list[dict]:
     return [json.loads(x) for x in audit.read_text().splitlines() if x.strip()] if audit.exists() else []
 
 
-def reconcile(queue_path: Path, train_dir: Path, serve_dir: Path, workers_killed: int) -> dict:
+def _skipped(trainer_log: Path) -> set[str]:
+    """Pairs the trainer consumed without training (logged before their ack, see trainer/ledger.py)."""
+    text = trainer_log.read_text(errors="replace") if trainer_log.exists() else ""
+    return set(re.findall(r"pair (\S+) skipped: ", text))
+
+
+def reconcile(queue: str, train_dir: Path, serve_dir: Path, workers_killed: int,
+              redis_restarts: list[dict] | None = None, trainer_log: Path | None = None) -> dict:
     """The checks of the module docstring; `checks` maps each name to (ok, detail)."""
     from simkit.queue import open_queue
 
     checks: dict[str, tuple[bool, str]] = {}
-    with open_queue(queue_path) as q:
+    with open_queue(queue) as q:
         q.release("trainer")  # the trainer stopped cleanly already; a no-op then
         stats = q.stats()
         pending = list(q.lease(10**9, consumer="soak-check", lease_s=60).pairs)
         q.release("soak-check")
         versions = q.versions()
+        skipped = _skipped(trainer_log) if trainer_log else set()
+        state = q.states({i for c in _lineage(train_dir) for i in c["pair_ids"]} | skipped)
     pending_ids = {p.id for p in pending}
     balance = stats["acked"] + stats["dropped_stale"] + len(pending)
     checks["queue_balance"] = (stats["appended"] == balance,
@@ -245,12 +295,12 @@ def reconcile(queue_path: Path, train_dir: Path, serve_dir: Path, workers_killed
     trained = [i for c in commits for i in c["pair_ids"]]
     checks["trained_once"] = (len(trained) == len(set(trained)), f"{len(trained)} trained, {len(set(trained))} distinct")
     # [stale-drop rule] fails on a queue that drops leased pairs: the ack of a trained, dropped pair is a no-op
-    checks["acked_is_trained"] = (stats["acked"] == len(set(trained)),
-                                  f"queue acked {stats['acked']} vs trained {len(set(trained))}")
-    with sqlite3.connect(queue_path) as db:  # per-id view (SQLite backend)
-        state = dict(db.execute("SELECT id, done FROM pairs"))
-    bad = [i for i in set(trained) if state.get(i) != 2]
-    # [stale-drop rule] idem, per id: a trained pair must be acked (done = 2), never dropped (3) or live
+    consumed = {i for i in set(trained) | skipped if state.get(i) == "acked"}
+    checks["acked_is_trained"] = (stats["acked"] == len(consumed),
+                                  f"queue acked {stats['acked']} vs trained {len(set(trained))} + skipped by the "
+                                  f"trainer (acked, untrained) {len(consumed - set(trained))} = {len(consumed)}")
+    bad = [i for i in set(trained) if state.get(i) != "acked"]
+    # [stale-drop rule] idem, per id: a trained pair must be acked, never dropped, live or unknown
     checks["trained_not_pending"] = (not bad and not (pending_ids & set(trained)),
                                      f"{len(bad)} trained pairs not acked (e.g. {bad[:3]}; states "
                                      f"{sorted({state.get(i) for i in bad}, key=str)})")
@@ -261,6 +311,16 @@ def reconcile(queue_path: Path, train_dir: Path, serve_dir: Path, workers_killed
     checks["serve_pairs"] = (stats["appended"] <= pairs + slack,
                              f"queue appended {stats['appended']} <= serve pairs {pairs} + lost in-flight "
                              f"<= {slack} ({episodes} episodes, {stats['duplicates']} duplicate appends)")
+    if redis_restarts is not None:
+        lost = [f"{k}: {r['before'][k]} -> {r['after'][k]}" for r in redis_restarts for k in r["before"]
+                if r["after"][k] < r["before"][k]]
+        first = redis_restarts[0] if redis_restarts else None
+        checks["redis_durable"] = (bool(redis_restarts) and not lost,
+                                   f"{len(redis_restarts)} redis-server SIGKILL + AOF restart(s); " + (
+                                       f"counters went back: {lost}" if lost else
+                                       f"no counter went back (appended {first['before']['appended']} -> "
+                                       f"{first['after']['appended']}, acked {first['before']['acked']} -> "
+                                       f"{first['after']['acked']})" if first else "none done"))
     return {"ok": all(ok for ok, _ in checks.values()),
             "checks": {k: {"ok": ok, "detail": d} for k, (ok, d) in checks.items()},
             "queue": stats, "serve": {"episodes": episodes, "pairs": pairs,
@@ -277,14 +337,17 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-staleness", type=int, default=2,
                    help="the trainer's --max-staleness (default 2; a large value means no stale drops: a control run)")
+    p.add_argument("--queue-backend", choices=("sqlite", "redis"), default="sqlite",
+                   help="the queue: a SQLite file, or a redis-server started here (AOF, appendfsync always) "
+                        "that is also SIGKILLed and restarted once mid-soak (default sqlite)")
     p.add_argument("--work", help="scratch directory (default: a new temporary one, kept)")
     p.add_argument("--json", help="write the summary here")
     a = p.parse_args()
     import tempfile
 
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="soak-"))
-    s = soak(work, a.duration, a.seed, tuple(a.kill_every), a.max_staleness)
-    print(f"# soak {s['duration_s']}s in {work}: kills {s['kills']}, worker kills {s['worker_kills']}, "
+    s = soak(work, a.duration, a.seed, tuple(a.kill_every), a.max_staleness, a.queue_backend)
+    print(f"# soak ({s['backend']} queue) {s['duration_s']}s in {work}: kills {s['kills']}, worker kills {s['worker_kills']}, "
           f"kills during publish {s['publish_kills']}")
     print(f"queue: {s['queue']}")
     print(f"serve: {s['serve']}  trainer: {s['trainer']}  stop codes: {s['stop_codes']}")

@@ -150,6 +150,12 @@ class PairQueue(ABC):
         """The ids among `ids` this queue never saw (acked and dropped ones count as seen)."""
 
     @abstractmethod
+    def states(self, ids: Sequence[str]) -> dict[str, str]:
+        """Per id: "live" (available or leased), "acked" or "dropped"; ids never seen are left out.
+        For audits (the fault soak): counters alone cannot tell a trained pair acked from one
+        dropped stale whose ack was then a no-op."""
+
+    @abstractmethod
     def stats(self) -> dict:
         """Counters: appended, duplicates, leased, acked, dropped_stale, depth, version, …"""
 
@@ -479,6 +485,16 @@ class SQLiteQueue(PairQueue):
                     "SELECT id FROM pairs WHERE id IN (SELECT value FROM json_each(?))",
                     (json.dumps(part),)))
         return [i for i in ids if i not in found]
+
+    def states(self, ids: Sequence[str]) -> dict[str, str]:
+        ids, out = list(ids), {}
+        names = {None: "live", ACKED: "acked", DROPPED: "dropped"}
+        with self._lock:
+            for i in range(0, len(ids), 10_000):
+                out.update((r[0], names[r[1]]) for r in self._db().execute(
+                    "SELECT id, done FROM pairs WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(ids[i:i + 10_000]),)))
+        return out
 
     @staticmethod
     def _settle(db: sqlite3.Connection, returning: sqlite3.Cursor) -> int:

@@ -379,6 +379,16 @@ class RedisQueue(PairQueue):
             out += [pid for pid, v in zip(part, self._r.hmget(self.k_seen, part)) if v is None]
         return out
 
+    def states(self, ids: Sequence[str]) -> dict[str, str]:
+        self._check()
+        ids, out = list(ids), {}
+        names = {b"a": "acked", b"d": "dropped"}
+        for i in range(0, len(ids), 10_000):
+            part = ids[i:i + 10_000]
+            out.update((pid, names.get(v, "live")) for pid, v in zip(part, self._r.hmget(self.k_seen, part))
+                       if v is not None)
+        return out
+
     # ---- policy versions
     def publish_version(self, version: int, adapter: str, path: str | None = None,
                         meta: dict | None = None) -> None:

@@ -90,13 +90,15 @@ def start_model_server(model_dir: str | os.PathLike, port: int | None = None, lo
 
 
 class RedisServer:
-    """A real `redis-server` on loopback with AOF on (appendfsync everysec), in its own dir.
+    """A real `redis-server` on loopback with AOF on (appendfsync everysec unless told), in its own dir.
 
     `kill()` is a SIGKILL (no shutdown save); `start()` again reuses the same dir and port, so
-    the restarted server replays the AOF."""
+    the restarted server replays the AOF. A killed process loses nothing it answered with either
+    fsync policy (the AOF write() precedes the reply); `appendfsync="always"` also survives an
+    OS crash or power loss, at one fsync per write."""
 
     def __init__(self, data_dir: str | os.PathLike, port: int | None = None, appendonly: bool = True,
-                 exe: str = "redis-server") -> None:
+                 exe: str = "redis-server", appendfsync: str = "everysec") -> None:
         import shutil
 
         exe = shutil.which(exe)
@@ -106,7 +108,7 @@ class RedisServer:
         self.exe, self.dir = exe, Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        self.appendonly = appendonly
+        self.appendonly, self.appendfsync = appendonly, appendfsync
         self.proc: subprocess.Popen | None = None
 
     def url(self, stream: str = "act") -> str:
@@ -114,7 +116,7 @@ class RedisServer:
 
     def start(self, timeout: float = 20.0) -> "RedisServer":
         args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
                 "--save", "", "--daemonize", "no", "--protected-mode", "yes",
                 "--logfile", str(self.dir / "redis.log")]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,

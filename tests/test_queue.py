@@ -368,6 +368,17 @@ def test_missing_lists_ids_never_seen(q):
     assert q.missing([]) == []
 
 
+def test_states_per_id(q):
+    pairs = [_pair(i) for i in range(5)]
+    q.append(pairs[:4])
+    q.ack(q.lease(1))  # pair 0
+    q.lease(1)  # pair 1: leased, still live
+    q.drop_stale(1)  # pairs 2 and 3 (available, version 0); the leased one stays
+    ids = [p.id for p in pairs]
+    assert q.states(ids) == {ids[0]: "acked", ids[1]: "live", ids[2]: "dropped", ids[3]: "dropped"}
+    assert q.states([]) == {}
+
+
 def test_stats_keys_are_the_same_for_every_backend(q):
     q.append([_pair(0)])
     assert set(q.stats()) == {"appended", "duplicates", "leased", "acked", "dropped_stale", "released",

@@ -97,10 +97,10 @@ class Ledger:
     def on_skip(self, pair, reason: str) -> None:
         """A pair that can never be trained (too long, malformed) is acked at once: no weights
         depend on it, so no checkpoint has to hold it (a crash just skips it again)."""
+        log.warning("pair %s skipped: %s", pair.id, reason)  # first: the log names every pair acked untrained
         self.queue.ack([pair.id])
         self._done.add(pair.id)
         self.skipped_total += 1
-        log.warning("pair %s skipped: %s", pair.id, reason)
 
     # ---- train side
     def on_micro_batch(self, pairs: list[tuple[str, int]]) -> None:
