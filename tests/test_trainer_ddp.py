@@ -1,6 +1,7 @@
 """`trainer run` data-parallel: 2 CPU processes (gloo) under `accelerate launch`, fed by the queue,
 publishing into the embedded model server; SIGKILL of the whole launch mid-run, then the same
-command resumes, and the ledger shows every trained pair exactly once."""
+command resumes, and the ledger shows every trained pair exactly once. Over each queue backend
+(SQLite file; real redis-server with AOF)."""
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from simkit.queue import open_queue
 from trainer.ledger import checkpoints, read_marker
@@ -19,10 +21,17 @@ WORLD, BATCH = 2, 2
 PER_STEP = WORLD * BATCH
 
 
-def _launch(tmp_path, tiny_model, model_server, run_dir, log):
+@pytest.fixture(params=["sqlite", "redis"])
+def queue_url(request, tmp_path) -> str:
+    if request.param == "redis":
+        return request.getfixturevalue("redis_server").url("ddp")
+    return str(tmp_path / "q.db")
+
+
+def _launch(queue_url, tiny_model, model_server, run_dir, log):
     args = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-            "-m", "trainer.cli", "run", "--queue", str(tmp_path / "q.db"), "--model", str(tiny_model),
+            "-m", "trainer.cli", "run", "--queue", queue_url, "--model", str(tiny_model),
             "--out", str(run_dir), "--batch-size", str(BATCH), "--max-length", "256", "--no-tensorboard",
             "--poll-s", "0.1", "--lr", "1e-3", "--policy-url", model_server.url, "--publish-every", "2",
             "--max-steps", "6", "--adapter-name", "ddptest"]
@@ -37,12 +46,12 @@ def _steps(run_dir):
         return []
 
 
-def test_ddp_two_processes_exactly_once_across_sigkill(tiny_model, model_server, tmp_path):
+def test_ddp_two_processes_exactly_once_across_sigkill(tiny_model, model_server, tmp_path, queue_url):
     pairs = toy_pairs(40)
-    with open_queue(tmp_path / "q.db") as q:
+    with open_queue(queue_url) as q:
         q.append(pairs)
     run_dir, log = tmp_path / "run", tmp_path / "ddp.log"
-    proc = _launch(tmp_path, tiny_model, model_server, run_dir, log)
+    proc = _launch(queue_url, tiny_model, model_server, run_dir, log)
     try:
         deadline = time.monotonic() + 240
         while 3 not in _steps(run_dir):
@@ -54,10 +63,10 @@ def test_ddp_two_processes_exactly_once_across_sigkill(tiny_model, model_server,
         committed = [m for _, p in checkpoints(run_dir / "checkpoints") if (m := read_marker(p))]
         last = committed[-1]
         assert last["step"] in (2, 4) and last["committed_total"] == PER_STEP * last["step"]
-        with open_queue(tmp_path / "q.db") as q:
+        with open_queue(queue_url) as q:
             assert q.stats()["acked"] == last["committed_total"]  # only committed steps are acked
 
-        proc = _launch(tmp_path, tiny_model, model_server, run_dir, log)
+        proc = _launch(queue_url, tiny_model, model_server, run_dir, log)
         assert proc.wait(timeout=240) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
@@ -70,7 +79,7 @@ def test_ddp_two_processes_exactly_once_across_sigkill(tiny_model, model_server,
     trained = [i for a in audit for i in a["pair_ids"]]
     assert len(trained) == len(set(trained)) == PER_STEP * 6  # none twice, each step all ranks' pairs
     assert set(trained) == {p.id for p in pairs[:PER_STEP * 6]}  # none lost: the queue's first 24, in order
-    with open_queue(tmp_path / "q.db") as q:
+    with open_queue(queue_url) as q:
         st, cur = q.stats(), q.current_version()
     assert st["acked"] == 24 and st["in_flight"] == 0 and st["depth"] == 16
     assert cur.meta["step"] == 6 and cur.adapter == f"ddptest-v{cur.version}"
