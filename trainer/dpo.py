@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +33,7 @@ from .data import META, PairCollator, QueueSource
 from .ledger import Ledger, latest_committed, rotate
 from .metrics import MetricsCallback, MetricsWriter
 from .models import checkpointing_args, load_model, load_tokenizer, lora_config, precision_args
-from .publish import PublishError, Publisher
+from .publish import PublishError, Publisher, PublishRejected
 
 log = logging.getLogger("trainer")
 
@@ -149,7 +150,11 @@ class DPORun:
         try:
             res = self.publisher.publish(ckpt, meta={"step": step, "run_dir": str(self.run_dir),
                                                     "checkpoint": str(ckpt)})
-        except PublishError as e:  # keep training; the next publish point tries again
+        except PublishRejected as e:  # the server will never take this adapter: stop, say what to change
+            log.error("publishing step %d was rejected: %s", step, e)
+            self.writer.event("publish_rejected", step=step, error=str(e))
+            raise
+        except PublishError as e:  # transient: keep training; the next publish point tries again
             log.error("publishing step %d failed: %s", step, e)
             self.writer.event("publish_failed", step=step, error=str(e))
             return
@@ -214,10 +219,11 @@ class DPORun:
             self.queue, c.policy_url, self.run_dir / "adapters", adapter_name=c.adapter_name,
             naming=c.adapter_naming, keep_loaded=c.keep_loaded, retries=c.publish_retries,
             timeout_s=c.publish_timeout_s, api_key=os.environ.get(c.api_key_env) or None,
-            merge_base=c.model if c.merge else None, merge_dtype=c.dtype)
+            merge_base=c.model if c.merge else None, merge_dtype=c.dtype, run_id=run_id(self.run_dir))
         previous = self._install_signals()
         self.source = None
         try:
+            self.publisher.check_servers(c.lora_r, list(c.lora_target_modules))  # before step 1
             resume = self._resume_state()
             tokenizer = load_tokenizer(c.model)
             self.source = source = QueueSource(
@@ -251,6 +257,17 @@ class DPORun:
                 self.writer.close()
                 self.publisher.close()
                 self.queue.close()
+
+
+def run_id(run_dir: Path) -> str:
+    """This run's id (RUN_DIR/run_id, made on first start, kept on resume): adapter names and paths
+    carry it, so a run redone into the same folder never reuses a name+path a server has cached."""
+    f = run_dir / "run_id"
+    if f.is_file() and f.read_text().strip():
+        return f.read_text().strip()
+    rid = uuid.uuid4().hex[:8]
+    f.write_text(rid + "\n")
+    return rid
 
 
 def loss_args(c: RunConfig) -> dict:
