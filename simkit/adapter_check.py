@@ -73,8 +73,11 @@ def weight_modules(path: str, cfg: dict) -> list[str]:
     if os.path.isfile(st):
         from safetensors import safe_open
 
-        with safe_open(st, framework="pt") as f:
-            keys = list(f.keys())
+        try:
+            with safe_open(st, framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as e:  # a truncated or foreign file: vLLM fails the load the same way (500)
+            raise AdapterRejected(f"Loading lora from {path} failed: {e}") from e
         names = []
         for k in keys:
             k = k.removeprefix("base_model.model.")

@@ -328,8 +328,8 @@ class ModelServer:
         stop = [stop] if isinstance(stop, str) else list(stop)
         try:
             prompt_ids = r.encode_chat(messages)
-        except Exception as e:
-            raise APIError(400, f"could not apply the chat template: {e}", param="messages")
+        except Exception as e:  # vLLM's serving_chat answers a template failure 400 with f"{e} {e.__cause__}"
+            raise APIError(400, f"{e} {e.__cause__}")
         if not prompt_ids:  # vllm/v1/engine/input_processor.py _validate_prompt_len
             raise APIError(400, "The decoder prompt cannot be empty")
         if len(prompt_ids) + int(max_tokens) > r.max_len:
