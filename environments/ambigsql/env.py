@@ -35,6 +35,7 @@ from pydantic import Field
 
 from simkit import prompts
 from simkit.agents import RuleClassifier
+from simkit.datafile import DataError, each
 from simkit.env import Env, EnvConfig, register
 from simkit.types import ANSWER, CLARIFY, Message, Task
 
@@ -94,7 +95,7 @@ class AmbigSQLEnv(Env):
     @property
     def dataset(self) -> dict[str, Any]:
         if self._doc is None:
-            path = self.dataset_path()
+            path = self._doc_path = self.dataset_path()
             log.info("ambigsql: loading %s", path)
             self._doc = builder.load(path)
         return self._doc
@@ -102,9 +103,19 @@ class AmbigSQLEnv(Env):
     def _all_tasks(self) -> dict[str, list[Task]]:
         if self._tasks is None:
             doc = self.dataset
-            out: dict[str, list[Task]] = {s: [] for s in doc["stats"]["splits"]}
-            for e in doc["examples"]:
-                out.setdefault(e["split"], []).append(self._task(e, doc["schemas"][e["db_id"]]))
+            out: dict[str, list[Task]] = {s: [] for s in doc["stats"].get("splits", [])}
+
+            def task_of(e: dict[str, Any]) -> Task:
+                schema = doc["schemas"].get(e["db_id"])
+                if not isinstance(schema, str):
+                    raise DataError(f"db_id {e['db_id']!r} has no schema in the file")
+                if not isinstance(e["split"], str):
+                    raise DataError(f"split {e['split']!r} is not a name")
+                return self._task(e, schema)
+
+            # the built file is one JSON line: a bad example is named by its index
+            for task in each(self._doc_path, [(1, e) for e in doc["examples"]], task_of):
+                out.setdefault(task.meta["split"], []).append(task)
             self._tasks = out
         return self._tasks
 
