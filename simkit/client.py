@@ -99,6 +99,7 @@ class RoleStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_sum_s: float = 0.0
+    empty_replies: int = 0  # successes whose content was "" or whitespace (the model said nothing)
     errors: dict[str, int] = field(default_factory=dict)
     recent_latencies: deque = field(default_factory=lambda: deque(maxlen=20000))
 
@@ -111,7 +112,8 @@ class RoleStats:
         return {
             "requests": self.requests, "successes": self.successes, "failures": self.failures,
             "retries": self.retries, "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens, "errors": dict(self.errors),
+            "completion_tokens": self.completion_tokens, "empty_replies": self.empty_replies,
+            "errors": dict(self.errors),
             "latency_mean_s": round(self.latency_sum_s / self.successes, 5) if self.successes else None,
             "latency_p50_s": q(0.5), "latency_p99_s": q(0.99),
         }
@@ -226,18 +228,23 @@ class RoleClient:
         choice = body["choices"][0]
         message = choice.get("message") if isinstance(choice, dict) else None
         text = message.get("content") if isinstance(message, dict) else None
-        if text is not None and not isinstance(text, str):
+        finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+        if text is None:
+            raise MalformedReply("empty_content", f"completion without content from {ep.url} "
+                                                  f"(finish_reason {finish!r})")
+        if not isinstance(text, str):
             raise MalformedReply("bad_content", f"content is {type(text).__name__}, not text, from {ep.url}")
-        if not text or not text.strip():
-            raise MalformedReply("empty_content", f"empty completion from {ep.url} "
-                                                  f"(finish_reason {choice.get('finish_reason')!r})")
+        if not text.strip():
+            # "" is a model's own answer (vLLM returns it when every token was special), not a broken
+            # server: kept, and counted so that a model that says nothing shows up in the stats
+            self.stats.empty_replies += 1
         if len(text) > self.config.max_reply_chars:
             raise MalformedReply("huge_content", f"completion of {len(text)} characters from {ep.url} (limit "
                                                  f"{self.config.max_reply_chars})")
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
         return Reply(
             text=text, model=body.get("model", ""), latency_s=latency, endpoint=ep.url,
-            finish_reason=choice.get("finish_reason"),
+            finish_reason=finish,
             usage=Usage(prompt_tokens=usage.get("prompt_tokens") or 0,
                         completion_tokens=usage.get("completion_tokens") or 0),
         )

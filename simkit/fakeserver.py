@@ -55,7 +55,7 @@ def _completion(content: Any) -> bytes:
 
 # broken 200 bodies a model server can send (fault injection)
 MALFORMED = {
-    "empty": _completion(""),
+    "empty": _completion(None),  # content null: no text at all
     "huge": _completion("x" * 2_000_000),
     "bad_utf8": _completion("caf\u00e9").replace(b"caf\\u00e9", b"caf\xe9"),
     "no_choices": b'{"id": "chatcmpl-x", "object": "chat.completion", "usage": {}}',

@@ -46,6 +46,32 @@ async def test_episodes_with_malformed_policy_replies_fail_counted():
     assert client.stats.errors == {"no_choices": 5}
 
 
+async def test_an_empty_string_is_the_models_answer_counted_not_failed():
+    """vLLM answers "" when every generated token was special (skip_special_tokens): a model that said
+    nothing, not a broken server. Kept as the reply, counted in `empty_replies`."""
+    from aiohttp import web
+
+    async def chat(request):
+        return web.json_response({"model": "m", "choices": [{"message": {"role": "assistant", "content": ""},
+                                                              "finish_reason": "length"}], "usage": {}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    client = RoleClient("policy", base_urls=[f"http://127.0.0.1:{port}/v1"], model="m")
+    try:
+        reply = await client.complete([{"role": "user", "content": "hi"}])
+    finally:
+        await client.aclose()
+        await runner.cleanup()
+    assert reply.text == "" and client.stats.empty_replies == 1 and client.stats.failures == 0
+    assert client.stats.as_dict()["empty_replies"] == 1
+
+
 async def test_normal_replies_still_pass():
     async with FakeServer(FakeConfig(latency_ms=0)) as srv:
         client = RoleClient("policy", base_urls=[srv.url], model="fake-model")
