@@ -32,6 +32,11 @@
 #   ABLATION_SCHEDULE=sync  schedule of the random-actions and no-simulation ablations (sync|async)
 #   IRPO_ROUNDS=3 IRPO_SAMPLES=4 RPO_ALPHA=1.0
 #   ROLLOUT_MAX_TOKENS=128  policy completion cap of training rollouts (serve); eval decodes greedily, 128 tokens
+#   INIT=sft              where ACT, its ablations and IRPO start: sft = continue the SFT n adapter (trainer run
+#                         --init-adapter; rollouts start from it; DPO's reference is that adapter), base = a fresh
+#                         LoRA on the base model. A 135M base model cannot write SQL at all, so from base its
+#                         wrong-action losers are prose, never SQL, and DPO learns "SQL beats a question"
+#                         everywhere (bench/RESULTS.md); from SFT both sides are well-formed.
 #   TRAIN_ARGS=""         extra flags for trainer sft / run, e.g. "--lr 1e-4 --lora-r 16 --lora-alpha 32"
 #   ROLE_ARGS=""          extra role flags for serve and eval, e.g. "--simulator URL --classifier URL"
 #   EVAL_ARGS=""          extra flags for eval, e.g. "--limit 300"
@@ -58,6 +63,7 @@ ABLATION_SCHEDULE=${ABLATION_SCHEDULE:-sync}
 IRPO_ROUNDS=${IRPO_ROUNDS:-3}
 IRPO_SAMPLES=${IRPO_SAMPLES:-4}
 RPO_ALPHA=${RPO_ALPHA:-1.0}
+INIT=${INIT:-sft}
 ROLLOUT_MAX_TOKENS=${ROLLOUT_MAX_TOKENS:-128}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 ROLE_ARGS=${ROLE_ARGS:-}
@@ -70,6 +76,7 @@ fi
 
 [[ -e $MODEL ]] || { echo "model directory $MODEL not found" >&2; exit 2; }
 case $ABLATION_SCHEDULE in sync|async) ;; *) echo "ABLATION_SCHEDULE must be sync or async" >&2; exit 2;; esac
+case $INIT in sft|base) ;; *) echo "INIT must be sft or base" >&2; exit 2;; esac
 mkdir -p "$OUT/logs"
 MODEL=$(cd "$MODEL" && pwd)
 LOG=$OUT/recipe.log
@@ -184,18 +191,30 @@ sft() {  # sft N DIR
     --grad-accum "$GRAD_ACCUM" $TRAIN_ARGS || return
 }
 
-serve_cmd() {  # serve_cmd N DIR RUN_DIR EXTRA...  → SERVE array
-  local n=$1 dir=$2 rundir=$3; shift 3
-  SERVE=("${SIMKIT[@]}" serve --env "$ENV_NAME" --split "$TRAIN_SPLIT" --n-conversations "$n" --seed "$SEED"
-         --queue "$dir/queue.sqlite" --run-dir "$rundir" --policy "$POLICY_URL" --max-tokens "$ROLLOUT_MAX_TOKENS"
-         "$@" $ROLE_ARGS)
+# INIT=sft: the SFT n adapter is the starting policy (served under sft-nN; the trainer continues it)
+start_from() {  # start_from N  → START_SERVE / START_TRAIN arrays
+  START_SERVE=(); START_TRAIN=()
+  if [[ $INIT == sft ]]; then
+    START_SERVE=(--policy-model "sft-n$1")
+    START_TRAIN=(--init-adapter "$(cd "$OUT/n$1/sft/adapter" && pwd)")
+  fi
 }
 
-trainer_cmd() {  # trainer_cmd DIR ADAPTER STEPS EXTRA...  → TRAIN array
-  local dir=$1 adapter=$2 steps=$3; shift 3
+serve_cmd() {  # serve_cmd N DIR RUN_DIR EXTRA...  → SERVE array
+  local n=$1 dir=$2 rundir=$3; shift 3
+  start_from "$n"
+  if [[ $INIT == sft ]]; then load_adapter "sft-n$n" "$(cd "$OUT/n$n/sft/adapter" && pwd)" || return; fi
+  SERVE=("${SIMKIT[@]}" serve --env "$ENV_NAME" --split "$TRAIN_SPLIT" --n-conversations "$n" --seed "$SEED"
+         --queue "$dir/queue.sqlite" --run-dir "$rundir" --policy "$POLICY_URL" --max-tokens "$ROLLOUT_MAX_TOKENS"
+         "${START_SERVE[@]}" "$@" $ROLE_ARGS)
+}
+
+trainer_cmd() {  # trainer_cmd N DIR ADAPTER STEPS EXTRA...  → TRAIN array
+  local n=$1 dir=$2 adapter=$3 steps=$4; shift 4
+  start_from "$n"
   TRAIN=("${TRAINER[@]}" run --model "$MODEL" --queue "$dir/queue.sqlite" --out "$dir/train" --policy-url "$POLICY_URL"
          --adapter-name "$adapter" --max-steps "$steps" --batch-size "$BATCH" --grad-accum "$GRAD_ACCUM"
-         --seed "$SEED" --no-tensorboard "$@" $TRAIN_ARGS)
+         --seed "$SEED" --no-tensorboard "${START_TRAIN[@]}" "$@" $TRAIN_ARGS)
 }
 
 # serve in the background ‖ trainer in the foreground; serve is stopped (SIGTERM) when the trainer ends
@@ -209,8 +228,8 @@ act_online() {  # act_online N DIR ADAPTER STEPS SCHEDULE [SERVE FLAGS...]
   else
     tflags=(--publish-every "$PUBLISH_EVERY" --max-staleness 2)
   fi
-  serve_cmd "$n" "$dir" "$dir/serve" "${sflags[@]}" "$@"
-  trainer_cmd "$dir" "$adapter" "$steps" "${tflags[@]}"
+  serve_cmd "$n" "$dir" "$dir/serve" "${sflags[@]}" "$@" || return
+  trainer_cmd "$n" "$dir" "$adapter" "$steps" "${tflags[@]}"
   echo "$(date -Is)     \$ (background) ${SERVE[*]}" >> "$LOG"
   "${SERVE[@]}" >> "$dir/serve.log" 2>&1 &
   local spid=$! rc=0
@@ -226,9 +245,9 @@ act_online() {  # act_online N DIR ADAPTER STEPS SCHEDULE [SERVE FLAGS...]
 act_no_sampling() {  # act_no_sampling N DIR ADAPTER STEPS
   local n=$1 dir=$2 adapter=$3 steps=$4
   mkdir -p "$dir"
-  serve_cmd "$n" "$dir" "$dir/serve" --ablation no-sampling
+  serve_cmd "$n" "$dir" "$dir/serve" --ablation no-sampling || return
   run "$dir/serve.log" "${SERVE[@]}" || return
-  trainer_cmd "$dir" "$adapter" "$steps" --publish-every 1000000 --idle-timeout-s 60
+  trainer_cmd "$n" "$dir" "$adapter" "$steps" --publish-every 1000000 --idle-timeout-s 60
   run "$dir/train.log" "${TRAIN[@]}" || return
   touch "$dir/DONE"
 }
@@ -243,9 +262,9 @@ irpo() {  # irpo N DIR ADAPTER STEPS_PER_ROUND
     if [[ -e $dir/round-$r.done ]]; then continue; fi
     log "      IRPO round $r/$IRPO_ROUNDS ($dir)"
     ensure_loaded "$dir/queue.sqlite" || return
-    serve_cmd "$n" "$dir" "$dir/serve-r$r" --mode irpo --irpo-samples "$IRPO_SAMPLES" --max-epochs 1
+    serve_cmd "$n" "$dir" "$dir/serve-r$r" --mode irpo --irpo-samples "$IRPO_SAMPLES" --max-epochs 1 || return
     run "$dir/serve.log" "${SERVE[@]}" || return
-    trainer_cmd "$dir" "$adapter" $((r * per)) --rpo-alpha "$RPO_ALPHA" --publish-every 1000000 \
+    trainer_cmd "$n" "$dir" "$adapter" $((r * per)) --rpo-alpha "$RPO_ALPHA" --publish-every 1000000 \
       --idle-timeout-s 60 --lr-scheduler constant
     run "$dir/train.log" "${TRAIN[@]}" || return
     touch "$dir/round-$r.done"

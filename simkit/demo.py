@@ -111,6 +111,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=1024, help="training max tokens (default 1024)")
     p.add_argument("--sft-lr", type=float, help="SFT learning rate (default: trainer sft's; tiny: 5e-3)")
     p.add_argument("--dpo-lr", type=float, help="DPO learning rate (default: trainer run's; tiny: 5e-3)")
+    p.add_argument("--act-init", choices=["sft", "base"], default="sft",
+                   help="where ACT starts: sft (default) continues the SFT adapter, whose replies are well-formed "
+                        "SQL or questions, so each pair contrasts the two actions; base starts a fresh LoRA on "
+                        "the base model, whose wrong-action replies are prose")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample, task order and training (default 0)")
     p.set_defaults(func=run_demo)
 
@@ -185,18 +189,20 @@ def run_demo(args: argparse.Namespace) -> int:
         evaluate("5/7", f"SFT (n={args.n})", "--policy-model", "sft", "--train-conversations",
                  str(sft / "conversations.json"))
 
-        _step(f"6/7 ACT: simkit serve ‖ trainer run on the same {args.n} conversations ({args.act_steps} DPO "
-              f"steps, a version every {args.publish_every})")
+        _step(f"6/7 ACT from {args.act_init}: simkit serve ‖ trainer run on the same {args.n} conversations "
+              f"({args.act_steps} DPO steps, a version every {args.publish_every})")
         queue = out / "queue.sqlite"
         serve_cmd = [py, "-m", "simkit.cli", "serve", "--env", args.env, "--split", "train", "--n-conversations", n,
                      "--seed", seed, "--queue", str(queue), "--run-dir", str(out / "serve"), "--policy", policy_url,
                      "--max-tokens", str(args.max_tokens), "--concurrency", "16", "--poll-s", "0.5",
-                     "--max-pending", str(4 * args.batch_size)]
+                     "--max-pending", str(4 * args.batch_size),
+                     *(["--policy-model", "sft"] if args.act_init == "sft" else [])]
         act = out / "act"
         with start_process(serve_cmd, None, logs / "serve.log"):
             _run([py, "-m", "trainer.cli", "run", "--model", str(base), "--queue", str(queue), "--out", str(act),
                   "--policy-url", policy_url, "--max-steps", str(args.act_steps), "--publish-every",
                   str(args.publish_every), "--adapter-name", "act", *dpo_batch, *train_common,
+                  *(["--init-adapter", str(sft / "adapter")] if args.act_init == "sft" else []),
                   *(["--lr", str(dpo_lr)] if dpo_lr else [])], logs / "trainer.log", 5400,
                  (args.act_steps, _count_steps(act), "step"))
         from .queue import open_queue

@@ -146,3 +146,68 @@ def test_idle_timeout_trains_the_tail_and_skips_overlong_pairs(tiny_model, tmp_p
     with open_queue(tmp_path / "q.db") as q:
         st = q.stats()
         assert st["acked"] == 4 and st["depth"] == 0 and q.current_version().meta["step"] == 2
+
+
+def test_init_adapter_is_trained_further_and_is_the_reference(tiny_model, tmp_path):
+    """`--init-adapter` (SFT then preference tuning): the published versions continue that adapter
+    (its rank, not --lora-r), and DPO's reference is the frozen starting adapter, so the implicit
+    rewards start at exactly 0 (against the bare base they would not)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    init = tmp_path / "sft-adapter"
+    torch.manual_seed(0)
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                       LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter: it changes the model's outputs
+    m.save_pretrained(init)
+    q = open_queue(tmp_path / "q.db")
+    q.append(toy_pairs(4))
+    q.close()
+    run_dir = tmp_path / "run"
+    cfg = RunConfig(queue=str(tmp_path / "q.db"), model=str(tiny_model), out=str(run_dir), max_steps=2,
+                    batch_size=2, publish_every=1, max_length=256, lr=1e-2, lora_r=16, log_level="warning",
+                    init_adapter=str(init), adapter_name="initdpo", tensorboard=False)
+    assert DPORun(cfg).main() == 0
+    steps = [r for r in read_metrics(run_dir) if r["event"] == "step"]
+    assert steps[0]["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert steps[0]["rewards/rejected"] == pytest.approx(0, abs=1e-6)
+    q = open_queue(tmp_path / "q.db")
+    last = q.current_version()
+    q.close()
+    assert json.loads(open(f"{last.path}/adapter_config.json").read())["r"] == 4
+    start, trained = load_file(init / "adapter_model.safetensors"), load_file(f"{last.path}/adapter_model.safetensors")
+    assert set(start) == set(trained)
+    assert any(not torch.equal(start[k], trained[k]) for k in start)
+
+
+def test_init_adapter_must_exist(tiny_model, tmp_path):
+    cfg = RunConfig(queue=str(tmp_path / "q.db"), model=str(tiny_model), out=str(tmp_path / "run"), max_steps=1,
+                    init_adapter=str(tmp_path / "nowhere"), tensorboard=False)
+    with pytest.raises(SystemExit, match="adapter_config.json"):
+        DPORun(cfg).main()
+
+
+def test_bf16_mixed_trains_on_cpu(tiny_model, tmp_path):
+    """`--dtype bf16-mixed`: float32 weights with bfloat16 autocast, on CPU too (the published
+    adapter stays float32, which every server loads)."""
+    from safetensors.torch import load_file
+
+    q = open_queue(tmp_path / "q.db")
+    q.append(toy_pairs(4))
+    q.close()
+    cfg = RunConfig(queue=str(tmp_path / "q.db"), model=str(tiny_model), out=str(tmp_path / "run"), max_steps=2,
+                    batch_size=2, publish_every=1, max_length=256, lr=1e-2, log_level="warning", dtype="bf16-mixed",
+                    adapter_name="bf16mixed", tensorboard=False)
+    assert DPORun(cfg).main() == 0
+    steps = [r for r in read_metrics(tmp_path / "run") if r["event"] == "step"]
+    assert len(steps) == 2 and all(r["loss"] == r["loss"] for r in steps)  # finite, not NaN
+    q = open_queue(tmp_path / "q.db")
+    weights = load_file(f"{q.current_version().path}/adapter_model.safetensors")
+    q.close()
+    assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from simkit.config import add_config_args, config_from_args, load_yaml, save_snapshot
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16", "bf16-mixed"]
 
 
 class CommonConfig(BaseModel):
@@ -39,7 +39,9 @@ class CommonConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
     lora_target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"], description="LoRA target modules ('all-linear' = every linear but lm_head)")
-    dtype: Dtype = Field("auto", description="weights dtype; auto = bfloat16 on GPU, float32 on CPU")
+    dtype: Dtype = Field("auto", description="weights dtype; auto = bfloat16 on GPU, float32 on CPU; bf16-mixed = "
+                                           "float32 weights with bfloat16 autocast, also on CPU (for CPUs with "
+                                           "AVX512-BF16/AMX)")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory (large models on GPU)")
     seed: int = Field(0, description="random seed (LoRA init, dropout)")
     tensorboard: bool = Field(True, description="also write metrics to RUN_DIR/tb for TensorBoard")
@@ -67,6 +69,10 @@ class RunConfig(CommonConfig):
     publish_every: int = Field(10, ge=1, description="publish a new policy version every N optimizer steps")
     save_every: int | None = Field(None, ge=1, description="checkpoint + ack the trained pairs every N steps "
                                                            "(default: publish_every)")
+    init_adapter: str | None = Field(None, description="start from this LoRA adapter (e.g. `trainer sft`'s RUN/adapter) "
+                                                       "instead of a fresh one: it is trained further and a frozen "
+                                                       "copy is DPO's reference, so each version is one adapter on "
+                                                       "the same base (the usual SFT-then-preference pipeline)")
     beta: float = Field(0.05, gt=0, description="DPO beta (authors: 0.05)")
     loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"],
                                  description="TRL DPO loss type(s): sigmoid, hinge, ipo, exo_pair, nca_pair, robust, "

@@ -12,6 +12,7 @@ scheduler / checkpoint machinery are TRL's and transformers' own.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -223,7 +224,7 @@ class DPORun:
         previous = self._install_signals()
         self.source = None
         try:
-            self.publisher.check_servers(c.lora_r, list(c.lora_target_modules))  # before step 1
+            self.publisher.check_servers(*adapter_shape(c))  # before step 1
             resume = self._resume_state()
             tokenizer = load_tokenizer(c.model)
             self.source = source = QueueSource(
@@ -234,8 +235,8 @@ class DPORun:
                 min_version=(lambda: None) if c.max_staleness is None else
                 (lambda: max(0, self.version - c.max_staleness)))
             self.trainer = QueueDPOTrainer(
-                model=load_model(c.model, c.dtype), args=self.dpo_config(), processing_class=tokenizer,
-                peft_config=lora_config(c), source=source, on_micro_batch=self.ledger.on_micro_batch,
+                model=policy_model(c), args=self.dpo_config(), processing_class=tokenizer,
+                peft_config=None if c.init_adapter else lora_config(c), source=source, on_micro_batch=self.ledger.on_micro_batch,
                 step_extras=self.step_extras, callbacks=[_RunCallback(self), MetricsCallback(self.writer)])
             self.trainer.remove_callback(PrinterCallback)  # MetricsCallback logs one concise line per step
             if self.stop.is_set():
@@ -259,6 +260,15 @@ class DPORun:
                 self.queue.close()
 
 
+def adapter_shape(c: RunConfig) -> tuple[int, list[str]]:
+    """(rank, target modules) of the adapters this run publishes: --init-adapter's, else the flags'."""
+    if c.init_adapter and (Path(c.init_adapter) / "adapter_config.json").is_file():
+        cfg = json.loads((Path(c.init_adapter) / "adapter_config.json").read_text())
+        targets = cfg.get("target_modules") or []
+        return int(cfg.get("r", c.lora_r)), [targets] if isinstance(targets, str) else list(targets)
+    return c.lora_r, list(c.lora_target_modules)
+
+
 def run_id(run_dir: Path) -> str:
     """This run's id (RUN_DIR/run_id, made on first start, kept on resume): adapter names and paths
     carry it, so a run redone into the same folder never reuses a name+path a server has cached."""
@@ -268,6 +278,20 @@ def run_id(run_dir: Path) -> str:
     rid = uuid.uuid4().hex[:8]
     f.write_text(rid + "\n")
     return rid
+
+
+def policy_model(c: RunConfig):
+    """The base model, or base + `init_adapter` made trainable (TRL then keeps a frozen copy of that
+    adapter, named "ref", as the DPO reference)."""
+    model = load_model(c.model, c.dtype)
+    if not c.init_adapter:
+        return model
+    from peft import PeftModel
+
+    if not (Path(c.init_adapter) / "adapter_config.json").is_file():
+        raise SystemExit(f"--init-adapter {c.init_adapter}: no adapter_config.json there; give the folder "
+                         "`trainer sft` wrote (RUN/adapter)")
+    return PeftModel.from_pretrained(model, c.init_adapter, is_trainable=True)
 
 
 def loss_args(c: RunConfig) -> dict:

@@ -19,16 +19,21 @@ def torch_dtype(name: str):
 
     if name == "auto":
         return torch.bfloat16 if use_cuda() else torch.float32
+    if name == "bf16-mixed":  # float32 weights (and LoRA/optimizer state); the matmuls autocast to bfloat16
+        return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def precision_args(dtype_name: str) -> dict[str, Any]:
-    """TrainingArguments precision flags matching the weights dtype (bf16 autocast on GPU only)."""
+    """TrainingArguments precision flags matching the weights dtype: bf16 autocast on GPU, and on
+    any device for `bf16-mixed`."""
     import torch
 
     dt = torch_dtype(dtype_name)
     on_gpu = use_cuda()
-    return {"bf16": on_gpu and dt == torch.bfloat16, "fp16": on_gpu and dt == torch.float16}
+    mixed_cpu = dtype_name == "bf16-mixed" and not on_gpu
+    return {"bf16": (on_gpu and dt == torch.bfloat16) or dtype_name == "bf16-mixed",
+            "fp16": on_gpu and dt == torch.float16, **({"use_cpu": True} if mixed_cpu else {})}
 
 
 def checkpointing_args(args_cls, enabled: bool) -> dict[str, Any]:
