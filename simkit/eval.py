@@ -449,6 +449,8 @@ async def _eval_main(args: argparse.Namespace) -> int:
             "decoding": {"temperature": args.temperature, "max_tokens": args.max_tokens}}
     if excluded:
         meta["excluded_conversations"] = len(excluded)
+    if getattr(env.config, "exec_match", None):  # which execution match produced the numbers
+        meta["exec_match"] = env.config.exec_match
     if train_ids is not None:
         meta["train_conversations"] = {"file": args.train_conversations, "n": len(train_ids)}
     try:
