@@ -99,3 +99,19 @@ def test_adapter_names_and_paths_carry_the_run_id(tmp_path, tiny_model):
     shutil.rmtree(run_dir)  # redo into the same folder: a fresh id
     run_dir.mkdir()
     assert run_id(run_dir) != rid
+
+
+def test_trainer_run_cli_stops_with_the_fix(tiny_model, model_server, tmp_path):
+    """`trainer run` itself: exit status 2 and one line saying what to change, no traceback."""
+    import subprocess
+    import sys
+
+    with open_queue(tmp_path / "q.db") as q:
+        q.append(toy_pairs(2))
+    res = subprocess.run([sys.executable, "-m", "trainer.cli", "run", "--model", str(tiny_model), "--queue",
+                          str(tmp_path / "q.db"), "--out", str(tmp_path / "run"), "--policy-url", model_server.url,
+                          "--max-steps", "1", "--lora-r", "64", "--no-tensorboard"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "trainer run: stopped:" in res.stderr and "--max-lora-rank 64" in res.stderr
+    assert "Traceback" not in res.stderr

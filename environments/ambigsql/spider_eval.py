@@ -15,12 +15,12 @@
   equal the gold (as lists, or as sets and multisets). Values compare with Python equality, so
   6 == 6.0 and True == 1.
 
-Deviations, both from the sandbox (`sqlexec`): queries run read-only under its limits (time,
-rows, size), so data-changing SQL never runs and a query over those limits fails, where the
-evaluator would execute anything for up to 60 s. And the evaluator narrows the column
-permutations of wide (> 3 column) results with 20 randomly sampled rows; here every row narrows
-them. Any permutation either rule removes cannot match, so the verdict is the same, but it is
-deterministic.
+The one deviation is the sandbox (`sqlexec`): queries run read-only under its limits (time, rows,
+size), so data-changing SQL never runs and a query over those limits fails, where the evaluator
+would execute anything for up to 60 s. (Same verdict, different route: for results wider than 3
+columns the evaluator narrows the column permutations with 20 randomly sampled rows; here every
+row narrows them. A permutation either rule removes cannot match, so the answer is the same, and
+it is deterministic.)
 """
 from __future__ import annotations
 
