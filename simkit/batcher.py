@@ -35,6 +35,9 @@ class GenRequest:
     stop: list[str]
     done: Callable[["GenResult | BaseException"], None] = field(repr=False)  # called once, on the model thread
     ignore_eos: bool = False  # vLLM's extra sampling parameter: generate max_tokens whatever comes
+    top_k: int = 0  # 0 or -1: off (vLLM)
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM/HF: on every token of the prompt and the output
     cancelled: bool = False  # set by the server when the client goes away
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -221,10 +224,16 @@ class ContinuousBatcher:
         """Pick each row's next token (rows[first:] own `logits`), then retire finished rows."""
         torch, runner = self.runner.torch, self.runner
         rows = self.rows[first:]
+        if any(row.req.repetition_penalty != 1.0 for row in rows):
+            logits = logits.clone()  # an inference-mode tensor: edit a copy
+        for i, row in enumerate(rows):
+            if row.req.repetition_penalty != 1.0:
+                logits[i] = _penalise(torch, logits[i], row.req.prompt_ids + row.gen, row.req.repetition_penalty)
         nxt = logits.argmax(-1)
         for i, row in enumerate(rows):
-            if row.req.temperature > 0:
-                nxt[i] = _sample(torch, logits[i], row.req.temperature, row.req.top_p, row.generator)
+            r = row.req
+            if r.temperature > 0:
+                nxt[i] = _sample(torch, logits[i], r.temperature, r.top_p, row.generator, r.top_k, r.min_p)
         keep = []
         for i, (row, tok) in enumerate(zip(rows, nxt.tolist())):
             result = None
@@ -233,7 +242,9 @@ class ContinuousBatcher:
                 row.req.done(RuntimeError("cancelled"))
                 continue
             if tok in runner.eos_ids and not row.req.ignore_eos:
-                result = self._result(row, "stop", None)  # vLLM: stop_reason is None on EOS
+                # vLLM: stop_reason None on EOS; the EOS token counts in completion_tokens
+                result = self._result(row, "stop", None)
+                result.completion_tokens += 1
             else:
                 row.gen.append(tok)
                 self.stats["completion_tokens"] += 1
@@ -277,8 +288,24 @@ class ContinuousBatcher:
         return GenResult(text, len(row.req.prompt_ids), len(row.gen), finish, stop_reason)
 
 
-def _sample(torch: Any, logits: Any, temperature: float, top_p: float, generator: Any) -> Any:
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+def _penalise(torch: Any, logits: Any, seen: list[int], penalty: float) -> Any:
+    """HF / vLLM repetition penalty: a seen token's logit is divided by it if positive, else multiplied."""
+    logits = logits.clone()
+    idx = torch.tensor(sorted(set(seen)), device=logits.device, dtype=torch.long)
+    vals = logits[idx]
+    logits[idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def _sample(torch: Any, logits: Any, temperature: float, top_p: float, generator: Any, top_k: int = 0,
+            min_p: float = 0.0) -> Any:
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         cut = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p

@@ -24,9 +24,17 @@ from .types import Message, Reply, Usage
 class RoleError(Exception):
     """A role call that failed after all retries (or with a non-retryable error)."""
 
-    def __init__(self, role: str, message: str):
+    def __init__(self, role: str, message: str, reason: str | None = None):
         super().__init__(f"[{role}] {message}")
-        self.role = role
+        self.role, self.reason = role, reason
+
+
+class MalformedReply(ValueError):
+    """A 200 answer that is no usable completion; `reason` is the key it is counted under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 Transport = Literal["fast", "aiohttp", "openai"]
@@ -61,6 +69,9 @@ class ClientSettings(BaseModel):
     backoff_max_s: float = Field(2.0, ge=0, json_schema_extra={"cli": False})
     retry_after_max_s: float = Field(60.0, ge=0, json_schema_extra={"cli": False},
                                      description="the most we wait when a server's Retry-After asks for longer")
+    max_reply_chars: int = Field(1_000_000, ge=1, json_schema_extra={"cli": False},
+                                 description="a longer reply is malformed (a runaway or broken server), counted "
+                                             "as a failure")
 
 
 class RoleConfig(ClientSettings):
@@ -88,6 +99,7 @@ class RoleStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_sum_s: float = 0.0
+    empty_replies: int = 0  # successes whose content was "" or whitespace (the model said nothing)
     errors: dict[str, int] = field(default_factory=dict)
     recent_latencies: deque = field(default_factory=lambda: deque(maxlen=20000))
 
@@ -100,7 +112,8 @@ class RoleStats:
         return {
             "requests": self.requests, "successes": self.successes, "failures": self.failures,
             "retries": self.retries, "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens, "errors": dict(self.errors),
+            "completion_tokens": self.completion_tokens, "empty_replies": self.empty_replies,
+            "errors": dict(self.errors),
             "latency_mean_s": round(self.latency_sum_s / self.successes, 5) if self.successes else None,
             "latency_p50_s": q(0.5), "latency_p99_s": q(0.99),
         }
@@ -144,8 +157,7 @@ class RoleClient:
             body = await self.transport.post_chat(ep.url, payload, self.config.timeout_s)
         except TransportError as e:
             ep.failures += 1
-            key = str(e.status) if e.status else type(e.__cause__ or e).__name__
-            self.stats.errors[key] = self.stats.errors.get(key, 0) + 1
+            self._count(e.reason or (str(e.status) if e.status else type(e.__cause__ or e).__name__))
             raise
         finally:
             ep.in_flight -= 1
@@ -169,9 +181,13 @@ class RoleClient:
                         raise
                     body, ep, latency = await self._retry(payload, first)
                 reply = self._parse(body, ep, latency)
+            except MalformedReply as e:
+                self._count(e.reason)
+                self.stats.failures += 1
+                raise RoleError(self.role, str(e), e.reason) from e
             except (TransportError, ValueError) as e:
                 self.stats.failures += 1
-                raise RoleError(self.role, str(e)) from e
+                raise RoleError(self.role, str(e), getattr(e, "reason", None)) from e
         st = self.stats
         st.successes += 1
         st.prompt_tokens += reply.usage.prompt_tokens
@@ -202,16 +218,33 @@ class RoleClient:
             return min(err.retry_after * random.uniform(1.0, 1.5), cfg.retry_after_max_s)
         return random.uniform(0, min(cfg.backoff_max_s, cfg.backoff_s * 2 ** n))
 
-    def _parse(self, body: dict[str, Any], ep: Endpoint, latency: float) -> Reply:
-        try:
-            choice = body["choices"][0]
-            text = choice["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError) as e:
-            raise ValueError(f"malformed completion from {ep.url}: {str(body)[:200]}") from e
-        usage = body.get("usage") or {}
+    def _count(self, reason: str) -> None:
+        self.stats.errors[reason] = self.stats.errors.get(reason, 0) + 1
+
+    def _parse(self, body: Any, ep: Endpoint, latency: float) -> Reply:
+        """The reply of a 200 answer; anything unusable is a MalformedReply with its reason."""
+        if not isinstance(body, dict) or not isinstance(body.get("choices"), list) or not body["choices"]:
+            raise MalformedReply("no_choices", f"completion without choices from {ep.url}: {str(body)[:200]}")
+        choice = body["choices"][0]
+        message = choice.get("message") if isinstance(choice, dict) else None
+        text = message.get("content") if isinstance(message, dict) else None
+        finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+        if text is None:
+            raise MalformedReply("empty_content", f"completion without content from {ep.url} "
+                                                  f"(finish_reason {finish!r})")
+        if not isinstance(text, str):
+            raise MalformedReply("bad_content", f"content is {type(text).__name__}, not text, from {ep.url}")
+        if not text.strip():
+            # "" is a model's own answer (vLLM returns it when every token was special), not a broken
+            # server: kept, and counted so that a model that says nothing shows up in the stats
+            self.stats.empty_replies += 1
+        if len(text) > self.config.max_reply_chars:
+            raise MalformedReply("huge_content", f"completion of {len(text)} characters from {ep.url} (limit "
+                                                 f"{self.config.max_reply_chars})")
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
         return Reply(
             text=text, model=body.get("model", ""), latency_s=latency, endpoint=ep.url,
-            finish_reason=choice.get("finish_reason"),
+            finish_reason=finish,
             usage=Usage(prompt_tokens=usage.get("prompt_tokens") or 0,
                         completion_tokens=usage.get("completion_tokens") or 0),
         )

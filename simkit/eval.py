@@ -309,6 +309,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="conversations.json written by the training run (`trainer sft`, `serve`, `pairs build`): "
                         "its count becomes --n-train and its ids are recorded in metrics.json")
     p.add_argument("--data-dir", help="task data folder (default $SIMKIT_DATA_DIR)")
+    p.add_argument("--exec-match", choices=["official", "strict"],
+                   help="ambigsql only: official (default) = Spider's test-suite evaluator exactly; strict = "
+                        "DISTINCT and every statement count, order only for a top-level ORDER BY")
     add_role_args(p)
     greedy_defaults(p)
     p.set_defaults(func=_run_eval)
@@ -404,6 +407,8 @@ async def _eval_main(args: argparse.Namespace) -> int:
     env_kw: dict[str, Any] = {"data_dir": args.data_dir} if args.data_dir else {}
     if args.clarify_rounds is not None:
         env_kw["clarify_rounds"] = args.clarify_rounds
+    if args.exec_match is not None:
+        env_kw["exec_match"] = args.exec_match
     probe = make(args.env, **env_kw)
     roles = build_roles(args, probe.name)
     env = make(args.env, classifier=roles.classifier, simulator=roles.simulator, **env_kw)
@@ -444,6 +449,8 @@ async def _eval_main(args: argparse.Namespace) -> int:
             "decoding": {"temperature": args.temperature, "max_tokens": args.max_tokens}}
     if excluded:
         meta["excluded_conversations"] = len(excluded)
+    if getattr(env.config, "exec_match", None):  # which execution match produced the numbers
+        meta["exec_match"] = env.config.exec_match
     if train_ids is not None:
         meta["train_conversations"] = {"file": args.train_conversations, "n": len(train_ids)}
     try:

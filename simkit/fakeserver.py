@@ -18,7 +18,8 @@ The request's `model` picks the role (`role_of`), so rewording a template never 
 `GET /v1/models` lists the default model first, then "simulator" and "classifier". For clients
 that name no role (an older set-up), the authors' classifier cue still marks a classifier call.
 Faults: `error_rate` answers HTTP 500 after the latency; `stall_rate` never answers (the
-client must time out). `max_concurrency` models a server with that many parallel slots
+client must time out); `malformed_rate` answers 200 with a broken body of kind `malformed`
+(empty content, huge content, invalid UTF-8, JSON without choices, not JSON). `max_concurrency` models a server with that many parallel slots
 (requests queue FIFO behind them), so open-loop tests can saturate it.
 """
 from __future__ import annotations
@@ -45,6 +46,23 @@ _WORDS = ("the", "answer", "is", "about", "twenty", "meters", "tall", "according
           "and", "that", "value", "comes", "from", "given", "text")
 
 
+def _completion(content: Any) -> bytes:
+    return json.dumps({"id": "chatcmpl-x", "object": "chat.completion", "model": "fake-model",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                    "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+
+
+# broken 200 bodies a model server can send (fault injection)
+MALFORMED = {
+    "empty": _completion(None),  # content null: no text at all
+    "huge": _completion("x" * 2_000_000),
+    "bad_utf8": _completion("caf\u00e9").replace(b"caf\\u00e9", b"caf\xe9"),
+    "no_choices": b'{"id": "chatcmpl-x", "object": "chat.completion", "usage": {}}',
+    "not_json": b"<html>502 Bad Gateway</html>",
+}
+
+
 @dataclass
 class FakeConfig:
     """What the fake server does. Latency in milliseconds; rates are probabilities per request."""
@@ -57,6 +75,8 @@ class FakeConfig:
     clarify_rate: float = 0.5  # probability the first policy turn is a question (halved each turn)
     error_rate: float = 0.0  # HTTP 500
     stall_rate: float = 0.0  # never answer
+    malformed_rate: float = 0.0  # a 200 whose body is broken, of kind `malformed`
+    malformed: str = "no_choices"  # empty | huge | bad_utf8 | no_choices | not_json
     max_concurrency: int = 0  # parallel request slots; 0 = unlimited
     model: str = "fake-model"
     seed: int = 0
@@ -64,7 +84,9 @@ class FakeConfig:
     def __post_init__(self) -> None:
         if self.latency_dist not in ("fixed", "uniform", "lognormal"):
             raise ValueError(f"latency_dist must be fixed, uniform or lognormal, not {self.latency_dist!r}")
-        for k in ("error_rate", "stall_rate", "clarify_rate"):
+        if self.malformed not in MALFORMED:
+            raise ValueError(f"malformed must be one of {sorted(MALFORMED)}, not {self.malformed!r}")
+        for k in ("error_rate", "stall_rate", "clarify_rate", "malformed_rate"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise ValueError(f"{k} must be in [0, 1]")
 
@@ -75,6 +97,7 @@ class ServerStats:
     responses: int = 0  # chat completions answered 200
     errors: int = 0  # injected 500s
     stalls: int = 0  # injected stalls (never answered)
+    malformed: int = 0  # injected broken 200 bodies
     bad_requests: int = 0
     other: int = 0  # /health, /models, /stats, 404
     connections: int = 0
@@ -139,6 +162,8 @@ class FakeModel:
             return "stall"
         if c.error_rate and self.rng.random() < c.error_rate:
             return "error"
+        if c.malformed_rate and self.rng.random() < c.malformed_rate:
+            return "malformed"
         return None
 
     def complete(self, req: dict[str, Any], raw: bytes) -> tuple[bytes, int]:
@@ -347,7 +372,10 @@ class FakeServer:
             return  # never answer; the connection stays busy until the client gives up
         if fault == "error":
             reply = b'{"error": {"message": "injected server error", "type": "InternalServerError", "code": 500}}'
-        item = (conn, reply, keep, fault is not None, self.model.latency(n_out))
+        if fault == "malformed":
+            st.malformed += 1
+            reply = MALFORMED[self.cfg.malformed]
+        item = (conn, reply, keep, fault == "error", self.model.latency(n_out))
         if self.cfg.max_concurrency and st.in_service >= self.cfg.max_concurrency:
             st.queued += 1
             self._queue.append(item)
@@ -480,6 +508,10 @@ def add_fake_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="probability of an HTTP 500 per request (default 0)")
     g.add_argument(f"--{prefix}stall-rate", type=float, default=dflt(d.stall_rate),
                    help="probability a request is never answered, until the client times out (default 0)")
+    g.add_argument(f"--{prefix}malformed-rate", type=float, default=dflt(d.malformed_rate),
+                   help="probability of a 200 with a broken body of kind --malformed (default 0)")
+    g.add_argument(f"--{prefix}malformed", choices=sorted(MALFORMED), default=dflt(d.malformed),
+                   help=f"kind of broken body (default {d.malformed})")
     g.add_argument(f"--{prefix}max-concurrency", type=int, default=dflt(d.max_concurrency),
                    help="parallel service slots per worker; more requests queue FIFO (default 0: unlimited)")
     g.add_argument(f"--{prefix}seed", type=int, default=dflt(d.seed), help="random seed (default 0)")
@@ -488,7 +520,7 @@ def add_fake_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def config_from_args(args: argparse.Namespace, prefix: str = "") -> FakeConfig:
     a = prefix.replace("-", "_")
     names = ("latency_ms", "latency_dist", "latency_spread", "ms_per_token", "output_tokens", "clarify_rate",
-             "error_rate", "stall_rate", "max_concurrency", "seed")
+             "error_rate", "stall_rate", "malformed_rate", "malformed", "max_concurrency", "seed")
     return FakeConfig(**{n: getattr(args, a + n) for n in names})
 
 

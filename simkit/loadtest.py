@@ -757,7 +757,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 
 _FAKE_FIELDS = ("latency_ms", "latency_dist", "latency_spread", "ms_per_token", "output_tokens", "clarify_rate",
-                "error_rate", "stall_rate", "max_concurrency", "seed")
+                "error_rate", "stall_rate", "malformed_rate", "malformed", "max_concurrency", "seed")
 
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:

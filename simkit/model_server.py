@@ -2,9 +2,11 @@
 LoRA endpoints. The offline default and CI's stand-in for vLLM: requests and responses keep
 vLLM's shapes so everything that talks to it talks to vLLM unchanged.
 
-Endpoints: GET /health, GET /metrics (running, waiting, shed, cancelled), GET /v1/models,
-POST /v1/chat/completions, POST /v1/load_lora_adapter {lora_name, lora_path, load_inplace},
-POST /v1/unload_lora_adapter {lora_name}. A request's `model` selects the base model or an adapter.
+Endpoints: GET /health, GET /version, GET /metrics (running, waiting, shed, cancelled),
+GET /v1/models, POST /v1/chat/completions, POST /v1/load_lora_adapter {lora_name, lora_path,
+load_inplace}, POST /v1/unload_lora_adapter {lora_name}. A request's `model` selects the base
+model or an adapter. Adapters are validated as vLLM does (`simkit.adapter_check`); unset sampling
+parameters come from the model's generation_config.json (vLLM's `--generation-config auto`).
 
 Concurrency: continuous batching on one model thread (`simkit.batcher`); a bounded waiting list
 that sheds overload with 503 + Retry-After; a request whose client goes away is cancelled.
@@ -25,9 +27,14 @@ from typing import Any
 
 from aiohttp import web
 
+from . import adapter_check
 from .batcher import ContinuousBatcher, GenRequest, GenResult
 
 log = logging.getLogger("simkit.model_server")
+SERVER_VERSION = "simkit-model-server 0.1.0"  # GET /version; vLLM answers {"version": "<vllm version>"}
+# vLLM's `--generation-config auto`: these keys of generation_config.json are the default sampling
+# parameters (vllm/config/model.py get_diff_sampling_param; max_new_tokens becomes max_tokens)
+GENERATION_DEFAULT_KEYS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
 
 
 class APIError(Exception):
@@ -45,7 +52,8 @@ class APIError(Exception):
 class ModelRunner:
     """Owns the model, the tokenizer and the LoRA adapters. Call only from the model thread."""
 
-    def __init__(self, path: str, served_name: str, dtype: str = "auto", device: str | None = None):
+    def __init__(self, path: str, served_name: str, dtype: str = "auto", device: str | None = None,
+                 max_lora_rank: int = adapter_check.DEFAULT_MAX_LORA_RANK):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,6 +76,13 @@ class ModelRunner:
         # only the last position's logits: a full [batch, prompt, vocab] tensor costs seconds on a CPU
         self.last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.adapters: dict[str, str] = {}  # name -> path
+        self._peft_ids: dict[str, str] = {}  # name -> PEFT's adapter name (a fresh one per load)
+        self._loads = 0
+        self.max_lora_rank = max_lora_rank
+        # LoRA-capable modules (vLLM's expected_lora_modules): the model's Linear layers but lm_head
+        self.lora_modules = sorted({n.rsplit(".", 1)[-1] for n, m in self.model.named_modules()
+                                    if isinstance(m, torch.nn.Linear)} - {"lm_head"})
+        self.generation_defaults = generation_defaults(path)
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ prompts
@@ -83,40 +98,78 @@ class ModelRunner:
             return contextlib.nullcontext()
         if model == self.served_name:
             return self.model.disable_adapter()
-        self.model.set_adapter(model)
+        self.model.set_adapter(self._peft_ids[model])
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, name: str, path: str, inplace: bool) -> None:
+        """Validate as vLLM does, then load under a fresh PEFT name: a failed in-place reload
+        leaves the old weights serving (vLLM swaps only a successfully loaded LoRAModel)."""
         from peft import PeftModel
 
-        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            raise APIError(400, f"No adapter found for {path}: missing adapter_config.json")
         if name in self.adapters and not inplace:
             raise APIError(400, f"The lora adapter '{name}' has already been loaded. If you want to load "
-                                "the adapter in place, set 'load_inplace' to True.")
-        if not isinstance(self.model, PeftModel):
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False).eval()
-        else:
-            if name in self.adapters:
-                self._delete(name)
-            self.model.load_adapter(path, adapter_name=name, is_trainable=False)
-        self.adapters[name] = path
+                                "the adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
+        try:
+            adapter_check.validate(name, path, self.max_lora_rank, self.lora_modules)
+        except adapter_check.AdapterNotFound as e:
+            raise APIError(404, str(e), "NotFoundError")
+        except adapter_check.AdapterRejected as e:
+            raise APIError(500, str(e), "InternalServerError")
+        self._loads += 1
+        peft_id = f"lora{self._loads}"
+        try:
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=peft_id,
+                                                       is_trainable=False).eval()
+            else:
+                self.model.load_adapter(path, adapter_name=peft_id, is_trainable=False)
+        except Exception as e:  # unreadable weights, shape mismatch: what vLLM answers 500 for
+            self._drop_partial(peft_id)
+            raise APIError(500, f"Loading lora {name} failed: {type(e).__name__}: {e}", "InternalServerError")
+        old = self._peft_ids.get(name)
+        self.adapters[name], self._peft_ids[name] = path, peft_id
+        if old is not None:
+            self._delete(old)
 
-    def _delete(self, name: str) -> None:
-        others = [n for n in self.adapters if n != name]
+    def _drop_partial(self, peft_id: str) -> None:
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel) and peft_id in self.model.peft_config:
+            if not self._peft_ids:
+                self.model = self.model.unload()
+            else:
+                self._delete(peft_id)
+
+    def _delete(self, peft_id: str) -> None:
+        others = [p for p in self._peft_ids.values() if p != peft_id]
         if others:
             self.model.set_adapter(others[0])
-        self.model.delete_adapter(name)
+        self.model.delete_adapter(peft_id)
 
     def unload_adapter(self, name: str) -> None:
         if name not in self.adapters:
             raise APIError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
-        if len(self.adapters) == 1:
+        peft_id = self._peft_ids.pop(name)
+        del self.adapters[name]
+        if not self._peft_ids:
             self.model = self.model.unload()  # back to the plain base model
         else:
-            self._delete(name)
-        del self.adapters[name]
+            self._delete(peft_id)
+
+
+def generation_defaults(path: str) -> dict[str, Any]:
+    """Default sampling parameters from the checkpoint's generation_config.json, as vLLM's
+    `--generation-config auto` reads them (only keys the file sets; max_new_tokens → max_tokens)."""
+    try:
+        with open(os.path.join(path, "generation_config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    out = {k: cfg[k] for k in GENERATION_DEFAULT_KEYS if cfg.get(k) is not None}
+    if "max_new_tokens" in out:
+        out["max_tokens"] = out.pop("max_new_tokens")
+    return out
 
 
 class ModelServer:
@@ -212,13 +265,23 @@ class ModelServer:
 
     async def models(self, request: web.Request) -> web.Response:
         r = self.runner
+        # max_lora_rank / lora_target_modules: the stand-in's limits, for clients that check before
+        # training (vLLM's model card has no such fields; clients fall back to vLLM's rules)
         base = {"id": self.served_name, "object": "model", "created": r.created, "owned_by": "vllm",
-                "root": r.path, "parent": None, "max_model_len": r.max_len}
+                "root": r.path, "parent": None, "max_model_len": r.max_len, "max_lora_rank": r.max_lora_rank,
+                "lora_target_modules": r.lora_modules}
         data = [base] + [{"id": n, "object": "model", "created": r.created, "owned_by": "vllm", "root": p,
                           "parent": self.served_name, "max_model_len": r.max_len} for n, p in r.adapters.items()]
         return web.json_response({"object": "list", "data": data})
 
+    async def version(self, request: web.Request) -> web.Response:
+        """vLLM's GET /version ({"version": ...}); clients tell the stand-in from vLLM by it."""
+        return web.json_response({"version": SERVER_VERSION})
+
     async def _json(self, request: web.Request) -> dict:
+        # vLLM's validate_json_request: a POST body must be declared application/json (400 otherwise)
+        if request.content_type != "application/json":
+            raise APIError(400, "Unsupported Media Type: Only 'application/json' is allowed")
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -227,6 +290,25 @@ class ModelServer:
             raise APIError(400, "request body must be a JSON object")
         return body
 
+    def sampling(self, body: dict) -> dict[str, Any]:
+        """The request's sampling parameters; unset ones from generation_config.json, then vLLM's defaults."""
+        d = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+             "max_tokens": self.default_max_tokens, **self.runner.generation_defaults}
+        for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            if body.get(k) is not None:
+                d[k] = body[k]
+        mt = body.get("max_completion_tokens") or body.get("max_tokens")
+        if mt is not None:
+            d["max_tokens"] = mt
+        try:
+            out = {k: float(d[k]) for k in ("temperature", "top_p", "min_p", "repetition_penalty")}
+            out["top_k"], out["max_tokens"] = int(d["top_k"]), int(d["max_tokens"])
+        except (TypeError, ValueError) as e:
+            raise APIError(400, f"invalid sampling parameter: {e}")
+        if out["max_tokens"] < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {out['max_tokens']}.", param="max_tokens")
+        return out
+
     async def chat(self, request: web.Request) -> web.Response:
         body = await self._json(request)
         model = body.get("model") or self.served_name
@@ -234,18 +316,22 @@ class ModelServer:
         if model != self.served_name and model not in r.adapters:
             raise APIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
+        # vLLM accepts an empty list (the template renders what it renders); each entry needs a role
+        if not isinstance(messages, list) or not all(
                 isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages):
-            raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+            raise APIError(400, "messages must be a list of {role, content} objects", param="messages")
         if body.get("n", 1) != 1:
             raise APIError(400, "only n=1 is supported by the embedded server", param="n")
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.default_max_tokens
+        sp = self.sampling(body)
+        max_tokens = sp["max_tokens"]
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
         try:
             prompt_ids = r.encode_chat(messages)
-        except Exception as e:
-            raise APIError(400, f"could not apply the chat template: {e}", param="messages")
+        except Exception as e:  # vLLM's serving_chat answers a template failure 400 with f"{e} {e.__cause__}"
+            raise APIError(400, f"{e} {e.__cause__}")
+        if not prompt_ids:  # vllm/v1/engine/input_processor.py _validate_prompt_len
+            raise APIError(400, "The decoder prompt cannot be empty")
         if len(prompt_ids) + int(max_tokens) > r.max_len:
             raise APIError(400, f"This model's maximum context length is {r.max_len} tokens. However, you "
                                 f"requested {len(prompt_ids) + int(max_tokens)} tokens "
@@ -265,9 +351,9 @@ class ModelServer:
             loop.call_soon_threadsafe(lambda: fut.done() or (fut.set_exception(res) if isinstance(
                 res, BaseException) else fut.set_result(res)))
 
-        req = GenRequest(prompt_ids, model, int(max_tokens), float(body.get("temperature", 1.0)),
-                         float(body.get("top_p", 1.0)), body.get("seed"), stop, done,
-                         ignore_eos=bool(body.get("ignore_eos", False)))
+        req = GenRequest(prompt_ids, model, max_tokens, sp["temperature"], sp["top_p"], body.get("seed"), stop, done,
+                         ignore_eos=bool(body.get("ignore_eos", False)), top_k=sp["top_k"], min_p=sp["min_p"],
+                         repetition_penalty=sp["repetition_penalty"])
         self.batcher.submit(req)
         try:
             res: GenResult = await fut
@@ -293,7 +379,7 @@ class ModelServer:
         body = await self._json(request)
         name, path = body.get("lora_name"), body.get("lora_path")
         if not name or not path:
-            raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.")
+            raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
         if name == self.served_name:
             raise APIError(400, f"'{name}' is the base model's name")
         await self._call(self.runner.load_adapter, name, path, bool(body.get("load_inplace", False)))
@@ -304,13 +390,14 @@ class ModelServer:
         body = await self._json(request)
         name = body.get("lora_name")
         if not name:
-            raise APIError(400, "'lora_name' must be provided.")
+            raise APIError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput")
         await self._call(self.runner.unload_adapter, name)
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.middleware], client_max_size=64 * 2**20)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/version", self.version)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -322,9 +409,9 @@ class ModelServer:
 
 
 def build_server(model: str, served_name: str | None = None, dtype: str = "auto", device: str | None = None,
-                 **kw: Any) -> ModelServer:
-    name = served_name or os.path.basename(os.path.normpath(model))
-    return ModelServer(lambda: ModelRunner(model, name, dtype, device), name, **kw)
+                 max_lora_rank: int = adapter_check.DEFAULT_MAX_LORA_RANK, **kw: Any) -> ModelServer:
+    name = served_name or model  # vLLM: the served model name defaults to --model, verbatim
+    return ModelServer(lambda: ModelRunner(model, name, dtype, device, max_lora_rank), name, **kw)
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
@@ -335,7 +422,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                     "POST /v1/load_lora_adapter {lora_name, lora_path, load_inplace}, POST /v1/unload_lora_adapter "
                     "{lora_name}. A request's `model` selects the base model or a loaded adapter.")
     p.add_argument("--model", required=True, help="checkpoint directory (anything from_pretrained loads)")
-    p.add_argument("--served-model-name", help="model id to report (default: the directory name)")
+    p.add_argument("--served-model-name", help="model id to report (default: the --model argument verbatim, "
+                                               "as vLLM)")
+    p.add_argument("--max-lora-rank", type=int, default=adapter_check.DEFAULT_MAX_LORA_RANK,
+                   choices=adapter_check.MAX_LORA_RANKS,
+                   help="largest LoRA rank an adapter may have; vLLM's allowed values and default (16)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -349,7 +440,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--status-every", type=float, default=10.0,
                    help="seconds between status lines while busy; 0 turns them off (default 10)")
     p.add_argument("--default-max-tokens", type=int, default=128,
-                   help="completion length when a request gives no max_tokens (default 128)")
+                   help="completion length when a request gives no max_tokens and generation_config.json no "
+                        "max_new_tokens (default 128)")
     p.add_argument("--api-key", default=os.environ.get("SIMKIT_SERVER_API_KEY"),
                    help="require this bearer token on /v1 (default: $SIMKIT_SERVER_API_KEY, else none)")
     p.set_defaults(func=_run)
@@ -357,7 +449,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    server = build_server(args.model, args.served_model_name, args.dtype, args.device, max_batch=args.max_batch,
+    server = build_server(args.model, args.served_model_name, args.dtype, args.device, args.max_lora_rank,
+                          max_batch=args.max_batch,
                           default_max_tokens=args.default_max_tokens, api_key=args.api_key,
                           max_waiting=args.max_waiting, status_every_s=args.status_every)
     print(f"simkit model-server: serving {server.served_name} on http://{args.host}:{args.port}/v1", flush=True)

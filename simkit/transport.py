@@ -32,8 +32,9 @@ class TransportError(Exception):
     """A failed request. `retry_after`: seconds the server asked us to wait (its Retry-After header)."""
 
     def __init__(self, message: str, *, status: int | None = None, retryable: bool = False,
-                 retry_after: float | None = None):
+                 retry_after: float | None = None, reason: str | None = None):
         super().__init__(message)
+        self.reason = reason  # a short key for accounting ("not_json", "invalid_utf8"); None: status/cause
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
@@ -56,6 +57,20 @@ def _decode(body: bytes, url: str) -> Any:
         return json.loads(body) if body else None
     except ValueError:
         return body.decode(errors="replace")
+
+
+def decode_reply(body: bytes, url: str) -> Any:
+    """A chat completion's JSON; a body that is not UTF-8 or not JSON is a retryable TransportError
+    whose reason says which (the role client counts it under that reason)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TransportError(f"invalid UTF-8 in the reply from {url} (byte {e.start}): {body[:200]!r}",
+                             retryable=True, reason="invalid_utf8") from e
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise TransportError(f"malformed JSON from {url}: {body[:200]!r}", retryable=True, reason="not_json") from e
 
 
 def _status_error(status: int, url: str, body: bytes, retry_after: Any = None) -> TransportError:
@@ -117,10 +132,7 @@ class AiohttpTransport(ChatTransport):
             raise TransportError(f"timeout after {timeout:.1f}s from {url}{TIMEOUT_HINT}", retryable=True) from e
         except aiohttp.ClientError as e:
             raise TransportError(f"{type(e).__name__} from {url}: {e}", retryable=True) from e
-        try:
-            return json.loads(body)
-        except ValueError as e:
-            raise TransportError(f"malformed JSON from {url}: {body[:200]!r}", retryable=True) from e
+        return decode_reply(body, url)
 
     async def _control(self, method: str, base_url: str, path: str, payload: Any, timeout: float) -> Any:
         url = base_url.rstrip("/") + path
@@ -460,10 +472,7 @@ class FastHTTPTransport(ChatTransport):
         status, resp, retry_after = await self._send(t, json.dumps(payload).encode(), timeout)
         if status != 200:
             raise _status_error(status, t.url, resp, retry_after)
-        try:
-            return json.loads(resp)
-        except ValueError as e:
-            raise TransportError(f"malformed JSON from {t.url}: {resp[:200]!r}", retryable=True) from e
+        return decode_reply(resp, t.url)
 
     async def _control(self, method: str, base_url: str, path: str, payload: Any, timeout: float) -> Any:
         key = f"{method} {base_url.rstrip('/')}{path}"

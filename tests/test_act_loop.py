@@ -26,8 +26,9 @@ async def test_serve_and_trainer_close_the_loop(model_server, tiny_model, tmp_pa
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
         q = open_queue(str(queue))
         versions = q.versions()
+        rid = (act_dir / "run_id").read_text().strip()  # names carry the run id: unique across runs
         assert [v.version for v in versions] == [1, 2, 3]
-        assert [v.adapter for v in versions] == ["act-v1", "act-v2", "act-v3"]
+        assert [v.adapter for v in versions] == [f"act-{rid}-v1", f"act-{rid}-v2", f"act-{rid}-v3"]
         assert len({v.path for v in versions}) == 3  # a new directory per version
         # serve follows: wait until its rollouts come from the newest adapter
         deadline = time.monotonic() + 300
@@ -35,7 +36,7 @@ async def test_serve_and_trainer_close_the_loop(model_server, tiny_model, tmp_pa
             assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             text = (serve_dir / "metrics.jsonl").read_text() if (serve_dir / "metrics.jsonl").exists() else ""
             lines = text.split("\n")[:-1]  # complete lines only: serve may be mid-append
-            if lines and json.loads(lines[-1])["version"] == 3 and json.loads(lines[-1])["adapter"] == "act-v3":
+            if lines and json.loads(lines[-1])["version"] == 3 and json.loads(lines[-1])["adapter"] == f"act-{rid}-v3":
                 break
             time.sleep(0.3)
         else:
@@ -45,21 +46,21 @@ async def test_serve_and_trainer_close_the_loop(model_server, tiny_model, tmp_pa
     async with aiohttp.ClientSession() as s:
         async with s.get(model_server.url + "/models") as r:
             listed = {m["id"] for m in (await r.json())["data"]}
-        assert "act-v3" in listed
+        assert f"act-{rid}-v3" in listed
         async with s.post(model_server.url + "/chat/completions",
-                          json={"model": "act-v3", "max_tokens": 4,
+                          json={"model": f"act-{rid}-v3", "max_tokens": 4,
                                 "messages": [{"role": "user", "content": "hi"}]}) as r:
-            assert (await r.json())["model"] == "act-v3"
+            assert (await r.json())["model"] == f"act-{rid}-v3"
 
     with sqlite3.connect(queue) as db:  # pairs record the version that produced them
         by_version = dict(db.execute("SELECT policy_version, count(*) FROM pairs GROUP BY policy_version"))
     assert by_version.get(0, 0) > 0 and any(v >= 1 for v in by_version)
     served = {t["turns"][0]["model"]: t["policy_version"]
               for t in map(json.loads, (serve_dir / "trajectories.jsonl").read_text().splitlines()) if t["turns"]}
-    assert served.get("tiny-llama") == 0
-    assert any(name.startswith("act-v") and v >= 1 for name, v in served.items())
+    assert served.get(str(tiny_model)) == 0  # vLLM's served name: the --model argument verbatim
+    assert any(name.startswith(f"act-{rid}-v") and v >= 1 for name, v in served.items())
     for name, v in served.items():
-        if name.startswith("act-v"):
-            assert name == f"act-v{v}"  # the adapter that served a rollout matches its stamped version
+        if name.startswith("act-"):
+            assert name == f"act-{rid}-v{v}"  # the adapter that served a rollout matches its stamped version
     metrics = [json.loads(line) for line in (act_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in m for m in metrics)

@@ -163,9 +163,11 @@ async def test_guessing_or_the_wrong_reading_scores_zero(env):
     env.runner.timeout_s = 0.5
     try:
         answer = next(t for t in env.tasks("test") if t.gold_action == ANSWER)
-        for text in ("DROP TABLE singer", f"{answer.goal}; DROP TABLE singer",
+        for text in ("DROP TABLE singer",
                      "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT count(*) FROM c"):
             assert await env.score(text, answer.goal, answer) == 0.0
+        # the official (Spider test-suite) match runs the first statement only; the DROP never runs
+        assert await env.score(f"{answer.goal}; DROP TABLE singer", answer.goal, answer) == 1.0
         assert await env.score(f"Here you go:\n```sql\n{answer.goal};\n```", answer.goal, answer) == 1.0
     finally:
         env.runner.timeout_s = sqlexec.DEFAULT_TIMEOUT_S

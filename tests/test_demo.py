@@ -24,7 +24,8 @@ def test_demo_runs_every_step_and_writes_tables_and_plots(tmp_path):
 
     with open_queue(out / "queue.sqlite") as q:
         last = q.current_version()
-    assert last is not None and last.adapter.startswith("act-v")
+    rid = (out / "act" / "run_id").read_text().strip()  # adapter names carry the trainer's run id
+    assert last is not None and last.adapter == f"act-{rid}-v{last.version}"
     assert runs["eval-sft"]["model"] == "sft" and runs["eval-act"]["model"] == last.adapter  # ACT row = newest version
     assert runs["eval-icl"]["icl_shots"] == 1 and runs["eval-sft"]["n_train"] == 16
     # SFT and ACT trained on the same recorded sample of 16 conversations

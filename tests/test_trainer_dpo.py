@@ -29,9 +29,10 @@ def test_queue_fed_dpo_publishes_new_adapter_dir_per_version(tiny_model, model_s
     run = DPORun(cfg)
     try:
         assert run.main() == 0
-        _check_run(tmp_path, run_dir, pairs, model_server)
+        _check_run(tmp_path, run_dir, pairs, model_server, tiny_model)
     finally:
-        _unload(model_server, "dpotest-v1", "dpotest-v2", "dpotest-v3")
+        rid = (run_dir / "run_id").read_text().strip()
+        _unload(model_server, *(f"dpotest-{rid}-v{i}" for i in (1, 2, 3)))
 
 
 def _unload(server, *names):
@@ -40,7 +41,7 @@ def _unload(server, *names):
         httpx.post(server.url + "/unload_lora_adapter", json={"lora_name": name})
 
 
-def _check_run(tmp_path, run_dir, pairs, model_server):
+def _check_run(tmp_path, run_dir, pairs, model_server, tiny_model):
 
     q = open_queue(tmp_path / "q.db")
     st = q.stats()
@@ -50,18 +51,20 @@ def _check_run(tmp_path, run_dir, pairs, model_server):
     # v1 at step 2, v2 at step 4, v3 = the final step 5
     assert [v.version for v in versions] == [1, 2, 3]
     assert [v.meta["step"] for v in versions] == [2, 4, 5]
-    assert [v.adapter for v in versions] == ["dpotest-v1", "dpotest-v2", "dpotest-v3"]
+    rid = (run_dir / "run_id").read_text().strip()
+    assert [v.adapter for v in versions] == [f"dpotest-{rid}-v1", f"dpotest-{rid}-v2", f"dpotest-{rid}-v3"]
     paths = [v.path for v in versions]
+    assert all(p.startswith(str(run_dir / "adapters" / rid) + "/v00000") for p in paths)
     assert len(set(paths)) == 3  # a new directory per version ...
     weights = [open(f"{p}/adapter_model.safetensors", "rb").read() for p in paths]
     assert len(set(weights)) == 3  # ... holding different weights
 
     listed = {m["id"]: m for m in httpx.get(model_server.url + "/models").json()["data"]}
     for v in versions:  # the server lists every version under its name, at its path
-        assert listed[v.adapter]["root"] == v.path and listed[v.adapter]["parent"] == "tiny-llama"
+        assert listed[v.adapter]["root"] == v.path and listed[v.adapter]["parent"] == str(tiny_model)
     r = httpx.post(model_server.url + "/chat/completions", timeout=60, json={
-        "model": "dpotest-v3", "messages": [{"role": "user", "content": "How tall is it?"}], "max_tokens": 4})
-    assert r.status_code == 200 and r.json()["model"] == "dpotest-v3"
+        "model": f"dpotest-{rid}-v3", "messages": [{"role": "user", "content": "How tall is it?"}], "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["model"] == f"dpotest-{rid}-v3"
 
     rows = read_metrics(run_dir)
     steps = [r for r in rows if r["event"] == "step"]

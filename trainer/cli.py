@@ -16,9 +16,12 @@ example (CPU, tiny model, embedded server):
   trainer run --queue runs/queue.db --model runs/tiny --policy-url http://127.0.0.1:8000/v1 \\
       --out runs/act --publish-every 10 --max-steps 200 --batch-size 4
 
-Each publish: the adapter is copied to RUN_DIR/adapters/vNNNNNN (a new directory per version),
-loaded into every --policy-url (POST /v1/load_lora_adapter, load_inplace when the name is
-already loaded), verified in GET /v1/models, and only then announced on the queue.
+Before step 1 the trainer checks --lora-r / --lora-target-modules against each server's limits.
+Each publish: the adapter is copied to RUN_DIR/adapters/RUN_ID/vNNNNNN and loaded as
+NAME-RUN_ID-vN (RUN_ID in RUN_DIR/run_id, kept on resume: names and paths never repeat across
+runs), into every --policy-url (POST /v1/load_lora_adapter, load_inplace when the name is
+already loaded), verified in GET /v1/models, and only then announced on the queue. A server that
+rejects the adapter (4xx, or vLLM's 500) stops the run with what to change; 502/503/timeouts retry.
 Pairs are acked once a checkpoint containing their step is committed; a killed trainer
 restarts from its last committed checkpoint (just run the same command again).
 SIGINT / SIGTERM: finish the current step, commit, publish, release unused leases, exit 0.
@@ -26,7 +29,7 @@ Schedules: asynchronous by default (publish every --publish-every steps, pairs u
 versions old: the one staleness limit, applied when leasing; serve has none). --sync is the paper's: publish every step and train each step only on pairs made by
 the latest version (stale ones are dropped, also if leased before the publish); run `simkit serve
 --sync` with it. IRPO baseline: --rpo-alpha A (DPO + A x NLL of the chosen) on `simkit serve --mode irpo`.
-Outputs: RUN_DIR/{config.yaml, metrics.jsonl, tb/, checkpoints/, adapters/, trained_pairs.jsonl}.
+Outputs: RUN_DIR/{config.yaml, run_id, metrics.jsonl, tb/, checkpoints/, adapters/, trained_pairs.jsonl}.
 One trainer per RUN_DIR: a second one exits at once naming the first (pid, host, start; RUN_DIR/trainer.lock).
 Data parallel (DDP; rank 0 leases, acks, commits and publishes, every rank trains its share):
   accelerate launch --multi_gpu --num_processes 8 -m trainer.cli run ...     # GPUs
@@ -102,8 +105,12 @@ def _run(args: argparse.Namespace) -> int:
         except RunDirLocked as e:
             args.parser.exit(2, f"trainer run: error: {e}\n")
     from .dpo import run
+    from .publish import PublishRejected
 
-    return run(cfg, lock)
+    try:
+        return run(cfg, lock)
+    except PublishRejected as e:  # the server refuses this run's adapters: stop, naming the fix
+        args.parser.exit(2, f"trainer run: stopped: {e}\n")
 
 
 def _sft(args: argparse.Namespace) -> int:

@@ -17,12 +17,14 @@ run directory (`lock.py`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,7 +42,7 @@ from .ledger import Ledger, latest_committed, rotate
 from .lock import RunDirLocked, RunLock
 from .metrics import MetricsCallback, MetricsWriter
 from .models import checkpointing_args, load_model, load_tokenizer, lora_config, precision_args
-from .publish import PublishError, Publisher
+from .publish import PublishError, Publisher, PublishRejected
 
 log = logging.getLogger("trainer")
 
@@ -167,7 +169,11 @@ class DPORun:
         try:
             res = self.publisher.publish(ckpt, meta={"step": step, "run_dir": str(self.run_dir),
                                                     "checkpoint": str(ckpt)})
-        except PublishError as e:  # keep training; the next publish point tries again
+        except PublishRejected as e:  # the server will never take this adapter: stop, say what to change
+            log.error("publishing step %d was rejected: %s", step, e)
+            self.writer.event("publish_rejected", step=step, error=str(e))
+            raise
+        except PublishError as e:  # transient: keep training; the next publish point tries again
             log.error("publishing step %d failed: %s", step, e)
             self.writer.event("publish_failed", step=step, error=str(e))
             return
@@ -236,7 +242,8 @@ class DPORun:
             self.queue, c.policy_url, self.run_dir / "adapters", adapter_name=c.adapter_name,
             naming=c.adapter_naming, keep_loaded=c.keep_loaded, retries=c.publish_retries,
             timeout_s=c.publish_timeout_s, api_key=os.environ.get(c.api_key_env) or None,
-            merge_base=c.model if c.merge else None, merge_dtype=c.dtype)
+            merge_base=c.model if c.merge else None, merge_dtype=c.dtype, run_id=run_id(self.run_dir))
+        self.publisher.check_servers(*adapter_shape(c))  # before step 1: a LoRA the servers would refuse
         path, step = self._resume_state()
         return (str(path) if path else None), step
 
@@ -299,6 +306,26 @@ class DPORun:
             finally:
                 for sig, h in previous.items():
                     signal.signal(sig, h)
+
+
+def adapter_shape(c: RunConfig) -> tuple[int, list[str]]:
+    """(rank, target modules) of the adapters this run publishes: --init-adapter's, else the flags'."""
+    if c.init_adapter and (Path(c.init_adapter) / "adapter_config.json").is_file():
+        cfg = json.loads((Path(c.init_adapter) / "adapter_config.json").read_text())
+        targets = cfg.get("target_modules") or []
+        return int(cfg.get("r", c.lora_r)), [targets] if isinstance(targets, str) else list(targets)
+    return c.lora_r, list(c.lora_target_modules)
+
+
+def run_id(run_dir: Path) -> str:
+    """This run's id (RUN_DIR/run_id, made on first start, kept on resume): adapter names and paths
+    carry it, so a run redone into the same folder never reuses a name+path a server has cached."""
+    f = run_dir / "run_id"
+    if f.is_file() and f.read_text().strip():
+        return f.read_text().strip()
+    rid = uuid.uuid4().hex[:8]
+    f.write_text(rid + "\n")
+    return rid
 
 
 def policy_model(c: RunConfig):

@@ -1,9 +1,13 @@
 """Publisher: adapter version → every policy server → verified → announced on the queue.
 
-    save  : copy the checkpoint's adapter into adapters/vNNNNNN/ (a NEW directory per version:
-            vLLM keys its prefix cache and adapter registry by name and path)
+    check : before step 1, each server's /version and LoRA limits (`simkit.server_info`): a LoRA
+            config it would refuse stops the run before any training
+    save  : copy the checkpoint's adapter into adapters/{run_id}/vNNNNNN/ (a NEW directory per
+            version and per run: vLLM keys its prefix cache and adapter registry by name and path,
+            so a run redone into the same folder must not reuse the last run's names)
     load  : POST {url}/load_lora_adapter {lora_name, lora_path, load_inplace} on every server,
-            with retries (load_inplace when the name is already loaded there)
+            with retries on transient failures (502/503/504/429/timeouts); a refusal (4xx, or
+            vLLM's 500 for an adapter it cannot serve) is `PublishRejected`, never retried
     verify: GET {url}/models lists the name with root == lora_path
     publish: queue.publish_version(version, adapter=name, path) — only now does serve switch.
 
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simkit import server_info
 from simkit.transport import ChatTransport, TransportError, make_transport
 
 log = logging.getLogger("trainer")
@@ -34,6 +39,36 @@ class PublishError(RuntimeError):
 
 class PublishRefused(PublishError):
     """The server answered 4xx: retrying the same request cannot help."""
+
+
+class PublishRejected(PublishRefused):
+    """The server will not serve this adapter (4xx, or vLLM's 500 with its validation message):
+    training on cannot help either, so `trainer run` stops with what to change."""
+
+
+# vLLM's load_lora_adapter messages (vllm/lora/peft_helper.py, lora_model.py, exceptions.py) → the fix
+_FIXES = (
+    ("max_lora_rank", "lower --lora-r, or restart the server with a larger --max-lora-rank"),
+    ("DoRA", "train without DoRA (use_dora)"),
+    ("modules_to_save", "train without modules_to_save"),
+    ("bias", "train with bias='none'"),
+    ("expected target modules", "change --lora-target-modules to modules the server's model has"),
+    ("No adapter found", "the server cannot read the adapter directory: it must see the trainer's --out path "
+                         "(same machine or a shared filesystem)"),
+)
+
+
+def rejection_hint(message: str) -> str:
+    for needle, fix in _FIXES:
+        if needle in message:
+            return fix
+    return "fix the adapter or the server's LoRA settings, then resume the run"
+
+
+def is_rejection(status: int | None) -> bool:
+    """4xx but 408/409/425/429 (timing, not content), or 500: vLLM answers an adapter it cannot
+    load with 500 InternalServerError (vllm/entrypoints/openai/models/serving.py)."""
+    return status is not None and (status == 500 or (400 <= status < 500 and status not in (408, 409, 425, 429)))
 
 
 @dataclass
@@ -56,8 +91,9 @@ class Publisher:
     def __init__(self, queue, policy_urls: list[str], adapters_dir: str | Path, *, adapter_name: str = "policy",
                  naming: str = "versioned", keep_loaded: int = 0, retries: int = 5, timeout_s: float = 60.0,
                  api_key: str | None = None, merge_base: str | None = None, merge_dtype: str = "auto",
-                 backoff_s: float = 0.5, transport: ChatTransport | None = None):
+                 backoff_s: float = 0.5, transport: ChatTransport | None = None, run_id: str | None = None):
         self.queue = queue
+        self.run_id = run_id  # makes names and paths unique per run (None: the old {name}-vN, vNNNNNN)
         self.urls = [u.rstrip("/") for u in policy_urls]
         self.adapters_dir = Path(adapters_dir)
         self.adapter_name, self.naming, self.keep_loaded = adapter_name, naming, keep_loaded
@@ -78,7 +114,41 @@ class Publisher:
         return self._loop.run(self.transport.post_json(url, path, payload, self.timeout_s))
 
     def name_for(self, version: int) -> str:
-        return f"{self.adapter_name}-v{version}" if self.naming == "versioned" else self.adapter_name
+        if self.naming != "versioned":
+            return self.adapter_name
+        run = f"-{self.run_id}" if self.run_id else ""
+        return f"{self.adapter_name}{run}-v{version}"
+
+    def dir_for(self, version: int) -> Path:
+        base = self.adapters_dir / self.run_id if self.run_id else self.adapters_dir
+        return base / f"v{version:06d}"
+
+    def check_servers(self, rank: int, target_modules: list[str]) -> list[str]:
+        """Before training: each server's version and LoRA limits. Raises PublishRejected when a
+        server would refuse this run's adapters; returns warnings (logged) otherwise."""
+        warnings, problems = [], []
+        for url in self.urls:
+            try:
+                version = server_info.vllm_version(
+                    self._loop.run(self.transport.get_json(server_info.root_url(url), "/version", self.timeout_s)))
+            except TransportError:
+                version = None  # no /version (an old server or a proxy): nothing version-specific to say
+            warnings += [f"{url}: {w}" for w in server_info.version_warnings(version, self.naming != "versioned")]
+            try:
+                cards = self.listed(url)
+            except (TransportError, PublishError) as e:
+                warnings.append(f"{url}: could not read its model list before training ({e}); loads will retry")
+                continue
+            base = next((c for c in cards.values() if not c.get("parent")), {})
+            problems += [f"{url}: {p}" for p in server_info.lora_problems(base, rank, target_modules)]
+            hint = server_info.rank_hint(base, rank)
+            if hint:
+                warnings.append(f"{url}: {hint}")
+        for w in warnings:
+            log.warning("%s", w)
+        if problems:
+            raise PublishRejected("the policy server would refuse this run's adapters: " + "; ".join(problems))
+        return warnings
 
     def next_version(self) -> int:
         cur = self.queue.current_version()
@@ -90,7 +160,7 @@ class Publisher:
         src = Path(src_dir)
         if not (src / "adapter_config.json").is_file():
             raise PublishError(f"{src} holds no adapter (adapter_config.json missing)")
-        dst = self.adapters_dir / f"v{version:06d}"
+        dst = self.dir_for(version)
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -118,8 +188,9 @@ class Publisher:
                     self._post(url, "/load_lora_adapter",
                                {"lora_name": name, "lora_path": str(path), "load_inplace": inplace})
                 except TransportError as e:
-                    if e.status is not None and 400 <= e.status < 500 and not e.retryable:
-                        raise PublishRefused(f"{url} refused {name} from {path}: {e}") from e  # never accepted
+                    if is_rejection(e.status):  # the adapter itself: the same request fails again
+                        raise PublishRejected(f"{url} rejected adapter {name} from {path}: {e}. To fix: "
+                                              f"{rejection_hint(str(e))}") from e
                     raise
                 entry = self.listed(url).get(name)
                 if entry is None or (entry.get("root") not in (None, str(path))):

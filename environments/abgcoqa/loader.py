@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
+from simkit.datafile import each, read_records
 from simkit.types import ANSWER, CLARIFY, Message, Task
 
 ENV = "abgcoqa"
@@ -35,17 +35,21 @@ SPLITS = ("tune", "eval")
 
 
 @functools.lru_cache(maxsize=4)
-def _read(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["data"]
+def _read(path: str) -> tuple[tuple[int, Any], ...]:
+    """(line, example) records of the file's "data" list; a corrupt file or row is a `DataError`."""
+    return tuple(read_records(path, key="data"))
 
 
-def load_examples(data_dir: str | Path) -> list[dict[str, Any]]:
+def _path(data_dir: str | Path) -> Path:
     path = Path(data_dir) / FILE
     if not path.is_file():
         raise FileNotFoundError(f"Abg-CoQA data not found at {path}: set SIMKIT_DATA_DIR to the folder "
                                 "holding abgcoqa/coqa_abg_val.json")
-    return _read(str(path.resolve()))
+    return path.resolve()
+
+
+def load_examples(data_dir: str | Path) -> list[dict[str, Any]]:
+    return [e for _, e in _read(str(_path(data_dir)))]
 
 
 def story_id(example: dict[str, Any]) -> str:
@@ -108,12 +112,13 @@ def split_of(examples: list[dict[str, Any]], tune_fraction: float = 0.5) -> dict
 
 @functools.lru_cache(maxsize=8)
 def _load_tasks(path: str, tune_fraction: float) -> dict[str, tuple[Task, ...]]:
-    examples = load_examples(Path(path))
-    which = split_of(examples, tune_fraction)
+    file = _path(path)
+    records = list(_read(str(file)))
+    stories = each(file, records, story_id)
+    which = split_of([{"id": s} for s in stories], tune_fraction)
     out: dict[str, list[Task]] = {s: [] for s in SPLITS}
-    for e in examples:
-        split = which[story_id(e)]
-        out[split].append(example_task(e, split))
+    for task in each(file, records, lambda e: example_task(e, which[story_id(e)])):
+        out[task.meta["split"]].append(task)
     return {s: tuple(v) for s, v in out.items()}
 
 

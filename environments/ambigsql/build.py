@@ -850,9 +850,21 @@ def save(report: BuildReport, out: str | os.PathLike, fingerprint: str = "") -> 
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
-    doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an AmbigSQL dataset (format={doc.get('format')!r})")
+    """A dataset file; a corrupt one is a `DataError` naming the file and where."""
+    from simkit.datafile import DataError
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        raise ValueError(f"{path} is not an AmbigSQL dataset (format={fmt!r})")
+    for key, kind in (("examples", list), ("schemas", dict), ("stats", dict)):
+        if not isinstance(doc.get(key), kind):
+            raise DataError(f"{path}: {key!r} is missing or not a {kind.__name__}")
     return doc
 
 

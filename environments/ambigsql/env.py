@@ -8,7 +8,8 @@ dev). Each task's prompt is one user message with the database schema and the qu
 Gold action CLARIFY: reference = the clarifying question, user_reply = the user's answer;
 ANSWER: reference = the gold SQL. goal = the gold SQL of the disambiguated question.
 
-Scores (execution match, Spider test-suite semantics, see `sqlexec`):
+Scores (execution match; `exec_match="official"`, the default, is Spider's test-suite evaluator
+exactly, `"strict"` the older stricter rule; see `sqlexec` and `spider_eval`):
 * `score` (trajectory level): 1.0 if the SQL in the final answer has the same result as the
   goal SQL on the task's database, else 0.0. Averaged over tasks whose gold action is
   CLARIFY this is ACT's Post-Clarify Execution Match. success_threshold = 1.0.
@@ -34,6 +35,7 @@ from pydantic import Field
 
 from simkit import prompts
 from simkit.agents import RuleClassifier
+from simkit.datafile import DataError, each
 from simkit.env import Env, EnvConfig, register
 from simkit.types import ANSWER, CLARIFY, Message, Task
 
@@ -56,6 +58,10 @@ class AmbigSQLConfig(EnvConfig):
     max_rows: int = Field(DEFAULT_MAX_ROWS, ge=1, description="rows kept from one SQL execution")
     sql_workers: int | None = Field(None, ge=1, description="sandbox worker processes (default: CPU count)")
     isolation: Literal["process", "thread"] = Field("process", description="where policy SQL runs")
+    exec_match: Literal["official", "strict"] = Field(
+        "official", description="official: Spider's test-suite evaluator exactly (DISTINCT removed, first statement "
+                                "only, order matters iff the gold has 'order by'); strict: DISTINCT and every "
+                                "statement count, order only for a top-level ORDER BY")
 
 
 @register("ambigsql")
@@ -89,7 +95,7 @@ class AmbigSQLEnv(Env):
     @property
     def dataset(self) -> dict[str, Any]:
         if self._doc is None:
-            path = self.dataset_path()
+            path = self._doc_path = self.dataset_path()
             log.info("ambigsql: loading %s", path)
             self._doc = builder.load(path)
         return self._doc
@@ -97,9 +103,19 @@ class AmbigSQLEnv(Env):
     def _all_tasks(self) -> dict[str, list[Task]]:
         if self._tasks is None:
             doc = self.dataset
-            out: dict[str, list[Task]] = {s: [] for s in doc["stats"]["splits"]}
-            for e in doc["examples"]:
-                out.setdefault(e["split"], []).append(self._task(e, doc["schemas"][e["db_id"]]))
+            out: dict[str, list[Task]] = {s: [] for s in doc["stats"].get("splits", [])}
+
+            def task_of(e: dict[str, Any]) -> Task:
+                schema = doc["schemas"].get(e["db_id"])
+                if not isinstance(schema, str):
+                    raise DataError(f"db_id {e['db_id']!r} has no schema in the file")
+                if not isinstance(e["split"], str):
+                    raise DataError(f"split {e['split']!r} is not a name")
+                return self._task(e, schema)
+
+            # the built file is one JSON line: a bad example is named by its index
+            for task in each(self._doc_path, [(1, e) for e in doc["examples"]], task_of):
+                out.setdefault(task.meta["split"], []).append(task)
             self._tasks = out
         return self._tasks
 
@@ -142,7 +158,8 @@ class AmbigSQLEnv(Env):
         sql = extract_sql(text)
         if not sql:
             return 0.0
-        return 1.0 if await self.runner.exec_match(self.db_path(db_id), sql, gold_sql) else 0.0
+        match = await self.runner.exec_match(self.db_path(db_id), sql, gold_sql, self.config.exec_match)
+        return 1.0 if match else 0.0
 
     async def score(self, prediction: str, target: Any, task: Task) -> float:
         return await self.exec_match(prediction, str(target), task.meta["db_id"])

@@ -22,7 +22,12 @@ Policy SQL is untrusted. Every query runs on its own connection that is
 
 A query that breaks any rule gets an `ExecResult` with `error` set: it scores zero.
 
-Execution match follows Spider's test-suite evaluation (Zhong et al. 2020): the two results
+Execution match has two modes. `official` (the default for reported numbers) is Spider's
+test-suite evaluator exactly (`spider_eval`: DISTINCT removed, first statement only, `> =`
+repairs, YEAR(CURDATE()) = 2020, substring "order by", lenient text decoding, every database
+of the folder); the one deviation is this sandbox. `strict` is the older rule below.
+
+Strict execution match follows Spider's test-suite evaluation (Zhong et al. 2020): the two results
 are equal when both are empty, or when they have the same number of rows and columns and
 some permutation of the predicted columns makes the row multisets equal (row lists equal,
 in order, when the gold query has an ORDER BY). One deliberate difference: order matters
@@ -49,6 +54,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 from urllib.parse import quote
+
+try:  # the package import; the sandbox worker runs this file as a script, without the package
+    from . import spider_eval
+except ImportError:  # pragma: no cover - worker process
+    spider_eval = None  # type: ignore[assignment]
+
+EXEC_MATCH_MODES = ("official", "strict")
 
 DEFAULT_TIMEOUT_S = 2.0
 DEFAULT_MAX_ROWS = 10_000
@@ -303,11 +315,15 @@ def _uri(path: str | os.PathLike) -> str:
     return "file:" + quote(str(Path(path).resolve())) + "?mode=ro&immutable=1"
 
 
-def open_readonly(db_path: str | os.PathLike, temp_store_memory: bool = False) -> sqlite3.Connection:
-    """A locked-down read-only connection (see the module docstring)."""
+def open_readonly(db_path: str | os.PathLike, temp_store_memory: bool = False,
+                  lenient_text: bool = False) -> sqlite3.Connection:
+    """A locked-down read-only connection (see the module docstring). `lenient_text`: decode text
+    with errors="ignore", as Spider's evaluator does, instead of failing on invalid UTF-8."""
     if not Path(db_path).is_file():
         raise FileNotFoundError(f"database not found: {db_path}")
     conn = sqlite3.connect(_uri(db_path), uri=True, isolation_level=None, check_same_thread=False)
+    if lenient_text:
+        conn.text_factory = lambda b: b.decode(errors="ignore")
     try:
         conn.execute("PRAGMA query_only = ON")
         conn.execute("PRAGMA trusted_schema = OFF")
@@ -378,11 +394,11 @@ def run_query(conn: sqlite3.Connection, sql: str, timeout_s: float = DEFAULT_TIM
 
 def execute(db_path: str | os.PathLike, sql: str, timeout_s: float = DEFAULT_TIMEOUT_S,
             max_rows: int = DEFAULT_MAX_ROWS, max_bytes: int = DEFAULT_MAX_BYTES,
-            temp_store_memory: bool = False) -> ExecResult:
+            temp_store_memory: bool = False, lenient_text: bool = False) -> ExecResult:
     """Open the database read-only, run one untrusted query, close (blocking, in-process;
     ~0.1 ms to open). For untrusted SQL off the event loop use `SQLRunner`."""
     try:
-        conn = open_readonly(db_path, temp_store_memory)
+        conn = open_readonly(db_path, temp_store_memory, lenient_text)
     except (sqlite3.Error, OSError) as e:
         return ExecResult(error=f"cannot open database: {e}")
     try:
@@ -465,15 +481,31 @@ def results_match(gold: Sequence[Sequence[Any]], pred: Sequence[Sequence[Any]], 
 
 
 def exec_match(db_path: str | os.PathLike, pred_sql: str | None, gold_sql: str,
-               timeout_s: float = DEFAULT_TIMEOUT_S, gold: ExecResult | None = None) -> bool:
-    """Blocking execution match of `pred_sql` against `gold_sql` on one database."""
+               timeout_s: float = DEFAULT_TIMEOUT_S, gold: ExecResult | None = None, mode: str = "strict") -> bool:
+    """Blocking execution match of `pred_sql` against `gold_sql` (`mode`: official or strict)."""
     if not pred_sql:
         return False
+    if mode == "official":
+        pred_sql, gold_sql, order = spider_eval.prepare(pred_sql, gold_sql)
+        if not pred_sql.strip():
+            return False
+        for db in spider_eval.sibling_databases(db_path):
+            g = execute(db, gold_sql, timeout_s, lenient_text=True)
+            p = execute(db, pred_sql, timeout_s, lenient_text=True)
+            if not (g.ok and p.ok and spider_eval.result_eq(g.rows or [], p.rows or [], order)):
+                return False
+        return True
+    _check_mode(mode)
     gold = gold or execute(db_path, gold_sql, timeout_s)
     if not gold.ok:
         return False
     pred = execute(db_path, pred_sql, timeout_s)
     return pred.ok and results_match(gold.rows or [], pred.rows or [], has_top_level_order_by(gold_sql))
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in EXEC_MATCH_MODES:
+        raise ValueError(f"exec match mode must be one of {EXEC_MATCH_MODES}, not {mode!r}")
 
 
 # --------------------------------------------------------------------------- process isolation
@@ -516,11 +548,12 @@ class _Worker:
                     pass
             proc.wait()
 
-    def run(self, db_path: str, sql: str, timeout_s: float, max_rows: int, max_bytes: int) -> ExecResult:
+    def run(self, db_path: str, sql: str, timeout_s: float, max_rows: int, max_bytes: int,
+            lenient_text: bool = False) -> ExecResult:
         t0 = time.monotonic()
         proc = self.proc if self.proc is not None and self.proc.poll() is None else self._spawn()
         req = json.dumps({"db": str(db_path), "sql": sql, "timeout_s": timeout_s, "max_rows": max_rows,
-                          "max_bytes": max_bytes}) + "\n"
+                          "max_bytes": max_bytes, "lenient_text": lenient_text}) + "\n"
         try:
             proc.stdin.write(req.encode())  # type: ignore[union-attr]
         except OSError:
@@ -565,7 +598,7 @@ def _worker_main() -> None:  # pragma: no cover - runs in the child process
         try:
             req = json.loads(line)
             res = execute(req["db"], req["sql"], req["timeout_s"], req["max_rows"], req["max_bytes"],
-                          temp_store_memory=True)
+                          temp_store_memory=True, lenient_text=req.get("lenient_text", False))
         except MemoryError:
             res = ExecResult(error="out of memory")
         except Exception as e:  # a malformed request: answer, keep serving
@@ -594,7 +627,8 @@ class SQLRunner:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._procs: list[_Worker] = []
-        self._gold: dict[tuple[str, str], ExecResult] = {}
+        self._gold: dict[tuple[str, str, bool], ExecResult] = {}
+        self._siblings: dict[str, list[str]] = {}
         self._gold_cap = gold_cache
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -603,37 +637,55 @@ class SQLRunner:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ambigsql-sql")
             return self._pool
 
-    def execute_sync(self, db_path: str | os.PathLike, sql: str) -> ExecResult:
+    def execute_sync(self, db_path: str | os.PathLike, sql: str, lenient_text: bool = False) -> ExecResult:
         """Blocking; call from a worker thread (what `execute` does)."""
         if self.isolation == "thread":
-            return execute(db_path, sql, self.timeout_s, self.max_rows, self.max_bytes)
+            return execute(db_path, sql, self.timeout_s, self.max_rows, self.max_bytes, lenient_text=lenient_text)
         w = getattr(self._local, "worker", None)
         if w is None:
             w = self._local.worker = _Worker()
             with self._lock:
                 self._procs.append(w)
-        return w.run(str(db_path), sql, self.timeout_s, self.max_rows, self.max_bytes)
+        return w.run(str(db_path), sql, self.timeout_s, self.max_rows, self.max_bytes, lenient_text)
 
-    async def execute(self, db_path: str | os.PathLike, sql: str) -> ExecResult:
+    async def execute(self, db_path: str | os.PathLike, sql: str, lenient_text: bool = False) -> ExecResult:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor(), self.execute_sync, db_path, sql)
+        return await loop.run_in_executor(self._executor(), self.execute_sync, db_path, sql, lenient_text)
 
-    async def gold(self, db_path: str | os.PathLike, sql: str) -> ExecResult:
-        key = (str(db_path), sql)
+    async def gold(self, db_path: str | os.PathLike, sql: str, lenient_text: bool = False) -> ExecResult:
+        key = (str(db_path), sql, lenient_text)
         hit = self._gold.get(key)
         if hit is None:
-            hit = await self.execute(db_path, sql)
+            hit = await self.execute(db_path, sql, lenient_text)
             if len(self._gold) >= self._gold_cap:
                 self._gold.clear()
             self._gold[key] = hit
         return hit
 
-    async def exec_match(self, db_path: str | os.PathLike, pred_sql: str | None, gold_sql: str) -> bool:
+    async def exec_match(self, db_path: str | os.PathLike, pred_sql: str | None, gold_sql: str,
+                         mode: str = "strict") -> bool:
+        """`official`: Spider's test-suite evaluator (`spider_eval`); `strict`: the rule in the docstring."""
         if not pred_sql:
             return False
+        if mode == "official":
+            return await self._official(db_path, pred_sql, gold_sql)
+        _check_mode(mode)
         gold, pred = await asyncio.gather(self.gold(db_path, gold_sql), self.execute(db_path, pred_sql))
         return (gold.ok and pred.ok
                 and results_match(gold.rows or [], pred.rows or [], has_top_level_order_by(gold_sql)))
+
+    async def _official(self, db_path: str | os.PathLike, pred_sql: str, gold_sql: str) -> bool:
+        pred_sql, gold_sql, order = spider_eval.prepare(pred_sql, gold_sql)
+        if not pred_sql.strip():
+            return False
+        dbs = self._siblings.get(str(db_path))
+        if dbs is None:
+            dbs = self._siblings[str(db_path)] = spider_eval.sibling_databases(db_path)
+        for db in dbs:
+            gold, pred = await asyncio.gather(self.gold(db, gold_sql, True), self.execute(db, pred_sql, True))
+            if not (gold.ok and pred.ok and spider_eval.result_eq(gold.rows or [], pred.rows or [], order)):
+                return False
+        return True
 
     def close(self) -> None:
         with self._lock:

@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
+from simkit.datafile import each, read_records
 from simkit.types import ANSWER, CLARIFY, Message, Task
 
 from .tatqa_metric import is_number
@@ -47,17 +47,21 @@ SPLITS = ("tune", "eval")
 
 
 @functools.lru_cache(maxsize=4)
-def _read(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _read(path: str) -> tuple[tuple[int, Any], ...]:
+    """(line, dialogue) records; a corrupt file or row is a `DataError` naming file and line."""
+    return tuple(read_records(path))
 
 
-def load_dialogues(data_dir: str | Path) -> list[dict[str, Any]]:
+def _path(data_dir: str | Path) -> Path:
     path = Path(data_dir) / FILE
     if not path.is_file():
         raise FileNotFoundError(f"PACIFIC data not found at {path}: set SIMKIT_DATA_DIR to the folder "
                                 "holding pacific/validation.json")
-    return _read(str(path.resolve()))
+    return path.resolve()
+
+
+def load_dialogues(data_dir: str | Path) -> list[dict[str, Any]]:
+    return [d for _, d in _read(str(_path(data_dir)))]
 
 
 def render_table(table: list[list[str]]) -> list[str]:
@@ -130,12 +134,14 @@ def dialogue_tasks(dialogue: dict[str, Any], split: str) -> list[Task]:
 
 @functools.lru_cache(maxsize=8)
 def _load_tasks(path: str, tune_fraction: float) -> dict[str, tuple[Task, ...]]:
-    dialogues = load_dialogues(Path(path))
-    which = split_of(dialogues, tune_fraction)
+    file = _path(path)
+    records = list(_read(str(file)))
+    uids = each(file, records, lambda d: str(d["table"]["uid"]))
+    which = split_of([{"table": {"uid": u}} for u in uids], tune_fraction)
     out: dict[str, list[Task]] = {s: [] for s in SPLITS}
-    for d in dialogues:
-        split = which[d["table"]["uid"]]
-        out[split].extend(dialogue_tasks(d, split))
+    per_dialogue = each(file, records, lambda d: dialogue_tasks(d, which[str(d["table"]["uid"])]))
+    for uid, tasks in zip(uids, per_dialogue):
+        out[which[uid]].extend(tasks)
     return {s: tuple(v) for s, v in out.items()}
 
 
