@@ -82,11 +82,12 @@ def test_ddp_two_processes_exactly_once_across_sigkill(tiny_model, model_server,
     with open_queue(queue_url) as q:
         st, cur = q.stats(), q.current_version()
     assert st["acked"] == 24 and st["in_flight"] == 0 and st["depth"] == 16
-    assert cur.meta["step"] == 6 and cur.adapter == f"ddptest-v{cur.version}"
+    run_id = (run_dir / "run_id").read_text().strip()  # names carry the run id (vLLM's prefix cache)
+    assert cur.meta["step"] == 6 and cur.adapter == f"ddptest-{run_id}-v{cur.version}"
     listed = {m["id"] for m in httpx.get(model_server.url + "/models").json()["data"]}
     assert cur.adapter in listed
     r = httpx.post(model_server.url + "/chat/completions", timeout=60,
                    json={"model": cur.adapter, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200 and r.json()["model"] == cur.adapter
     for v in range(1, cur.version + 1):
-        httpx.post(model_server.url + "/unload_lora_adapter", json={"lora_name": f"ddptest-v{v}"})
+        httpx.post(model_server.url + "/unload_lora_adapter", json={"lora_name": f"ddptest-{run_id}-v{v}"})
