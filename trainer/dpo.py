@@ -308,10 +308,21 @@ class DPORun:
                     signal.signal(sig, h)
 
 
+def init_adapter_config(c: RunConfig) -> dict | None:
+    """--init-adapter's adapter_config.json (None without one); a clear error when it is missing."""
+    if not c.init_adapter:
+        return None
+    f = Path(c.init_adapter) / "adapter_config.json"
+    if not f.is_file():
+        raise SystemExit(f"--init-adapter {c.init_adapter}: no adapter_config.json there; give the folder "
+                         "`trainer sft` wrote (RUN/adapter)")
+    return json.loads(f.read_text())
+
+
 def adapter_shape(c: RunConfig) -> tuple[int, list[str]]:
     """(rank, target modules) of the adapters this run publishes: --init-adapter's, else the flags'."""
-    if c.init_adapter and (Path(c.init_adapter) / "adapter_config.json").is_file():
-        cfg = json.loads((Path(c.init_adapter) / "adapter_config.json").read_text())
+    cfg = init_adapter_config(c)
+    if cfg is not None:
         targets = cfg.get("target_modules") or []
         return int(cfg.get("r", c.lora_r)), [targets] if isinstance(targets, str) else list(targets)
     return c.lora_r, list(c.lora_target_modules)
@@ -332,13 +343,10 @@ def policy_model(c: RunConfig):
     """The base model, or base + `init_adapter` made trainable (TRL then keeps a frozen copy of that
     adapter, named "ref", as the DPO reference)."""
     model = load_model(c.model, c.dtype)
-    if not c.init_adapter:
+    if init_adapter_config(c) is None:
         return model
     from peft import PeftModel
 
-    if not (Path(c.init_adapter) / "adapter_config.json").is_file():
-        raise SystemExit(f"--init-adapter {c.init_adapter}: no adapter_config.json there; give the folder "
-                         "`trainer sft` wrote (RUN/adapter)")
     return PeftModel.from_pretrained(model, c.init_adapter, is_trainable=True)
 
 
