@@ -41,6 +41,8 @@
 #                         everywhere (bench/RESULTS.md); from SFT both sides are well-formed.
 #   TRAIN_ARGS=""         extra flags for trainer sft / run, e.g. "--lr 1e-4 --lora-r 16 --lora-alpha 32"
 #   ROLE_ARGS=""          extra role flags for serve and eval, e.g. "--simulator URL --classifier URL"
+#   SERVE_ARGS=""         extra flags for the training rollouts (serve) only, e.g. "--concurrency 8 --max-pending 16"
+#                         on a CPU box, so that rollouts leave the trainer its share of the cores
 #   EVAL_ARGS=""          extra flags for eval, e.g. "--limit 300"
 #   POLICY_URL=           a running policy server that loads LoRA adapters (vLLM --enable-lora, or simkit
 #                         model-server); default: start `simkit model-server --model MODEL --port PORT`
@@ -70,6 +72,7 @@ INIT=${INIT:-sft}
 ROLLOUT_MAX_TOKENS=${ROLLOUT_MAX_TOKENS:-128}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 ROLE_ARGS=${ROLE_ARGS:-}
+SERVE_ARGS=${SERVE_ARGS:-}
 EVAL_ARGS=${EVAL_ARGS:-}
 POLICY_URL=${POLICY_URL:-}
 PORT=${PORT:-8011}
@@ -121,7 +124,7 @@ stage() {  # stage NAME DONE_PATH FUNCTION ARGS...
 {
   echo "# $(date -Is) recipe settings"
   for v in MODEL OUT ENV_NAME NS METHODS SEED BATCH GRAD_ACCUM EPOCHS ACT_STEPS SFT_EPOCHS PUBLISH_EVERY ABLATION_SCHEDULE \
-           IRPO_ROUNDS IRPO_SAMPLES RPO_ALPHA ROLLOUT_MAX_TOKENS TRAIN_ARGS ROLE_ARGS EVAL_ARGS POLICY_URL PORT; do
+           IRPO_ROUNDS IRPO_SAMPLES RPO_ALPHA ROLLOUT_MAX_TOKENS TRAIN_ARGS ROLE_ARGS SERVE_ARGS EVAL_ARGS POLICY_URL PORT; do
     echo "$v=${!v}"
   done
 } >> "$OUT/settings.txt"
@@ -213,7 +216,7 @@ serve_cmd() {  # serve_cmd N DIR RUN_DIR EXTRA...  → SERVE array
   if [[ $INIT == sft ]]; then load_adapter "sft-n$n" "$(cd "$OUT/n$n/sft/adapter" && pwd)" || return; fi
   SERVE=("${SIMKIT[@]}" serve --env "$ENV_NAME" --split "$TRAIN_SPLIT" --n-conversations "$n" --seed "$SEED"
          --queue "$dir/queue.sqlite" --run-dir "$rundir" --policy "$POLICY_URL" --max-tokens "$ROLLOUT_MAX_TOKENS"
-         "${START_SERVE[@]}" "$@" $ROLE_ARGS)
+         "${START_SERVE[@]}" "$@" $SERVE_ARGS $ROLE_ARGS)
 }
 
 trainer_cmd() {  # trainer_cmd N DIR ADAPTER STEPS EXTRA...  → TRAIN array

@@ -115,8 +115,20 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="where ACT starts: sft (default) continues the SFT adapter, whose replies are well-formed "
                         "SQL or questions, so each pair contrasts the two actions; base starts a fresh LoRA on "
                         "the base model, whose wrong-action replies are prose")
+    p.add_argument("--train-dtype", choices=["auto", "float32", "bf16-mixed"],
+                   help="trainer precision (default: bf16-mixed on a CPU with bfloat16 instructions, which trains "
+                        "1.5x faster there, else auto: bfloat16 on a GPU, float32 on other CPUs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample, task order and training (default 0)")
     p.set_defaults(func=run_demo)
+
+
+def train_dtype(asked: str | None) -> str:
+    """The trainer's --dtype for this machine (see --train-dtype)."""
+    if asked:
+        return asked
+    from trainer.models import cpu_has_bf16, use_cuda
+
+    return "bf16-mixed" if not use_cuda() and cpu_has_bf16() else "auto"
 
 
 def resolve_model(model: str, out: Path, env_name: str, py: str, logs: Path) -> Path:
@@ -158,7 +170,8 @@ def run_demo(args: argparse.Namespace) -> int:
     _step(f"1/7 model: {args.model}")
     base = resolve_model(args.model, out, args.env, py, logs)
     n, seed = str(args.n), str(args.seed)
-    train_common = ["--max-length", str(args.max_length), "--no-tensorboard", "--seed", seed]
+    train_common = ["--max-length", str(args.max_length), "--no-tensorboard", "--seed", seed,
+                    "--dtype", train_dtype(args.train_dtype)]
     micro = max(1, min(args.dpo_micro_batch, args.batch_size))
     dpo_batch = ["--batch-size", str(micro), "--grad-accum", str(max(1, args.batch_size // micro))]
 
