@@ -83,7 +83,7 @@ def _run(cmd: list[str], log: Path, timeout: float,
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="ACT on SmolLM2 offline: zero-shot, ICL, SFT and ACT from the same base, one table",
-        description="Run the whole ACT pipeline on AmbigSQL, offline on CPU (about 45 minutes on 2 cores with "
+        description="Run the whole ACT pipeline on AmbigSQL, offline on CPU (about 90 minutes on 2 cores with "
                     "SmolLM2-135M-Instruct): fetch the model, evaluate it zero-shot and with k in-context shots, "
                     "train the SFT baseline on n training conversations, run ACT (`simkit serve` + `trainer run` "
                     "as two processes with hot-reloaded LoRA versions) on the same n conversations from the same "
@@ -96,13 +96,17 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", help="use this running OpenAI-compatible server (serving --model with LoRA "
                                     "enabled) instead of starting the embedded model server")
     p.add_argument("--env", default="ambigsql", help="environment (default ambigsql; see the module docstring)")
-    p.add_argument("--n", type=int, default=48,
-                   help="training conversations for SFT and ACT (the same seeded, stratified sample; default 48)")
+    p.add_argument("--n", type=int, default=100,
+                   help="training conversations for SFT and ACT (the same seeded, stratified sample; default 100)")
     p.add_argument("--eval-tasks", type=int, default=48, help="held-out test tasks per evaluation (default 48)")
     p.add_argument("--icl-shots", type=int, default=2, help="k for the ICL row, random shots from train (default 2)")
-    p.add_argument("--sft-epochs", type=int, default=1, help="SFT epochs over the n conversations (default 1)")
-    p.add_argument("--act-steps", type=int, default=12, help="DPO optimizer steps (default 12: one pass of 48 pairs)")
-    p.add_argument("--publish-every", type=int, default=4, help="publish a policy version every N steps (default 4)")
+    p.add_argument("--sft-epochs", type=int, default=3, help="SFT epochs over the n conversations (default 3; at 1 "
+                                                             "SmolLM2 learned SQL but never to ask)")
+    p.add_argument("--act-steps", type=int, default=30, help="DPO optimizer steps (default 30: 120 pairs, 1.2 passes "
+                                                             "over 100 conversations)")
+    p.add_argument("--publish-every", type=int, default=5, help="publish a policy version every N steps (default 5)")
+    p.add_argument("--rollout-concurrency", type=int, default=8,
+                   help="ACT rollouts in flight (default 8: on a CPU the rollouts and the trainer share the cores)")
     p.add_argument("--batch-size", type=int, default=4, help="examples (SFT) or pairs (DPO) per step (default 4)")
     p.add_argument("--dpo-micro-batch", type=int, default=2,
                    help="pairs per forward in DPO, the rest by gradient accumulation (default 2: a DPO step on 4 "
@@ -207,7 +211,7 @@ def run_demo(args: argparse.Namespace) -> int:
         queue = out / "queue.sqlite"
         serve_cmd = [py, "-m", "simkit.cli", "serve", "--env", args.env, "--split", "train", "--n-conversations", n,
                      "--seed", seed, "--queue", str(queue), "--run-dir", str(out / "serve"), "--policy", policy_url,
-                     "--max-tokens", str(args.max_tokens), "--concurrency", "16", "--poll-s", "0.5",
+                     "--max-tokens", str(args.max_tokens), "--concurrency", str(args.rollout_concurrency), "--poll-s", "0.5",
                      "--max-pending", str(4 * args.batch_size),
                      *(["--policy-model", "sft"] if args.act_init == "sft" else [])]
         act = out / "act"
