@@ -33,3 +33,17 @@ def test_demo_runs_every_step_and_writes_tables_and_plots(tmp_path):
     assert sample["n_conversations"] == 16
     served = json.loads((out / "serve" / "conversations.json").read_text())
     assert served["conversation_ids"] == sample["conversation_ids"]
+
+
+def test_train_dtype_follows_the_cpus_bfloat16_flags(tmp_path):
+    from simkit.demo import train_dtype
+    from trainer.models import cpu_has_bf16, use_cuda
+
+    with_bf16, without, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    other.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n")
+    assert cpu_has_bf16(str(with_bf16)) and cpu_has_bf16(str(other))
+    assert not cpu_has_bf16(str(without)) and not cpu_has_bf16(str(tmp_path / "missing"))
+    assert train_dtype("float32") == "float32"  # an explicit choice wins
+    assert train_dtype(None) == ("bf16-mixed" if cpu_has_bf16() and not use_cuda() else "auto")

@@ -14,12 +14,12 @@ def use_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def cpu_has_bf16() -> bool:
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). There `bf16-mixed` LoRA
     steps on SmolLM2 ran 1.5x faster than float32 (bench/RESULTS.md); elsewhere autocast emulates
     bfloat16 and gains nothing."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         return False
