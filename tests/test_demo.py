@@ -8,7 +8,8 @@ def test_demo_runs_every_step_and_writes_tables_and_plots(tmp_path):
     out = tmp_path / "demo"
     res = subprocess.run([sys.executable, "-m", "simkit.cli", "demo", "--model", "tiny", "--out", str(out),
                           "--n", "16", "--sft-epochs", "1", "--act-steps", "4", "--publish-every", "2",
-                          "--eval-tasks", "8", "--icl-shots", "1", "--max-tokens", "16", "--max-length", "512"],
+                          "--eval-tasks", "8", "--icl-shots", "1", "--max-tokens", "16", "--max-length", "512",
+                          "--train-dtype", "float32", "--rollout-concurrency", "16"],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for row in ("| zero-shot |", "| ICL (1 shots) |", "| SFT (n=16) |", "| ACT (n=16) |"):
