@@ -216,3 +216,67 @@ class OraclePolicy:
         answered = sum(m.role == "assistant" for m in messages) > sum(m.role == "assistant" for m in task.prompt)
         text = str(task.goal if answered else task.reference)
         return Reply(text=text, model=self.model)
+
+
+class CutFirstNewline:
+    """A policy whose every reply is cut at its first newline, as the authors post-process each
+    sampled reply (learning_to_clarify/act/src/act/simulation/simulator.py, `generate_response`:
+    `response.lstrip().rstrip().split("\\n")[0]`, used for the first reply and the final answer
+    of every rollout). Everything else (model, version, set_model) is the wrapped policy's."""
+
+    def __init__(self, policy: Any):
+        self.policy = policy
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.policy, name)
+
+    async def respond(self, messages: Sequence[Message], instruction: str | None = None,
+                      task: Task | None = None, **sampling: Any) -> Reply:
+        reply = await self.policy.respond(messages, instruction=instruction, task=task, **sampling)
+        reply.text = reply.text.strip().split("\n")[0]
+        return reply
+
+
+# --------------------------------------------------------------------------- loser generator
+class LoserGenerator:
+    """The authors' losing clarifying question for an ANSWER turn: a strong model prompted with
+    `shots` (10) reference clarifications of the training pool's gold-CLARIFY turns, temperature
+    0.1, 64 tokens, the output cut at its first "?" (learning_to_clarify/act/src/act/data/
+    preference_generator.py: `construct_icl_examples`, `create_prompt_input`, `response.split("?")[0]
+    + "?"`; models/preference_model.py: `construct_generation_kwargs`). The shots are a seeded
+    choice per (task, turn), never from the task's own conversation (the authors sample from the
+    whole pool; for the turn after a clarification that could show the model its own gold question). `backend` is anything with a policy's
+    `respond` (the policy itself by default, or a `Policy` over `--loser-generator URL`)."""
+
+    def __init__(self, backend: Any, pool: Sequence[Task] = (), *, env: str | None = None, seed: int = 0,
+                 shots: int = 10, temperature: float = 0.1, max_tokens: int = 64):
+        self.backend, self.env, self.seed, self.shots = backend, env, seed, shots
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.pool = [t for t in pool if t.gold_action == CLARIFY and t.reference.strip()]
+        self._templates: dict[str, list] = {}
+
+    @property
+    def description(self) -> str:
+        client = getattr(self.backend, "client", None)
+        return f"few-shot ({self.shots}) clarifying-question generator ({_endpoint(client, getattr(self.backend, 'model', None))})"
+
+    def prompt(self, task: Task, dialogue: Sequence[Message], turn: int = 0) -> str:
+        """The few-shot prompt: seeded reference clarifications, then this dialogue."""
+        import random
+
+        others = [t for t in self.pool if t.conversation_id != task.conversation_id]  # never its own question
+        rng = random.Random(f"{self.seed}-{task.id}-{turn}")
+        chosen = rng.sample(others, min(self.shots, len(others)))
+        shots = "\n\n".join(_render(self._templates, "loser_generator_shot", self.env,
+                                    dialogue=_render_dialogue(t.prompt), question=t.reference.strip())
+                            for t in chosen)
+        return _render(self._templates, "loser_generator", self.env, shots=shots,
+                       dialogue=_render_dialogue(dialogue)).strip()
+
+    async def question(self, task: Task, dialogue: Sequence[Message], turn: int = 0) -> Reply:
+        """The generator's reply, cut at its first "?" (text "" when it has none: no question)."""
+        reply = await self.backend.respond([Message(role="user", content=self.prompt(task, dialogue, turn))],
+                                           task=task, temperature=self.temperature, max_tokens=self.max_tokens)
+        head = reply.text.strip().split("?")[0].strip()
+        reply.text = head + "?" if "?" in reply.text and head else ""
+        return reply

@@ -1,9 +1,11 @@
-"""`simkit pairs build`: ACT Phase 1 — write D_pref (TRL-ready JSONL, and/or into the queue).
+"""`simkit pairs build`: ACT Phase 1 — write D_pref (TRL-ready JSONL, and/or into the queue);
+`simkit pairs stats`: the action-vs-content mix of a pair stream (`simkit.pairstats`).
 
 Each line is a `PreferencePair`: TRL's conversational `prompt`/`chosen`/`rejected` columns plus
 metadata (gold and rejected action, policy version, adapter, provenance, how the forced loser was
-obtained). Beside OUT: `OUT.stats.json` (forced-ok / retried-ok / fallback / identical-dropped /
-random-flip counts, dropped task ids) and `OUT.conversations.json` (the conversation sample).
+obtained, provenance of each side). Beside OUT: `OUT.stats.json` (forced-ok / retried-ok / fallback /
+generator-ok / generator-fallback / reference-loser / identical-dropped / random-flip / turn-1 / contrast
+counts, dropped task ids) and `OUT.conversations.json` (the conversation sample).
 Resumable: tasks whose pair is already in the output file (or was dropped) are skipped.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .types import PreferencePair
 
 @dataclass
 class Phase1Result:
-    pair: PreferencePair | None
+    pair: list[PreferencePair] | None  # the task's pairs (turn 0, and turn 1 when made); None: failed
     task_id: str
     error: str | None = None
 
@@ -45,8 +47,30 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
 
 
 def new_phase1_stats() -> dict[str, int]:
-    """Counters of a Phase 1 build: how each forced loser was obtained, and what was dropped."""
-    return {"forced_ok": 0, "retried_ok": 0, "fallback": 0, "identical_dropped": 0, "random_flips": 0}
+    """Counters of a Phase 1 build: how each loser was obtained (forced-ok / retried-ok / fallback
+    when forced; generator-ok / generator-fallback when generated; the gold answer as a reference
+    loser), what was dropped, and the pair mix (action vs content contrast, turn-1 pairs)."""
+    return {"forced_ok": 0, "retried_ok": 0, "fallback": 0, "identical_dropped": 0, "random_flips": 0,
+            "generator_ok": 0, "generator_fallback": 0, "reference_loser": 0, "turn1_pairs": 0,
+            "contrast_action": 0, "contrast_content": 0}
+
+
+def _count(d: dict[str, int], p: PreferencePair) -> None:
+    """Add one new pair's loser path to the counters `d`."""
+    if p.meta.get("forced_path"):
+        key = p.meta["forced_path"].replace("-", "_")
+    elif p.meta.get("generator_path"):
+        key = "generator_ok" if p.meta["generator_path"] == "generator-ok" else "generator_fallback"
+    else:
+        key = "reference_loser"
+    d[key] = d.get(key, 0) + 1
+    d["random_flips"] += p.source == "random-flip"
+
+
+def _count_kept(d: dict[str, int], p: PreferencePair) -> None:
+    d["turn1_pairs"] = d.get("turn1_pairs", 0) + (p.turn == 1)
+    if p.kind in ("action", "content"):
+        d[f"contrast_{p.kind}"] = d.get(f"contrast_{p.kind}", 0) + 1
 
 
 def stats_path(out: Path) -> Path:
@@ -54,19 +78,28 @@ def stats_path(out: Path) -> Path:
     return out.with_name(out.stem + ".stats.json")
 
 
+def base_task_id(p: PreferencePair) -> str:
+    """The task a pair was built from (a turn-1 pair's task is derived from it)."""
+    return str(p.meta.get("base_task_id") or p.task_id)
+
+
 async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, annotator=None,
                       random_actions: bool = False, seed: int = 0, concurrency: int = 64,
                       progress: bool | None = None, classifier=None,
-                      stats: dict[str, int] | None = None) -> tuple[list[PreferencePair], int]:
+                      stats: dict[str, int] | None = None, contrast: str = "authors", generator=None,
+                      per_conversation: str | None = None) -> tuple[list[PreferencePair], int]:
     """Run Phase 1 over `tasks`; return (pairs, failures). Appends to `out` as pairs finish.
 
-    `stats` (see `new_phase1_stats`) is updated in place: forced-ok / retried-ok / fallback per
-    new pair, pairs dropped because chosen == rejected, random-actions flips. With `out`, the
-    counters and the dropped task ids are kept in `stats_path(out)` so a resume neither redoes nor
-    forgets them (the counters then cover the whole file, not only this call)."""
-    from .act import identical_sides, phase1_pair
+    `contrast` / `generator` / `per_conversation`: see `simkit.act` (the generator defaults to the
+    policy itself, with shots from `tasks`). `stats` (see `new_phase1_stats`) is updated in place.
+    With `out`, the counters and the dropped task ids are kept in `stats_path(out)` so a resume
+    neither redoes nor forgets them (the counters then cover the whole file, not only this call).
+    A task's pairs (both turns) are written together, so a resume redoes a task or skips it whole."""
+    from .act import TurnIndex, identical_sides, phase1_pairs
+    from .agents import LoserGenerator
     from .engine import amap, progress_bar
 
+    tasks = list(tasks)
     stats = stats if stats is not None else new_phase1_stats()
     saved: dict[str, Any] = {}
     spath = stats_path(out) if out else None
@@ -75,15 +108,19 @@ async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, a
         for k, v in saved.get("counts", {}).items():
             stats[k] = stats.get(k, 0) + v
     dropped_ids: list[str] = list(saved.get("dropped_task_ids", []))
-    done = {p.task_id for p in read_pairs(out)} if out and out.exists() else set()
+    done = {base_task_id(p) for p in read_pairs(out)} if out and out.exists() else set()
     done |= set(dropped_ids)
     todo = [t for t in tasks if t.id not in done]
     counts = {k: saved.get("counts", {}).get(k, 0) for k in new_phase1_stats()}
+    if contrast == "authors" and generator is None:
+        generator = LoserGenerator(policy, tasks, env=env.name, seed=seed)
+    index = TurnIndex.of(tasks)
 
     async def one(task) -> Phase1Result:
         rng = random.Random(f"{seed}-{task.id}") if random_actions else None
-        return Phase1Result(await phase1_pair(env, task, policy, annotator=annotator, rng=rng,
-                                              classifier=classifier), task.id)
+        return Phase1Result(await phase1_pairs(env, task, policy, annotator=annotator, rng=rng,
+                                               classifier=classifier, contrast=contrast, generator=generator,
+                                               per_conversation=per_conversation, index=index), task.id)
 
     def failed(task, e: Exception) -> Phase1Result:  # a role gave up or an env hook raised: counted
         return Phase1Result(None, task.id, str(e) if isinstance(e, RoleError) else f"{type(e).__name__}: {e}")
@@ -94,7 +131,7 @@ async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, a
 
     pairs, failures = [], 0
     fh = open(out, "a", encoding="utf-8") if out else None
-    bar = progress_bar(len(todo), progress, unit="pair", desc="phase 1")
+    bar = progress_bar(len(todo), progress, unit="task", desc="phase 1")
     try:
         async for r in amap(one, todo, concurrency=concurrency, on_error=failed):
             if bar is not None:
@@ -102,24 +139,28 @@ async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, a
             if r.pair is None:
                 failures += 1
                 continue
-            p = r.pair
-            key = p.meta.get("forced_path", "forced-ok").replace("-", "_")
-            for d in (stats, counts):
-                d[key] = d.get(key, 0) + 1
-                d["random_flips"] += p.source == "random-flip"
-            if identical_sides(p):
+            kept = []
+            for p in r.pair:
                 for d in (stats, counts):
-                    d["identical_dropped"] += 1
-                dropped_ids.append(p.task_id)
+                    _count(d, p)
+                if identical_sides(p):
+                    for d in (stats, counts):
+                        d["identical_dropped"] += 1
+                    continue
+                for d in (stats, counts):
+                    _count_kept(d, p)
+                kept.append(p)
+            if not kept:
+                dropped_ids.append(r.task_id)
                 save_stats()
                 continue
-            pairs.append(p)
+            pairs.extend(kept)
             if fh:
-                fh.write(p.model_dump_json() + "\n")
+                fh.write("".join(p.model_dump_json() + "\n" for p in kept))
                 fh.flush()
                 save_stats()
             if queue is not None:
-                await queue.append([p])
+                await queue.append(kept)
     finally:
         if bar is not None:
             bar.close()
@@ -137,11 +178,14 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                        description="Preference-pair datasets for ACT.")
     psub = p.add_subparsers(dest="pairs_command", metavar="SUBCOMMAND", required=True)
     b = psub.add_parser(
-        "build", help="write D_pref: reference vs the policy forced to take the other action",
+        "build", help="write D_pref: reference vs a response taking the other action",
         description="ACT Phase 1 (Algorithm 1): for each task the gold action (data, or --pseudo-label), the "
                     "rejected action, winning response = the reference (for a CLARIFY turn the whole gold "
                     "continuation: clarifying question, the user's clarification, the gold answer), losing "
-                    "response = the policy forced to take the rejected action. Each forced reply is checked by the "
+                    "response = a response taking the rejected action. --contrast authors (default, the authors' "
+                    "code): a CLARIFY turn loses to the gold answer, an ANSWER turn to a question of the few-shot "
+                    "--loser-generator, and the turn after each clarification gets a pair of its own. --contrast "
+                    "forced: the policy forced to take the rejected action. Each forced reply is checked by the "
                     "classifier in use; a reply that takes the wrong action is retried once with a stronger "
                     "few-shot instruction, then replaced by the authors' fallback (forced ANSWER -> the gold "
                     "answer; forced CLARIFY -> the reply cut at its first '?', else a template question). Pairs "
@@ -165,8 +209,37 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--seed", type=int, default=0,
                    help="seed of the conversation sample and of the random-actions labels (default 0)")
     b.add_argument("--data-dir", help="task data folder (default $SIMKIT_DATA_DIR)")
+    add_contrast_args(b)
     add_role_args(b)
     b.set_defaults(func=_run_build)
+
+    st = psub.add_parser(
+        "stats", help="the pair mix: action vs content contrast per gold action, sources, phases",
+        description="Read pairs (a pairs JSONL such as D_pref or serve's RUN_DIR/queued.jsonl, or a SQLite queue: "
+                    "its live, not yet acked pairs) and print how many contrast the action (ask vs answer) and how "
+                    "many only the content, per gold action, per source pair (chosen_source -> rejected_source), "
+                    "per phase and turn. --train-run DIR adds the DPO reward margins split by kind.")
+    st.add_argument("source", metavar="PATH|QUEUE", help="pairs JSONL, SQLite queue path (or sqlite:///path)")
+    st.add_argument("--train-run", metavar="DIR", help="a `trainer run` directory: margins by contrast kind")
+    st.add_argument("--json", action="store_true", help="print the tables as one JSON object")
+    st.set_defaults(func=_run_stats)
+
+
+def add_contrast_args(p: argparse.ArgumentParser) -> None:
+    """The Phase 1 loser options `pairs build` shares with `serve` (ServeConfig has the same fields)."""
+    p.add_argument("--contrast", choices=("authors", "forced"), default="authors",
+                   help="loser of each turn: authors (default, the authors' code: a CLARIFY turn's loser is the "
+                        "gold answer, an ANSWER turn's a question from the few-shot --loser-generator) or forced "
+                        "(the policy forced to take the other action, checked, retried, then the fallback)")
+    p.add_argument("--pairs-per-conversation", choices=("turn", "one"), default=None,
+                   help="turn: one pair per user turn, so a gold-CLARIFY task also gives the turn after the "
+                        "clarification (gold answer vs a generated question); one: a pair per task. Default: turn "
+                        "under --contrast authors, one under forced")
+    p.add_argument("--loser-generator", metavar="URL", default=None,
+                   help="OpenAI-compatible URL of the model that writes the clarifying-question losers (10 shots, "
+                        "temperature 0.1, 64 tokens, cut at the first '?'; default: the policy's own server)")
+    p.add_argument("--loser-generator-model", default=None,
+                   help="model name at --loser-generator (default: the server's first model)")
 
 
 async def open_act_run(command: str, env_name: str, env_kw: dict[str, Any], roles_cfg: Any, *,
@@ -216,16 +289,38 @@ async def _build_main(args: argparse.Namespace) -> int:
         from .queue import AsyncPairQueue, open_queue
 
         queue = AsyncPairQueue(open_queue(args.queue))
+    from .roles import build_loser_generator
+
+    generator = build_loser_generator(roles, roles_config(args), args.loser_generator, args.loser_generator_model,
+                                      tasks, env.name, args.seed)
     try:
         pairs, failures = await build_pairs(
             env, tasks, roles.policy, out, queue, roles.classifier if args.pseudo_label else None,
-            args.random_actions, args.seed, args.concurrency, classifier=roles.classifier, stats=stats)
+            args.random_actions, args.seed, args.concurrency, classifier=roles.classifier, stats=stats,
+            contrast=args.contrast, generator=generator, per_conversation=args.pairs_per_conversation)
     finally:
         await roles.aclose()
         if queue is not None:
             await queue.close()
     summary: dict[str, Any] = {"env": env.name, "split": split, "conversations": len(sample.conversation_ids),
                                "tasks": len(tasks), "new_pairs": len(pairs), "failures": failures,
-                               "phase1": stats, "classifier": describe(roles.classifier), "out": args.out}
+                               "phase1": stats, "classifier": describe(roles.classifier),
+                               "contrast": args.contrast, "loser_generator": describe(generator), "out": args.out}
     print(json.dumps(summary))
     return 1 if failures and not pairs else 0
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from .pairstats import format_stats, load_pairs, pair_stats
+
+    try:
+        pairs = load_pairs(args.source)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"simkit pairs stats: {e}")
+    report = pair_stats(pairs)
+    if args.train_run:
+        from .pairstats import train_margins
+
+        report["train"] = train_margins(args.train_run)
+    print(json.dumps(report, indent=1) if args.json else format_stats(report))
+    return 0

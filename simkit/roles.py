@@ -170,3 +170,32 @@ def build_roles(cfg: RolesConfig | argparse.Namespace, env_name: str | None = No
         clients.append(cc)
         clf = LLMClassifier(cc, env=env_name)
     return Roles(Policy(pc), sim, clf, clients)
+
+
+def build_loser_generator(roles: Roles, cfg: RolesConfig, url: str | None, model: str | None, pool: Any,
+                          env_name: str | None = None, seed: int = 0,
+                          transport: TransportFactory = default_transport) -> Any:
+    """The authors' few-shot loser generator (`agents.LoserGenerator`): over `url` (its client is
+    added to `roles.clients`, closed with them) or, by default, the policy's own client."""
+    from .agents import LoserGenerator
+
+    backend: Any = roles.policy
+    if url:
+        client = _client("generator", _urls(url), model, cfg.client, transport)
+        roles.clients.append(client)
+        backend = Policy(client, model)
+    return LoserGenerator(backend, list(pool), env=env_name, seed=seed)
+
+
+def set_rollout_sampling(roles: Roles, temperature: float | None) -> None:
+    """Phase 2 rollout sampling. None: send no temperature / top_p, so the server's defaults
+    apply — the checkpoint's generation_config.json under vLLM's `--generation-config auto` and
+    in simkit's embedded server — as the authors sample with the model's generation config
+    (simulator.py `generate_response`). A number: sent with every policy request (the older
+    behaviour, `--temperature`)."""
+    sampling = roles.policy.client.config.sampling
+    sampling.pop("top_p", None)
+    if temperature is None:
+        sampling.pop("temperature", None)
+    else:
+        sampling["temperature"] = temperature

@@ -23,12 +23,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .act import Rollout, irpo_rollout, phase2_rollout
-from .agents import describe
+from .act import Rollout, irpo_rollout, phase2_rollout, turn1_task
+from .agents import CutFirstNewline, describe
 from .engine import failed_trajectory
 from .roles import RolesConfig
 from .sampling import conversations_help
 from .serving import PairSink, Slot, StatusReporter, TaskCursor, VersionFollower
+from .serving.status import MIX_KEYS, count_mix
+from .types import PreferencePair
 
 ASYNC_MAX_PENDING = 4096
 
@@ -94,6 +96,26 @@ class ServeConfig(BaseModel):
     shard: str = Field("0/1", json_schema_extra={"metavar": "I/S"}, description="this host's shard I of S: hosts x workers partition the "
                                                         "tasks (worker g = I*workers+i takes task g mod S*workers); "
                                                         "every host needs the same --workers, --seed and --n")
+    contrast: Literal["authors", "forced"] = Field(
+        "authors", description="Phase 1 loser: authors (their code: a CLARIFY turn's loser is the gold answer, an "
+                               "ANSWER turn's a question from the few-shot --loser-generator) or forced (the policy "
+                               "forced to take the other action, checked, retried, then the fallback)")
+    pairs_per_conversation: Literal["turn", "one"] | None = Field(
+        None, description="turn: one pair per user turn (a gold-CLARIFY task also gives the turn after the "
+                          "clarification); one: a pair per task. Default: turn under --contrast authors, else one")
+    loser_generator: str | None = Field(None, json_schema_extra={"metavar": "URL"},
+                                        description="URL of the model writing the clarifying-question losers (10 "
+                                                    "shots, temperature 0.1, 64 tokens; default: the policy's server)")
+    loser_generator_model: str | None = Field(None, description="model name at --loser-generator")
+    replace_rule: Literal["paper", "authors"] = Field(
+        "paper", description="Phase 2 replacement: paper (Algorithm 2: a wrong action always loses; a right one by "
+                             "its simulated outcome) or authors (act_trainer.py: by the outcome alone)")
+    rollout_temperature: float | None = Field(
+        None, ge=0, description="policy sampling temperature sent with every request; default: none is sent, so "
+                                "the checkpoint's generation_config.json applies (the server's defaults, as vLLM "
+                                "--generation-config auto), as the authors sample; serve does not use --temperature")
+    cut_first_newline: bool = Field(False, description="cut each sampled policy reply at its first newline (the "
+                                                       "authors' simulator.py post-processing)")
     roles: RolesConfig = Field(default_factory=RolesConfig, description="the three roles and their clients")
 
     @model_validator(mode="before")
@@ -138,7 +160,7 @@ class Server:
         self.run_dir = Path(cfg.run_dir)
         self.stop = asyncio.Event()
         self.m = dict(episodes=0, pairs=0, failures=0, right_action=0, successes=0, terminated=0,
-                      identical_dropped=0, no_contrast=0)
+                      identical_dropped=0, no_contrast=0, **{k: 0 for k in MIX_KEYS})
         self.phase1: dict[str, int] = {}
         self.split: str | None = None
         self.follower = VersionFollower(queue, roles.policy)
@@ -173,12 +195,12 @@ class Server:
             await self.sink.refresh_depth()
         if self.cfg.sync:  # never start an episode on a policy the trainer has already replaced
             await self.follow_version()
-        policy = self.roles.policy
+        policy = CutFirstNewline(self.roles.policy) if self.cfg.cut_first_newline else self.roles.policy
         if self.cfg.mode == "irpo":
             return await irpo_rollout(self.env, slot.task, policy, version=self.version, epoch=slot.epoch,
                                       samples=self.cfg.irpo_samples)
         return await phase2_rollout(self.env, slot.base, slot.task, policy, version=self.version, epoch=slot.epoch,
-                                    simulate=self.cfg.ablation != "no-simulation")
+                                    simulate=self.cfg.ablation != "no-simulation", replace_rule=self.cfg.replace_rule)
 
     async def _flush(self, buf: list[Rollout], final: bool = False) -> None:
         await self.sink.write(buf, self.version)
@@ -215,6 +237,11 @@ class Server:
 
         cfg = self.cfg
         tasks = {t.id: t for t in self.env.tasks(self.split or next(iter(self.env.splits())))}
+        for p in dpref:  # turn-1 pairs: the turn after the clarification is a task derived from its base
+            if isinstance(p, PreferencePair) and p.task_id not in tasks and p.meta.get("base_task_id") in tasks:
+                t1 = turn1_task(tasks[p.meta["base_task_id"]])
+                if t1 is not None:
+                    tasks[t1.id] = t1
         self.cursor = cursor = TaskCursor(self.run_dir / "state.json", dpref, tasks, seed=cfg.seed,
                                           max_epochs=cfg.max_epochs, max_episodes=cfg.max_episodes,
                                           retries=cfg.retries, retry_backoff_s=cfg.retry_backoff_s)
@@ -262,6 +289,7 @@ class Server:
                 m["failures"] += 1
             return
         m["pairs"] += 1
+        count_mix(m, r.pair)
         m["right_action"] += bool(t.info.get("right_action"))
         if t.terminated:
             m["terminated"] += 1
@@ -276,9 +304,9 @@ async def serve(cfg: ServeConfig, role_args: argparse.Namespace | RolesConfig | 
     the older call style). `quiet`: no status line (a pool worker; its parent prints one)."""
     from .serving.workers import parse_shard, shard_of
 
-    from .pairs import build_pairs, new_phase1_stats, open_act_run, read_pairs
+    from .pairs import base_task_id, build_pairs, new_phase1_stats, open_act_run, read_pairs
     from .queue import AsyncPairQueue, open_queue
-    from .roles import roles_config
+    from .roles import build_loser_generator, roles_config, set_rollout_sampling
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -289,6 +317,7 @@ async def serve(cfg: ServeConfig, role_args: argparse.Namespace | RolesConfig | 
     roles_cfg = cfg.roles if role_args is None else roles_config(role_args)
     env, roles, sample = await open_act_run("simkit serve", cfg.env, env_kw, roles_cfg, pseudo_label=cfg.pseudo_label,
                                             split=cfg.split, n=cfg.n_conversations, seed=cfg.seed)
+    set_rollout_sampling(roles, cfg.rollout_temperature)
     split = sample.split
     sample.write(run_dir)
     tasks = shard_of(sample.tasks, *parse_shard(cfg.shard))
@@ -308,13 +337,16 @@ async def serve(cfg: ServeConfig, role_args: argparse.Namespace | RolesConfig | 
             return await server.run([_TaskRef(t.id) for t in tasks])
         dpref_path = run_dir / "dpref.jsonl"
         server.phase1 = new_phase1_stats()
+        generator = build_loser_generator(roles, roles_cfg, cfg.loser_generator, cfg.loser_generator_model,
+                                          sample.tasks, env.name, cfg.seed)
         _, failures = await build_pairs(env, tasks, roles.policy, dpref_path,
                                         annotator=roles.classifier if cfg.pseudo_label else None,
                                         random_actions=cfg.ablation == "random-actions", seed=cfg.seed,
                                         concurrency=cfg.concurrency, progress=None, classifier=roles.classifier,
-                                        stats=server.phase1)
+                                        stats=server.phase1, contrast=cfg.contrast, generator=generator,
+                                        per_conversation=cfg.pairs_per_conversation)
         ids = {t.id for t in tasks}
-        dpref = [p for p in read_pairs(dpref_path) if p.task_id in ids]
+        dpref = [p for p in read_pairs(dpref_path) if base_task_id(p) in ids]
         if not dpref:
             raise SystemExit(f"no Phase 1 pairs could be built ({failures} failures): is the policy server up?")
         if cfg.ablation == "no-sampling":  # offline DPO on D_pref only

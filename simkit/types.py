@@ -188,6 +188,20 @@ class Trajectory(BaseModel):
 
 
 # --------------------------------------------------------------------------- pairs
+# Where one side of a pair comes from: the data's reference, the policy forced to take an action
+# (first try / the stronger retry / the authors' fallback), the few-shot loser generator, or a
+# sample of the current policy (Phase 2).
+SIDE_SOURCES = ("reference", "forced", "retried", "fallback", "generator", "on-policy")
+
+
+def contrast_of(chosen_action: str | None, rejected_action: str | None) -> Literal["action", "content"] | None:
+    """"action" when the two sides take different actions (ask vs answer), "content" when they
+    take the same one (SQL vs SQL); None when either action is unknown."""
+    if not chosen_action or not rejected_action:
+        return None
+    return "action" if chosen_action != rejected_action else "content"
+
+
 class PreferencePair(BaseModel):
     """TRL's conversational prompt/chosen/rejected columns plus provenance metadata."""
 
@@ -202,8 +216,14 @@ class PreferencePair(BaseModel):
     env: str = ""
     task_id: str = ""
     phase: int = 1
-    source: str = ""  # provenance: "reference", "forced", "sampled", "simulated", ...
+    source: str = ""  # how the pair was made: "forced", "random-flip", "wrong-action", "irpo", ...
     score: float | None = None
+    # provenance of each side (defaults: pairs written before these fields still load)
+    chosen_action: str | None = None  # the action the chosen side takes (its first assistant turn)
+    contrast: Literal["action", "content"] | None = None  # sides take different actions / the same one
+    chosen_source: str = ""  # one of SIDE_SOURCES ("" = not recorded)
+    rejected_source: str = ""
+    turn: int = 0  # user turn of the conversation: 0 = the first, 1 = the one after the clarification
     created_at: float = Field(default_factory=time.time)
     meta: dict[str, Any] = Field(default_factory=dict)
 
@@ -221,6 +241,15 @@ class PreferencePair(BaseModel):
             sort_keys=True, ensure_ascii=False,
         )
         return hashlib.sha1(body.encode()).hexdigest()[:20]
+
+    @property
+    def kind(self) -> str:
+        """The contrast kind, derived for pairs written before `contrast` existed (a Phase 1
+        pair's winner takes the gold action); "unknown" when it cannot be told."""
+        if self.contrast:
+            return self.contrast
+        chosen = self.chosen_action or (self.gold_action if self.phase == 1 else None)
+        return contrast_of(chosen, self.rejected_action) or "unknown"
 
     def to_trl(self) -> dict[str, Any]:
         """Row for TRL DPOTrainer's conversational format."""

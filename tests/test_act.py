@@ -30,21 +30,21 @@ def env():
 async def test_phase1_reference_beats_forced_opposite_action(env):
     clarify_task, answer_task = env.tasks("train")[:2]
     pol = FixedPolicy("whatever")
-    p = await phase1_pair(env, clarify_task, pol, version=3)
+    p = await phase1_pair(env, clarify_task, pol, version=3, contrast="forced")
     assert p.gold_action == CLARIFY and p.rejected_action == ANSWER
     assert "Answer the user's request directly" in pol.seen[-1]  # forced to take the rejected action
     assert p.chosen[0].content == clarify_task.reference and p.rejected[0].content == "whatever"
     assert p.prompt[0].role == "system" and p.prompt[1:] == clarify_task.prompt
     assert p.policy_version == 3 and p.adapter == "fixed" and p.phase == 1
-    q = await phase1_pair(env, answer_task, pol)
+    q = await phase1_pair(env, answer_task, pol, contrast="forced")
     assert q.rejected_action == CLARIFY and "clarifying question" in pol.seen[-1]
-    assert (await phase1_pair(env, clarify_task, pol, version=3)).id == p.id  # deterministic ids
+    assert (await phase1_pair(env, clarify_task, pol, version=3, contrast="forced")).id == p.id  # deterministic ids
 
 
 async def test_phase2_outcomes(env):
     clarify_task, answer_task = env.tasks("train")[:2]
-    base_c = await phase1_pair(env, clarify_task, FixedPolicy("It is 5 meters."))
-    base_a = await phase1_pair(env, answer_task, FixedPolicy("Which one?"))
+    base_c = await phase1_pair(env, clarify_task, FixedPolicy("It is 5 meters."), contrast="forced")
+    base_a = await phase1_pair(env, answer_task, FixedPolicy("Which one?"), contrast="forced")
 
     # right action + successful simulated trajectory -> the trajectory wins
     r = await phase2_rollout(env, base_c, clarify_task, simkit.OraclePolicy(), version=1)
@@ -94,7 +94,7 @@ def test_clarify_reference_winner_is_the_gold_continuation(name):
 
 async def test_clarify_pair_chosen_is_the_three_message_continuation(env):
     clarify_task = env.tasks("train")[0]
-    p = await phase1_pair(env, clarify_task, FixedPolicy("It is 20 meters."))
+    p = await phase1_pair(env, clarify_task, FixedPolicy("It is 20 meters."), contrast="forced")
     assert [m.role for m in p.chosen] == ["assistant", "user", "assistant"]
     assert [m.content for m in p.chosen] == [clarify_task.reference, clarify_task.user_reply, clarify_task.goal]
     assert p.rejected == [Message(role="assistant", content="It is 20 meters.")]
@@ -118,22 +118,22 @@ async def test_turn_score_of_a_clarify_turn_compares_with_the_continuation(env):
 async def test_forced_losers_are_checked_retried_then_fall_back_and_counted(env, tmp_path):
     clarify_task, answer_task = env.tasks("train")[:2]
     # forced ANSWER obeys at once
-    p = await phase1_pair(env, clarify_task, ScriptedPolicy({}, "It is 20 meters."))
+    p = await phase1_pair(env, clarify_task, ScriptedPolicy({}, "It is 20 meters."), contrast="forced")
     assert p.meta["forced_path"] == "forced-ok" and p.meta["forced_attempts"] == 1
     # forced ANSWER asks anyway, obeys the strong few-shot instruction
     pol = ScriptedPolicy({"IMPORTANT": "It is 12 meters."}, "Which one do you mean?")
-    p = await phase1_pair(env, clarify_task, pol)
+    p = await phase1_pair(env, clarify_task, pol, contrast="forced")
     assert p.meta["forced_path"] == "retried-ok" and p.rejected[0].content == "It is 12 meters."
     assert pol.seen == [prompts.load("force_answer"), prompts.load("force_answer_strong")]
     # forced ANSWER never answers: the gold answer (authors' fallback)
-    p = await phase1_pair(env, clarify_task, ScriptedPolicy({}, "Which one do you mean?"))
+    p = await phase1_pair(env, clarify_task, ScriptedPolicy({}, "Which one do you mean?"), contrast="forced")
     assert p.meta["forced_path"] == "fallback" and p.meta["fallback"] == "gold-answer"
     assert p.rejected[0].content == clarify_task.goal and p.chosen[-1].content == clarify_task.goal
     # forced CLARIFY never asks: the reply cut at its '?' when it has one, else a template question
-    p = await phase1_pair(env, answer_task, ScriptedPolicy({}, "Which tower? It is 300 meters."))
+    p = await phase1_pair(env, answer_task, ScriptedPolicy({}, "Which tower? It is 300 meters."), contrast="forced")
     assert p.meta["forced_path"] == "fallback" and p.meta["fallback"] == "truncated"
     assert p.rejected[0].content == "Which tower?"
-    p = await phase1_pair(env, answer_task, ScriptedPolicy({}, "It is 300 meters."))
+    p = await phase1_pair(env, answer_task, ScriptedPolicy({}, "It is 300 meters."), contrast="forced")
     assert p.meta["fallback"] == "template" and p.rejected[0].content == prompts.render("fallback_clarify")
     assert RuleClassifier.classify_sync(p.rejected[0].content) == CLARIFY
 
@@ -155,7 +155,7 @@ async def test_forced_losers_are_checked_retried_then_fall_back_and_counted(env,
     env8 = simkit.make("toy", size=8)
     stats = new_phase1_stats()
     out = env8.tasks("train")
-    pairs, failures = await build_pairs(env8, out[:6], Mixed(), stats=stats)
+    pairs, failures = await build_pairs(env8, out[:6], Mixed(), stats=stats, contrast="forced")
     assert failures == 0 and len(pairs) == 6
     paths = {p.task_id: p.meta["forced_path"] for p in pairs}
     assert paths == {"toy-train-0": "retried-ok", "toy-train-1": "forced-ok", "toy-train-2": "forced-ok",
@@ -169,10 +169,10 @@ async def test_forced_losers_are_checked_retried_then_fall_back_and_counted(env,
     qtask = answer_task.model_copy(update={"reference": "Which one?", "id": "toy-q"})
     path = tmp_path / "pairs.jsonl"
     stats = new_phase1_stats()
-    pairs, _ = await build_pairs(env, [qtask], Parrot(), out=path, stats=stats)
+    pairs, _ = await build_pairs(env, [qtask], Parrot(), out=path, stats=stats, contrast="forced")
     assert pairs == [] and stats["identical_dropped"] == 1 and stats["forced_ok"] == 1
     again = new_phase1_stats()
-    pairs, _ = await build_pairs(env, [qtask], Parrot(), out=path, stats=again)  # resume: not redone
+    pairs, _ = await build_pairs(env, [qtask], Parrot(), out=path, stats=again, contrast="forced")  # resume: not redone
     assert pairs == [] and again["identical_dropped"] == 1
     assert json.loads(stats_path(path).read_text())["dropped_task_ids"] == ["toy-q"]
 
@@ -184,7 +184,7 @@ async def test_random_actions_ablation_flips_winners():
     from simkit.pairs import build_pairs, new_phase1_stats
 
     stats = new_phase1_stats()
-    pairs, _ = await build_pairs(env, tasks, pol, random_actions=True, seed=3, stats=stats)
+    pairs, _ = await build_pairs(env, tasks, pol, random_actions=True, seed=3, stats=stats, contrast="forced")
     by_task = {t.id: t for t in tasks}
     flipped = [p for p in pairs if p.source == "random-flip"]
     kept = [p for p in pairs if p.source == "forced"]
@@ -198,7 +198,7 @@ async def test_random_actions_ablation_flips_winners():
     for p in kept:
         assert p.gold_action == by_task[p.task_id].gold_action and p.chosen == by_task[p.task_id].gold_continuation()
     # the same seed gives the same labels; Phase 2 then judges samples against the random label
-    again, _ = await build_pairs(env, tasks, pol, random_actions=True, seed=3)
+    again, _ = await build_pairs(env, tasks, pol, random_actions=True, seed=3, contrast="forced")
     assert [p.id for p in again] == [p.id for p in pairs] and [p.source for p in again] == [p.source for p in pairs]
     p = flipped[0]
     r = await phase2_rollout(env, p, by_task[p.task_id], simkit.OraclePolicy())  # the oracle takes the gold action

@@ -106,7 +106,8 @@ async def test_scorer_that_raises_gives_counted_failed_episodes():
 async def test_serve_finishes_when_the_scorer_raises(tmp_path):
     async with FakeServer(latency_ms=0) as srv:
         cfg = ServeConfig(env="toy-bad-score", queue=str(tmp_path / "q.db"), run_dir=str(tmp_path / "run"),
-                          n_conversations=6, max_epochs=1, poll_s=0.05, concurrency=4)
+                          n_conversations=6, max_epochs=1, poll_s=0.05, concurrency=4,
+                          contrast="forced", pairs_per_conversation="one")  # one episode per task
         roles = argparse.Namespace(policy=srv.url, max_tokens=8)
         summary = await asyncio.wait_for(serve(cfg, roles), 60)
     assert summary["episodes"] == 6 and summary["failures"] == 6 and summary["pairs"] == 0

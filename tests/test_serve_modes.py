@@ -13,7 +13,7 @@ def _serve(srv, tmp_path, name, *extra):
     run = tmp_path / name
     cmd = [sys.executable, "-m", "simkit.cli", "serve", "--env", "toy", "--queue", str(tmp_path / f"{name}.db"),
            "--run-dir", str(run), "--policy", srv.url, "--max-tokens", "8", "--max-epochs", "1", "--poll-s", "0.1",
-           "--n-conversations", "6", *extra]
+           "--n-conversations", "6", "--contrast", "forced", "--pairs-per-conversation", "one", *extra]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     return run, json.loads(res.stdout.strip().splitlines()[-1])

@@ -24,7 +24,8 @@ def fake():
 def _cmd(url, tmp_path, name, *extra):
     return [sys.executable, "-m", "simkit.cli", "serve", "--env", "toy", "--queue", str(tmp_path / f"{name}.db"),
             "--run-dir", str(tmp_path / name), "--policy", url, "--simulator", url, "--classifier", url,
-            "--max-epochs", "1", "--concurrency", "4", "--poll-s", "0.2", *extra]
+            "--max-epochs", "1", "--concurrency", "4", "--poll-s", "0.2",
+            "--pairs-per-conversation", "one", *extra]  # one episode per task: 200
 
 
 def _pairs(tmp_path, name):

@@ -82,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="write learning-curve PNGs of a run directory",
                         description="Read RUN_DIR/metrics.jsonl (from `trainer run` or `trainer sft`) and write "
-                                    "loss, rewards, reward accuracy, log-probs, throughput, staleness and learning "
-                                    "rate curves as PNGs (default: RUN_DIR/plots).")
+                                    "loss, chosen and rejected rewards, reward margins (split by pair kind — action "
+                                    "contrast vs content only — when the run logged its pair mix), reward accuracy, "
+                                    "log-probs, throughput, staleness and learning rate curves as PNGs (default: "
+                                    "RUN_DIR/plots). `simkit pairs stats PAIRS --train-run RUN_DIR` prints the margins "
+                                    "by kind.")
     pl.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
     pl.add_argument("--out", help="output directory (default: RUN_DIR/plots)")
     pl.add_argument("--smooth", type=int, default=1, help="moving-average window in steps (default 1: raw)")

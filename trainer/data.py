@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
@@ -21,7 +22,21 @@ from simkit.types import PreferencePair
 from .distributed import Dist
 
 log = logging.getLogger("trainer")
-META = "_pairs"  # batch key with [(pair id, policy version)]; popped before the model sees the batch
+META = "_pairs"  # batch key with [PairRef(pair id, policy version)]; popped before the model sees the batch
+
+
+class PairRef(tuple):
+    """(pair id, policy version) — what the ledger books — carrying the pair's contrast kind
+    ("action": the sides take different actions, "content": the same one; `PreferencePair.kind`)
+    as an attribute, so code that unpacks two fields keeps working."""
+
+    def __new__(cls, pair_id: str, version: int, kind: str = "unknown") -> "PairRef":
+        ref = super().__new__(cls, (pair_id, version))
+        ref.kind = kind
+        return ref
+
+    def __reduce__(self):  # pickles (data-parallel broadcasts) with its kind
+        return (PairRef, (self[0], self[1], self.kind))
 
 
 def _ids(tokenizer, messages: list[dict], **kw: Any) -> list[int]:
@@ -43,16 +58,28 @@ def tokenize_pair(tokenizer, row: dict, max_length: int | None) -> dict | None:
 
 
 class PairCollator:
-    """TRL's preference collator, plus the (id, version) list of the pairs in the batch."""
+    """TRL's preference collator, plus the `PairRef` list of the pairs in the batch. It also tallies
+    the contrast kinds it collated (`drain_kinds`): the Trainer collates a step's micro-batches
+    right before training them, so the tally read when the step is logged is that step's mix
+    (trainer/metrics.py logs it next to TRL's batch `rewards/margins`)."""
 
     def __init__(self, collator: Callable[[list[dict]], dict]):
         self.collator = collator
+        self.kinds: Counter = Counter()
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collator([{k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for e in examples])
-        batch[META] = [(e["pair_id"], e["policy_version"]) for e in examples]
-        batch[META] += [peer for e in examples for peer in e.get("peers", ())]  # data parallel: rank 0 books all
+        refs = [PairRef(e["pair_id"], e["policy_version"], e.get("kind", "unknown")) for e in examples]
+        refs += [peer if isinstance(peer, PairRef) else PairRef(*peer)  # data parallel: rank 0 books all
+                 for e in examples for peer in e.get("peers", ())]
+        self.kinds.update(r.kind for r in refs)
+        batch[META] = refs
         return batch
+
+    def drain_kinds(self) -> Counter:
+        """The kinds collated since the last call (then forgotten)."""
+        kinds, self.kinds = self.kinds, Counter()
+        return kinds
 
 
 class QueueSource(torch.utils.data.IterableDataset):
@@ -114,7 +141,8 @@ class QueueSource(torch.utils.data.IterableDataset):
         self.dist.bcast(group)
         n, world = len(group) // self.dist.world, self.dist.world
         for j, ex in enumerate(group[:n]):
-            peers = [(group[r * n + j]["pair_id"], group[r * n + j]["policy_version"]) for r in range(1, world)]
+            peers = [PairRef(group[r * n + j]["pair_id"], group[r * n + j]["policy_version"],
+                             group[r * n + j].get("kind", "unknown")) for r in range(1, world)]
             yield {**ex, "peers": peers}
 
     def _follow(self) -> Iterator[dict]:
@@ -170,7 +198,7 @@ class QueueSource(torch.utils.data.IterableDataset):
             if ex is None:
                 skipped.append((pair, "prompt longer than max_length"))
                 continue
-            ex.update(pair_id=pair.id, policy_version=int(pair.policy_version))
+            ex.update(pair_id=pair.id, policy_version=int(pair.policy_version), kind=pair.kind)
             examples.append(ex)
         return examples, skipped
 

@@ -1,7 +1,12 @@
 """Per-step metrics to RUN_DIR/metrics.jsonl and TensorBoard (RUN_DIR/tb).
 
 Every line has `event` ("step", "commit", "publish", "resume", "summary", ...) and `time`;
-step lines also have `step` and whatever the trainer logged (loss, rewards/*, logps/*, ...).
+step lines also have `step` and whatever the trainer logged (loss, rewards/*, logps/*, ...), and
+the step's pair mix: `pairs/action` and `pairs/content` (pairs whose sides take different actions
+/ the same one) with `rewards/margins_action` or `rewards/margins_content` when the step trained
+only that kind. TRL logs one margin per step (the batch mean, from `DPOTrainer.get_batch_loss_metrics`),
+so per-kind margins of mixed steps are estimated later (`simkit.pairstats.margins_by_kind`); exact
+per-pair margins would need a hook in trainer/dpo.py (see `kind_logs`).
 """
 from __future__ import annotations
 
@@ -75,6 +80,7 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
         if "loss" in logs:
+            logs.update(kind_logs(kwargs.get("train_dataloader"), logs))
             self.writer.step(state.global_step, logs)
             shown = " ".join(f"{name} {int(logs[k]) if fmt == 'd' else format(logs[k], fmt)}"
                              for k, name, fmt in _SHOWN if isinstance(logs.get(k), (int, float)))
@@ -84,6 +90,26 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.writer.flush()
+
+
+def kind_logs(dataloader: Any, logs: dict[str, Any]) -> dict[str, Any]:
+    """The step's pair mix from the collator's tally (trainer/data.py `PairCollator.drain_kinds`),
+    and the batch margin filed under its kind when the step trained one kind only."""
+    collate = getattr(dataloader, "collate_fn", None)
+    if not hasattr(collate, "drain_kinds"):
+        return {}
+    kinds = collate.drain_kinds()
+    a, c = kinds.get("action", 0), kinds.get("content", 0)
+    out: dict[str, Any] = {"pairs/action": a, "pairs/content": c}
+    if kinds.get("unknown"):
+        out["pairs/unknown_kind"] = kinds["unknown"]
+    margin = logs.get("rewards/margins")
+    if isinstance(margin, (int, float)) and a + c and not kinds.get("unknown"):
+        if c == 0:
+            out["rewards/margins_action"] = margin
+        elif a == 0:
+            out["rewards/margins_content"] = margin
+    return out
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

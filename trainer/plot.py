@@ -1,4 +1,9 @@
-"""`trainer plot RUN_DIR`: learning-curve PNGs from RUN_DIR/metrics.jsonl (DPO or SFT runs)."""
+"""`trainer plot RUN_DIR`: learning-curve PNGs from RUN_DIR/metrics.jsonl (DPO or SFT runs).
+
+The chosen and rejected rewards get a figure of their own (both may fall while the margin grows:
+a rising margin alone does not say the chosen got likelier), the margin another, with the
+margins of steps that trained only action-contrast or only content-contrast pairs when the run
+logged its pair mix (trainer/metrics.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +13,13 @@ from .metrics import read_metrics
 # figure name -> (title, y label, [(metric key, legend)])
 FIGURES = {
     "loss": ("Training loss", "loss", [("loss", "loss")]),
-    "rewards": ("DPO implicit rewards (β·log π/π_ref)", "reward",
-                [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"), ("rewards/margins", "margin")]),
+    "rewards": ("DPO implicit rewards (β·log π/π_ref): chosen and rejected", "reward",
+                [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")]),
+    "margins": ("DPO reward margin (chosen − rejected), by pair kind when logged", "margin",
+                [("rewards/margins", "all pairs"), ("rewards/margins_action", "action-contrast steps"),
+                 ("rewards/margins_content", "content-only steps")]),
+    "pair_mix": ("Pairs per step by contrast kind", "pairs",
+                 [("pairs/action", "action (ask vs answer)"), ("pairs/content", "content (same action)")]),
     "reward_accuracy": ("Reward accuracy (chosen > rejected)", "fraction", [("rewards/accuracies", "accuracy")]),
     "logps": ("Sequence log-probabilities", "log p", [("logps/chosen", "chosen"), ("logps/rejected", "rejected")]),
     "token_accuracy": ("Next-token accuracy", "fraction", [("mean_token_accuracy", "accuracy")]),
@@ -55,6 +65,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, smooth: int
         for (key, label), style in zip(present, ("-", "--", ":", "-.")):
             pts = [(r["step"], r[key]) for r in steps if isinstance(r.get(key), (int, float))]
             xs, ys = zip(*pts)
+            if key.startswith("rewards/margins_"):  # by-kind margins exist only on single-kind steps: points
+                ax.plot(xs, ys, "o", ms=3, alpha=0.7, label=label)
+                continue
             ax.plot(xs, _smooth(list(ys), smooth), style, label=label, lw=1.5)
         for s in publishes:
             ax.axvline(s, color="grey", alpha=0.25, lw=0.8)

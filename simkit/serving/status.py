@@ -7,12 +7,36 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+# the pair mix serve reports: pairs whose sides take different actions (ask vs answer) or the same
+# one (content only), overall and per gold action
+MIX_KEYS = ("pairs_action", "pairs_content", "pairs_action_clarify", "pairs_content_clarify",
+            "pairs_action_answer", "pairs_content_answer")
+
+
+def count_mix(m: dict[str, Any], pair: Any) -> None:
+    """Add one appended pair to the mix counters in `m` (see MIX_KEYS)."""
+    kind = pair.kind
+    if kind not in ("action", "content"):
+        return
+    m[f"pairs_{kind}"] += 1
+    gold = str(pair.gold_action).lower()
+    if f"pairs_{kind}_{gold}" in m:
+        m[f"pairs_{kind}_{gold}"] += 1
+
+
+def _mix(s: dict[str, Any]) -> str:
+    if "pairs_action" not in s:
+        return ""
+    return (f" | mix action/content {s['pairs_action']}/{s['pairs_content']} (clarify "
+            f"{s.get('pairs_action_clarify', 0)}/{s.get('pairs_content_clarify', 0)}, answer "
+            f"{s.get('pairs_action_answer', 0)}/{s.get('pairs_content_answer', 0)})")
+
 
 def status_line(s: dict[str, Any]) -> str:
     return (f"v{s['version']} | {s['episodes']} ep ({s['episodes_per_s']:.1f}/s) | {s['pairs']} pairs "
             f"({s['pairs_per_s']:.1f}/s) | action acc {s['action_accuracy'] or 0:.2f} | success "
             f"{s['success_rate'] or 0:.2f} | queue {s['queue_depth']} | failed {s['failures']} | "
-            f"stale dropped {s['dropped_stale']}" + (f" | workers {s['alive']}/{s['workers']}" if "workers" in s else ""))
+            f"stale dropped {s['dropped_stale']}" + _mix(s) + (f" | workers {s['alive']}/{s['workers']}" if "workers" in s else ""))
 
 
 class StatusReporter:

@@ -34,7 +34,9 @@ from .status import StatusReporter
 
 T = TypeVar("T")
 SUM_KEYS = ("episodes", "pairs", "failures", "right_action", "successes", "terminated", "identical_dropped",
-            "no_contrast", "dropped_stale", "duplicates", "retries", "episodes_per_s", "pairs_per_s")
+            "no_contrast", "dropped_stale", "duplicates", "retries", "episodes_per_s", "pairs_per_s",
+            "pairs_action", "pairs_content", "pairs_action_clarify", "pairs_content_clarify", "pairs_action_answer",
+            "pairs_content_answer")  # the last six: status.MIX_KEYS
 
 
 def parse_shard(text: str) -> tuple[int, int]:
