@@ -2,7 +2,13 @@
 
 A run directory holds `config.json`, `episodes.jsonl` (one full trajectory per task, appended as
 episodes finish: an interrupted run resumes where it stopped), `metrics.json`, `table.md`,
-`confusion.png` and `usage.json` (tokens per role: the cost of the run).
+`confusion.png`, `usage.json` (tokens per role: the cost of the run) and `per_task.jsonl` (one
+row per task: the evidence `simkit compare` recomputes every number from, see `results.py`).
+
+Task samples: `--tasks-file FILE` evaluates exactly the ids of a `{"task_ids": [...]}` file (the
+sealed test sample is bench/results/sealed_test_ambigsql.json). Every eval on a split named
+`test` is logged (`log_test_eval`) to OUT/test_evals.jsonl and to the project log given by
+--test-log or $SIMKIT_TEST_LOG, so looks at the test split are counted, not forgotten.
 ICL baselines (`--icl-shots K`): K demonstrations from the env's tuning pool, chosen at random
 or by similarity to the task (TF-IDF cosine), the model told it may answer or ask.
 
@@ -18,8 +24,12 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import re
+import shlex
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -182,12 +192,16 @@ async def evaluate(env, tasks: Sequence[Task], policy: Any, out_dir: Path, concu
     order = {t.id: i for i, t in enumerate(tasks)}
     trajs = sorted((t for t in done.values() if t.task_id in order), key=lambda t: order[t.task_id])
     metrics = summarize(trajs)
+    from .results import FILE as ROWS_FILE, ids_sha, rows_from_episodes, run_meta, write_rows
+
+    metrics["task_ids_sha256"] = ids_sha(t.id for t in tasks)
     metrics.update(env=env.name, metric=getattr(env, "metric_name", "score"), label=label or out_dir.name,
                    classifier=describe(env.classifier), simulator=describe(env.simulator),
                    clarify_rounds=getattr(env, "clarify_rounds", None), **(meta or {}))
     if check_classifier:
         metrics["classifier_check"] = await _cached_check(env, tasks, out_dir, concurrency)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_rows(out_dir / ROWS_FILE, rows_from_episodes(trajs), run_meta(out_dir, trajs))
     (out_dir / "table.md").write_text(markdown_table([(metrics["label"], metrics)], metrics["metric"]) + "\n")
     plot_confusion(metrics, out_dir / "confusion.png")
     return metrics
@@ -250,17 +264,41 @@ def plot_vs_n(runs: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def compare(run_dirs: Sequence[str | Path], plot: Path | None = None) -> str:
-    runs = []
-    for d in run_dirs:
-        p = Path(d) / "metrics.json"
-        if not p.exists():
-            raise SystemExit(f"{d}: no metrics.json (run `simkit eval ... --out {d}` first)")
-        runs.append(json.loads(p.read_text()))
-    metric = runs[0].get("metric", "score") if len({r.get("metric") for r in runs}) == 1 else "score"
-    if plot is not None:
-        plot_vs_n(runs, plot)
-    return markdown_table([(r.get("label", str(d)), r) for r, d in zip(runs, run_dirs)], metric)
+def compare(run_dirs: Sequence[str | Path], plot: Path | None = None, **kw: Any) -> str:
+    """`simkit compare` (kept here for callers of the old name; see `simkit.compare`)."""
+    from .compare import compare as _compare
+
+    return _compare(run_dirs, plot, **kw)
+
+
+# --------------------------------------------------------------------------- test-split log
+def load_tasks_file(path: str | Path, pool: Sequence[Task]) -> list[Task]:
+    """The tasks named by a `{"task_ids": [...]}` file, in its order; unknown ids are an error."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        ids = [str(i) for i in doc["task_ids"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--tasks-file {path}: expected a JSON object with a 'task_ids' list ({e})")
+    by_id = {t.id: t for t in pool}
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise SystemExit(f"--tasks-file {path}: {len(unknown)} task ids not in the split: {', '.join(unknown[:5])}"
+                         + (" ..." if len(unknown) > 5 else ""))
+    dup = len(ids) - len(set(ids))
+    if dup:
+        raise SystemExit(f"--tasks-file {path}: {dup} task ids repeated")
+    return [by_id[i] for i in ids]
+
+
+def log_test_eval(entry: dict[str, Any], out_dir: Path, project_log: str | None) -> list[Path]:
+    """Append one line to OUT/test_evals.jsonl and to the project log (if any); the paths written."""
+    paths = [out_dir / "test_evals.jsonl"] + ([Path(project_log)] if project_log else [])
+    line = json.dumps(entry, ensure_ascii=False) + "\n"
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a", encoding="utf-8") as f:
+            f.write(line)
+    return paths
 
 
 # --------------------------------------------------------------------------- CLI
@@ -288,6 +326,12 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="evaluate only N tasks (turns), a seeded random subset (the same N for the same --seed)")
     p.add_argument("--n-conversations", type=int, metavar="N", help=conversations_help())
     p.add_argument("--seed", type=int, default=0, help="task order and conversation-sample seed (default 0)")
+    p.add_argument("--tasks-file", metavar="FILE",
+                   help="evaluate exactly the task ids of this JSON file ({\"task_ids\": [...]}, order kept; unknown "
+                        "ids are an error), e.g. the sealed bench/results/sealed_test_ambigsql.json")
+    p.add_argument("--test-log", metavar="PATH", default=os.environ.get("SIMKIT_TEST_LOG"),
+                   help="project log of test-split evaluations: one JSON line per eval on a split named 'test' "
+                        "(default $SIMKIT_TEST_LOG; OUT/test_evals.jsonl is always written)")
     p.add_argument("--exclude-conversations", metavar="FILE", nargs="+", default=[],
                    help="leave out the conversations listed in these conversations.json files (a training run's "
                         "record): evaluate on a dev split carved from the training pool, never on what was trained")
@@ -333,12 +377,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--data-dir", help="task data folder (default $SIMKIT_DATA_DIR)")
     k.set_defaults(func=_run_eval_classifier)
 
-    c = sub.add_parser("compare", help="print several eval runs side by side",
-                       description="Print the metrics of several `simkit eval` runs as one markdown table in the "
-                                   "paper's layout; --plot draws metric vs training conversations (--n-train).")
-    c.add_argument("runs", nargs="+", help="run directories written by `simkit eval`")
-    c.add_argument("--plot", help="write a PNG of metrics vs number of training conversations")
-    c.set_defaults(func=lambda a: print(compare(a.runs, Path(a.plot) if a.plot else None)) or 0)
+    from . import compare as compare_mod, results, textclf
+
+    compare_mod.register_cli(sub)
+    results.register_cli(sub)
+    textclf.register_cli(sub)
 
 
 def greedy_defaults(p: argparse.ArgumentParser) -> None:
@@ -413,7 +456,20 @@ async def _eval_main(args: argparse.Namespace) -> int:
     roles = build_roles(args, probe.name)
     env = make(args.env, classifier=roles.classifier, simulator=roles.simulator, **env_kw)
     splits = list(env.splits())
-    split = args.split or splits[-1]
+    file_split = None
+    if args.tasks_file:
+        try:
+            file_split = json.loads(Path(args.tasks_file).read_text()).get("split")
+        except (OSError, ValueError, AttributeError) as e:
+            await roles.aclose()
+            raise SystemExit(f"--tasks-file {args.tasks_file}: not readable JSON ({e})")
+    split = args.split or file_split or splits[-1]
+    if args.tasks_file and file_split and file_split != split:
+        await roles.aclose()
+        raise SystemExit(f"--tasks-file {args.tasks_file} lists {file_split!r} tasks, not {split!r}")
+    if args.tasks_file and args.n_conversations is not None:
+        await roles.aclose()
+        raise SystemExit("--tasks-file and --n-conversations both choose the tasks: give one")
     excluded = {cid for f in args.exclude_conversations for cid in json.loads(Path(f).read_text())["conversation_ids"]}
     pool = [t for t in env.tasks(split) if t.conversation_id not in excluded]
     try:
@@ -421,7 +477,14 @@ async def _eval_main(args: argparse.Namespace) -> int:
     except TooFewConversations as e:
         await roles.aclose()
         raise SystemExit(f"simkit eval: {e}")
-    tasks = task_order(sample.tasks, args.seed, args.limit)
+    if args.tasks_file:
+        try:
+            tasks = load_tasks_file(args.tasks_file, pool)[: args.limit or None]
+        except SystemExit:
+            await roles.aclose()
+            raise
+    else:
+        tasks = task_order(sample.tasks, args.seed, args.limit)
     n_train, train_ids = args.n_train, None
     if args.train_conversations:
         rec = json.loads(Path(args.train_conversations).read_text())
@@ -444,7 +507,7 @@ async def _eval_main(args: argparse.Namespace) -> int:
             await roles.policy.client.resolve_model()
         except Exception:  # noqa: BLE001 - the episodes will report the failure, counted
             pass
-    meta = {"split": split, "n_train": n_train, "icl_shots": args.icl_shots,
+    meta = {"split": split, "n_train": n_train, "icl_shots": args.icl_shots, "command": shlex.join(sys.argv),
             "model": roles.policy.model or roles.policy.client.model,
             "decoding": {"temperature": args.temperature, "max_tokens": args.max_tokens}}
     if excluded:
@@ -453,6 +516,16 @@ async def _eval_main(args: argparse.Namespace) -> int:
         meta["exec_match"] = env.config.exec_match
     if train_ids is not None:
         meta["train_conversations"] = {"file": args.train_conversations, "n": len(train_ids)}
+    if args.tasks_file:
+        meta["tasks_file"] = args.tasks_file
+    if split == "test":  # logged when the look happens, so an interrupted look counts too
+        from .results import ids_sha
+
+        entry = {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "label": args.label or out.name,
+                 "model": meta["model"], "command": meta["command"], "env": env.name, "split": split,
+                 "n_tasks": len(tasks), "task_ids_sha256": ids_sha(t.id for t in tasks), "out": str(out)}
+        logged = log_test_eval(entry, out, args.test_log)
+        print(f"note: test-split evaluation logged ({len(tasks)} tasks) to {', '.join(map(str, logged))}", flush=True)
     try:
         metrics = await evaluate(env, tasks, policy, out, args.concurrency, args.label, meta,
                                  check_classifier=args.classifier_check)
@@ -464,6 +537,6 @@ async def _eval_main(args: argparse.Namespace) -> int:
     print(f"\nsimulator: {metrics['simulator']}; classifier: {classifier_cell(metrics)}; "
           f"clarification rounds: {metrics.get('clarify_rounds')}")
     tokens = sum(u["prompt_tokens"] + u["completion_tokens"] for u in usage.values())
-    print(f"\nartefacts in {out}/ (episodes.jsonl, metrics.json, table.md, confusion.png); "
+    print(f"\nartefacts in {out}/ (episodes.jsonl, per_task.jsonl, metrics.json, table.md, confusion.png); "
           f"tokens used this run: {tokens:,}")
     return 0

@@ -11,6 +11,11 @@ Content level, with each env's own metric (DROP F1, embedding similarity, execut
 - post-clarify, two ways: over tasks whose gold action is CLARIFY (`post_clarify_score`, docs/ACT.md's
   definition) and over tasks where the model asked, i.e. its first action was CLARIFY
   (`post_clarify_score_asked`, the authors' evaluate code).
+When to ask (`stats.when_summary`): ask rate on gold-CLARIFY turns, on gold-ANSWER turns, their
+difference J (Youden's J, with a bootstrap CI; 0 for an asker that ignores the input) and the
+Macro F1 of a random asker at the run's own ask rate (mean and 95% range): a Macro F1 inside that
+range says the run learnt how often to ask, not when. `answer_exec`: the content score of the
+first reply on gold-ANSWER turns only (AmbigSQL: execution match), free of ask credit.
 Failed episodes (a role gave up) score 0 and are counted separately.
 """
 from __future__ import annotations
@@ -67,6 +72,7 @@ def summarize(trajs: Sequence[Trajectory]) -> dict[str, Any]:
     traj = [t.reward if t.terminated else 0.0 for t in trajs]
     pc = [t.reward if t.terminated else 0.0 for t in trajs if t.gold_action == CLARIFY]
     pc_asked = [t.reward if t.terminated else 0.0 for t in trajs if t.first_action == CLARIFY]
+    answer_exec = [t.turn_score or 0.0 for t in trajs if t.gold_action != CLARIFY]
     return {
         "n": len(trajs), "failed": len(trajs) - len(ok),
         "accuracy": _mean(g == p for g, p in zip(gold, pred)) if trajs else None,
@@ -78,7 +84,24 @@ def summarize(trajs: Sequence[Trajectory]) -> dict[str, Any]:
         "n_clarify_gold": sum(g == CLARIFY for g in gold), "n_clarify_asked": len(pc_asked),
         "truncated": sum(t.truncated for t in trajs),
         "avg_assistant_turns": _mean(len(t.assistant_turns) for t in trajs),
+        "answer_exec": _mean(answer_exec), "n_answer_gold": len(answer_exec),
+        **when(gold, pred),
     }
+
+
+def when(gold: Sequence[str], pred: Sequence[str | None], seed: int = 0) -> dict[str, Any]:
+    """The "when to ask" keys (see the module doc) plus bootstrap CIs of accuracy and Macro F1."""
+    import numpy as np
+
+    from . import stats
+
+    g = np.array([a == CLARIFY for a in gold], bool)
+    asked = np.array([p == CLARIFY for p in pred], bool)
+    pred_c = np.array([(not gc) if p is None else p == CLARIFY for p, gc in zip(pred, g)], bool)
+    correct = np.array([a == p for a, p in zip(gold, pred)], float)
+    acc = stats.bootstrap_ci(stats.index_mean(correct), len(g), seed=seed)
+    f1 = stats.bootstrap_ci(stats.index_macro_f1(g, pred_c), len(g), seed=seed)
+    return {**stats.when_summary(g, asked, seed=seed), "accuracy_ci": [acc.lo, acc.hi], "macro_f1_ci": [f1.lo, f1.hi]}
 
 
 COLUMNS = [("accuracy", "Acc"), ("macro_f1", "Macro F1"), ("clarify_precision", "CLARIFY P"),
@@ -102,15 +125,31 @@ def classifier_cell(s: dict[str, Any]) -> str:
     return name
 
 
+def _ci(s: dict[str, Any], key: str, ci_key: str) -> str:
+    lo, hi = (s.get(ci_key) or [None, None])[:2]
+    return _pct(s.get(key)) + ("" if lo is None or hi is None else f" [{_pct(lo)}, {_pct(hi)}]")
+
+
+def when_cells(s: dict[str, Any], metric_name: str = "score") -> list[tuple[str, str]]:
+    """(column, cell) of the "when to ask" columns; "—" for metrics files written before them."""
+    rnd = s.get("random_asker_macro_f1") or {}
+    rnd_cell = "—" if rnd.get("mean") is None else f"{_pct(rnd['mean'])} [{_pct(rnd.get('lo'))}, {_pct(rnd.get('hi'))}]"
+    return [("ask rate \\| gold CLARIFY", _pct(s.get("ask_rate_gold_clarify"))),
+            ("ask rate \\| gold ANSWER", _pct(s.get("ask_rate_gold_answer"))),
+            ("J = ask-rate difference [95% CI]", _ci(s, "ask_rate_diff", "ask_rate_diff_ci")),
+            ("random-asker Macro F1 at same rate [95% range]", rnd_cell),
+            (f"{metric_name} on gold-ANSWER turns (first reply)", _pct(s.get("answer_exec")))]
+
+
 def markdown_table(rows: Sequence[tuple[str, dict[str, Any]]], metric_name: str = "score") -> str:
-    """The paper's layout: one row per run, action metrics then content metrics (x100), then the
-    eval size, failures, training conversations, and the classifier (with its precision/recall on
-    the reference responses) and simulator it used."""
+    """The paper's layout: one row per run, action metrics then content metrics (x100), the "when
+    to ask" columns, then the eval size, failures, training conversations, and the classifier
+    (with its precision/recall on the reference responses) and simulator it used."""
     head = ["run"] + [f"{label} {metric_name}" if key in CONTENT else label for key, label in COLUMNS] + \
-        ["n", "failed", "train n", "classifier", "simulator"]
+        [c for c, _ in when_cells({}, metric_name)] + ["n", "failed", "train n", "classifier", "simulator"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in rows:
-        cells = [name] + [_pct(s.get(k)) for k, _ in COLUMNS]
+        cells = [name] + [_pct(s.get(k)) for k, _ in COLUMNS] + [c for _, c in when_cells(s, metric_name)]
         train_n = "—" if s.get("n_train") is None else str(s["n_train"])
         lines.append("| " + " | ".join(cells + [str(s.get("n", "")), str(s.get("failed", "")), train_n,
                                                  classifier_cell(s), str(s.get("simulator") or "?")]) + " |")

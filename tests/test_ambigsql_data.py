@@ -55,7 +55,9 @@ def test_build_stats_and_cache(env, cache_dir, data_dir):
         assert s["answer"] == s["questions"] - s["skipped_missing_db"] - s["skipped_gold_error"]
         assert s["clarify"] == sum(s["types"].values()) > 0.3 * s["answer"]
         assert all(s["types"][t] > 0.05 * s["clarify"] for t in builder.TYPES), s["types"]
-    assert env.splits() == {"train": train["conversations"], "test": test["conversations"]}
+    sizes = env.splits()  # the built train split is carved into train + dev (database-disjoint)
+    assert list(sizes) == ["train", "dev", "test"] and sizes["test"] == test["conversations"]
+    assert sizes["train"] + sizes["dev"] == train["conversations"]
     assert env.build_s < 60
     # built once, cached under $SIMKIT_CACHE_DIR by input hash; a second env only loads it
     files = list(cache_dir.glob("ambigsql-*.json"))
@@ -184,7 +186,7 @@ def test_cli_builds_a_file_the_env_loads(data_dir, tmp_path, capsys):
     env = simkit.make("ambigsql", path=out)
     try:
         sizes = env.splits()
-        assert set(sizes) == {"train", "test"} and 80 <= sizes["train"] <= 160
+        assert list(sizes) == ["train", "dev", "test"] and 80 <= sizes["train"] + sizes["dev"] <= 160
     finally:
         env.runner.close()
 
@@ -195,7 +197,7 @@ def test_envs_command_lists_ambigsql_with_sizes(env, capsys):
     assert main(["envs"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("ambigsql"))
     sizes = env.splits()
-    assert f"train={sizes['train']}" in line and f"test={sizes['test']}" in line
+    assert f"train={sizes['train']}, dev={sizes['dev']}, test={sizes['test']}" in line
 
 
 def test_templates_register_by_decorator_in_a_fixed_order():
@@ -213,3 +215,33 @@ def test_templates_register_by_decorator_in_a_fixed_order():
                      "presentation": ["derive_order_direction", "derive_limit", "derive_group_by"]}
     with pytest.raises(ValueError, match="unknown ambiguity type"):
         template("style")
+
+
+def test_dev_split_is_database_disjoint_and_carved_from_train(env, examples):
+    train, dev = env.tasks("train"), env.tasks("dev")
+    train_dbs, dev_dbs = {t.meta["db_id"] for t in train}, {t.meta["db_id"] for t in dev}
+    assert not train_dbs & dev_dbs
+    old_train = [e["id"] for e in examples if e["split"] == "train"]
+    assert sorted(t.id for t in train + dev) == sorted(old_train)  # dev + train = the old train
+    all_dbs = train_dbs | dev_dbs
+    assert len(dev_dbs) == round(builder.DEV_FRACTION * len(all_dbs))  # ~12% of the train databases
+    assert dev_dbs == builder.dev_databases(all_dbs, env.seed)  # fixed for the seed
+    assert builder.dev_databases(all_dbs, env.seed + 1) != dev_dbs
+    assert {t.meta["split"] for t in dev} == {"dev"} and {t.gold_action for t in dev} == {CLARIFY, ANSWER}
+    assert next(iter(env.splits())) == "train" and list(env.splits())[-1] == "test"  # defaults unchanged
+    no_dev = simkit.make("ambigsql", dev_fraction=0)
+    try:
+        assert list(no_dev.splits()) == ["train", "test"] and len(no_dev.tasks("train")) == len(old_train)
+    finally:
+        no_dev.runner.close()
+
+
+def test_sealed_test_sample_names_test_tasks(env):
+    from simkit.eval import load_tasks_file
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "results", "sealed_test_ambigsql.json")
+    doc = json.load(open(path))
+    tasks = load_tasks_file(path, env.tasks("test"))
+    assert [t.id for t in tasks] == doc["task_ids"] and len(tasks) == doc["n"] == 400
+    with pytest.raises(SystemExit, match="400 task ids not in the split: ambigsql-test-00189-amb"):
+        load_tasks_file(path, env.tasks("train"))

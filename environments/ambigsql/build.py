@@ -822,6 +822,23 @@ def _first_ambiguity(deriver: Deriver, dbs: Databases, src: Source, schema: Sche
     return None
 
 
+DEV_FRACTION = 0.12
+
+
+def dev_databases(db_ids: Iterable[str], seed: int = 0, fraction: float = DEV_FRACTION) -> set[str]:
+    """The databases of the `dev` split: a seeded ~`fraction` of the train databases (by db_id).
+
+    Why by database: Spider's test split has databases training never saw; a dev split drawn from
+    training questions on *trained* databases would overstate what carries over. Carved at load
+    time from the built `train` examples (the built file is unchanged), so `train` + `dev` is the
+    old `train` and no database is in both."""
+    dbs = sorted(set(db_ids))
+    if fraction <= 0 or len(dbs) < 2:
+        return set()
+    k = min(len(dbs) - 1, max(1, round(fraction * len(dbs))))
+    return set(random.Random(f"ambigsql-dev-{seed}").sample(dbs, k))
+
+
 def input_fingerprint(spider_dir: str | os.PathLike, seed: int, splits: Iterable[str] = ("train", "test"),
                       limit: int | None = None) -> str:
     """Hash of the builder version, options and inputs (source files, tables.json, db list)."""

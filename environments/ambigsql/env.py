@@ -3,8 +3,10 @@
     env = simkit.make("ambigsql")                 # builds the data on first use, then caches it
     env = simkit.make("ambigsql", path="ambigsql.json")   # a file from `simkit data build-ambigsql`
 
-Splits: `train` (Spider-train questions from spiderman_train_queries.csv) and `test` (Spider
-dev). Each task's prompt is one user message with the database schema and the question.
+Splits: `train` (Spider-train questions from spiderman_train_queries.csv), `dev` (the train
+questions of a fixed, seeded ~12% of the train databases, `build.dev_databases`: database-disjoint
+from `train`, for choosing settings without touching test; `dev_fraction=0` turns it off) and
+`test` (Spider dev). Each task's prompt is one user message with the database schema and the question.
 Gold action CLARIFY: reference = the clarifying question, user_reply = the user's answer;
 ANSWER: reference = the gold SQL. goal = the gold SQL of the disambiguated question.
 
@@ -58,6 +60,8 @@ class AmbigSQLConfig(EnvConfig):
     max_rows: int = Field(DEFAULT_MAX_ROWS, ge=1, description="rows kept from one SQL execution")
     sql_workers: int | None = Field(None, ge=1, description="sandbox worker processes (default: CPU count)")
     isolation: Literal["process", "thread"] = Field("process", description="where policy SQL runs")
+    dev_fraction: float = Field(builder.DEV_FRACTION, ge=0, lt=1,
+                                description="share of the train databases (by db_id) moved to the dev split")
     exec_match: Literal["official", "strict"] = Field(
         "official", description="official: Spider's test-suite evaluator exactly (DISTINCT removed, first statement "
                                 "only, order matters iff the gold has 'order by'); strict: DISTINCT and every "
@@ -116,8 +120,19 @@ class AmbigSQLEnv(Env):
             # the built file is one JSON line: a bad example is named by its index
             for task in each(self._doc_path, [(1, e) for e in doc["examples"]], task_of):
                 out.setdefault(task.meta["split"], []).append(task)
-            self._tasks = out
+            self._tasks = self._carve_dev(out)
         return self._tasks
+
+    def _carve_dev(self, out: dict[str, list[Task]]) -> dict[str, list[Task]]:
+        """Move the train tasks of the dev databases to `dev`; split order train, dev, test, ..."""
+        dev_dbs = builder.dev_databases((t.meta["db_id"] for t in out.get("train", [])), self.seed,
+                                        self.config.dev_fraction)
+        if not dev_dbs:
+            return out
+        train = out["train"]
+        dev = [t.model_copy(update={"meta": {**t.meta, "split": "dev"}}) for t in train if t.meta["db_id"] in dev_dbs]
+        carved = {"train": [t for t in train if t.meta["db_id"] not in dev_dbs], "dev": dev}
+        return {**carved, **{k: v for k, v in out.items() if k not in carved}}
 
     def _task(self, e: dict[str, Any], schema_text: str) -> Task:
         content = prompts.render("user_prompt", env=self.name, schema=schema_text, question=e["question"])
