@@ -12,6 +12,13 @@
     .venv/bin/python bench/bench_trainer.py                       # table
     .venv/bin/python bench/bench_trainer.py --json                # one JSON object
     .venv/bin/python bench/bench_trainer.py --steps 40 --reps 3 --batch-size 8 --model DIR
+
+* `--compute`: SFT and DPO step time, achieved GFLOP/s (useful FLOPs, bench/bench_floor.py's count)
+  vs the measured bf16 matmul rate, and peak RSS — old settings (float32, TRL's head on every
+  position) vs the new defaults (bf16 autocast where the CPU has it, completion-only head), each
+  in its own process, in the same run, on the real SmolLM2 checkpoint with AmbigSQL prompts:
+
+    .venv/bin/python bench/bench_trainer.py --compute --model runs/models/smollm2 --threads 2
 """
 from __future__ import annotations
 
@@ -97,6 +104,116 @@ def hot_reload(model_dir: str, adapter_src: Path, work: Path, n: int) -> dict:
             "save_to_served_max_s": max(served)}
 
 
+SETTINGS = {"old": {"dtype": "float32", "completion_only_logits": False},
+            "new": {"dtype": "auto", "completion_only_logits": True}}
+
+
+def ambigsql_items(n: int) -> list[dict]:
+    """n AmbigSQL train tasks as TRL rows: prompt (system + task, ~400 tokens), chosen = the
+    reference reply, rejected = the other action's (a question, or the gold SQL without asking)."""
+    import simkit
+    from simkit.types import CLARIFY
+
+    env = simkit.make("ambigsql")
+    rows = []
+    for t in env.tasks("train")[:n]:
+        prompt = [{"role": "system", "content": env.system_prompt}, *[m.model_dump() for m in t.prompt]]
+        wrong = str(t.goal) if t.gold_action == CLARIFY else "Which column do you mean: could you clarify?"
+        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": t.reference}],
+                     "rejected": [{"role": "assistant", "content": wrong}]})
+    return rows
+
+
+def _tokens(tok, prompt: list[dict], completion: list[dict]) -> tuple[int, int]:
+    """(tokens of prompt + completion, completion tokens) under the chat template."""
+    full = len(tok(tok.apply_chat_template(prompt + completion, tokenize=False)).input_ids)
+    head = len(tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)).input_ids)
+    return full, full - head
+
+
+def compute_child(kind: str, setting: str, model_dir: str, batch: int, steps: int, max_length: int) -> dict:
+    """One config in this process: step times, useful GFLOP per step, peak RSS."""
+    import resource
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    from bench.bench_floor import Shape
+    from trainer.config import RunConfig, SFTRunConfig
+    from trainer.dpo import DPORun
+    from trainer.models import completion_only_logits, load_model, load_tokenizer, lora_config
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.t = [time.perf_counter()]
+
+        def on_step_end(self, *a, **k):
+            self.t.append(time.perf_counter())
+
+    items = ambigsql_items(batch * steps)
+    tok, shape, over = load_tokenizer(model_dir), Shape.from_model(model_dir), SETTINGS[setting]
+    work = Path(tempfile.mkdtemp(prefix=f"bench_compute_{kind}_"))
+    clock = Clock()
+    if kind == "dpo":
+        from trl import DPOTrainer
+
+        cfg = RunConfig(queue=str(work / "q.db"), model=model_dir, out=str(work), max_steps=steps, batch_size=batch,
+                        max_length=max_length, log_level="warning", **over)
+        args = DPORun(cfg).dpo_config()
+        args.output_dir = str(work)
+        trainer = DPOTrainer(model=load_model(model_dir, cfg.dtype), args=args, processing_class=tok,
+                             train_dataset=Dataset.from_list(items), peft_config=lora_config(cfg), callbacks=[clock])
+        flops = [3 * sum(shape.forward(*_tokens(tok, r["prompt"], r[side])) for side in ("chosen", "rejected"))
+                 for r in items]
+    else:
+        from trl import SFTTrainer
+
+        from trainer.sft import sft_config
+
+        cfg = SFTRunConfig(model=model_dir, out=str(work), data="unused.jsonl", max_steps=steps, batch_size=batch,
+                           max_length=max_length, log_level="warning", **over)
+        rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in items]
+        trainer = SFTTrainer(model=load_model(model_dir, cfg.dtype), args=sft_config(cfg, work),
+                             train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             peft_config=lora_config(cfg), callbacks=[clock])
+        flops = [2 * shape.forward(*_tokens(tok, r["prompt"], r["completion"])) for r in rows]
+    trainer.remove_callback(PrinterCallback)
+    if cfg.completion_only_logits:
+        completion_only_logits(trainer)
+    trainer.train()
+    step_s = [b - a for a, b in zip(clock.t[1:], clock.t[2:])]  # the first step (warm-up) is not timed
+    return {"kind": kind, "setting": setting, "dtype": cfg.dtype, "step_s": step_s,
+            "gflop_per_step": batch * statistics.mean(flops) / 1e9,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def compute_bench(a) -> dict:
+    """Old vs new settings for SFT and DPO, each in a fresh process, alternating; plus matmul rates."""
+    import subprocess
+
+    from bench.bench_floor import Shape, big_gemm_rate, matmul_rates
+
+    model_dir = a.model or "runs/models/smollm2"
+    rates = matmul_rates(Shape.from_model(model_dir), 800, a.threads, 0.5)
+    bf16 = big_gemm_rate(rates["bfloat16"])
+    runs = []
+    for kind, batch, steps in (("sft", a.compute_sft_batch, a.compute_steps), ("dpo", a.compute_dpo_batch, a.compute_steps)):
+        for setting in ("old", "new"):
+            spec = json.dumps([kind, setting, model_dir, batch, steps, a.max_length, a.threads])
+            res = subprocess.run([sys.executable, __file__, "--_child", spec], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise SystemExit(f"{kind}/{setting} failed:\n{res.stderr[-3000:]}")
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            r["median_step_s"] = statistics.median(r["step_s"])
+            r["gflops"] = r["gflop_per_step"] / r["median_step_s"]
+            r["of_bf16_rate"] = r["gflops"] / bf16
+            runs.append(r)
+            print(f"  {kind} {setting}: {r['median_step_s']:.1f} s/step, {r['gflops']:.1f} GFLOP/s, "
+                  f"peak RSS {r['peak_rss_gb']:.1f} GB", file=sys.stderr, flush=True)  # partial results survive a kill
+    return {"bf16_rate": bf16, "fp32_rate": big_gemm_rate(rates["float32"]), "runs": runs}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="base model dir (default: a fresh `simkit model init-tiny`)")
@@ -112,11 +229,43 @@ def main(argv: list[str] | None = None) -> int:
                         "swing several-fold between runs; 1 thread keeps the comparison fair)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--keep", action="store_true", help="keep the work directory (runs, queues, adapters)")
+    p.add_argument("--compute", action="store_true", help="SFT / DPO step time and GFLOP/s, old vs new settings, "
+                                                           "on --model (default runs/models/smollm2)")
+    p.add_argument("--compute-steps", type=int, default=2, help="steps per config, the first untimed (default 2)")
+    p.add_argument("--compute-sft-batch", type=int, default=4, help="SFT rows per step (default 4)")
+    p.add_argument("--compute-dpo-batch", type=int, default=2, help="DPO pairs per step (default 2)")
+    p.add_argument("--_child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     import torch
 
+    if a._child:
+        kind, setting, model_dir, batch, steps, max_length, threads = json.loads(a._child)
+        torch.set_num_threads(threads)
+        logging.basicConfig(level=logging.WARNING)
+        from trainer.dpo import quiet_libraries
+
+        quiet_libraries()
+        print(json.dumps(compute_child(kind, setting, model_dir, batch, steps, max_length)))
+        return 0
     if a.threads and not torch.cuda.is_available():
         torch.set_num_threads(a.threads)
+    if a.compute:
+        res = compute_bench(a)
+        if a.json:
+            print(json.dumps(res))
+            return 0
+        print(f"matmul big-GEMM rate ({a.threads} threads): bf16 {res['bf16_rate']:.0f} GFLOP/s, "
+              f"fp32 {res['fp32_rate']:.0f} GFLOP/s")
+        by = {(r["kind"], r["setting"]): r for r in res["runs"]}
+        for (kind, setting), r in by.items():
+            print(f"{kind} {setting:3s} ({r['dtype']:>7s}, {'completion-only' if setting == 'new' else 'every-position'}"
+                  f" head): {r['median_step_s']:6.1f} s/step  {r['gflops']:6.1f} GFLOP/s = "
+                  f"{100 * r['of_bf16_rate']:4.0f}% of bf16 matmul  peak RSS {r['peak_rss_gb']:.1f} GB")
+        for kind in ("sft", "dpo"):
+            o, n = by[(kind, "old")], by[(kind, "new")]
+            print(f"{kind}: new/old speed-up {o['median_step_s'] / n['median_step_s']:.2f}x, "
+                  f"peak RSS {n['peak_rss_gb'] / o['peak_rss_gb']:.2f}x")
+        return 0
 
     logging.basicConfig(level=logging.WARNING)
     from trainer.config import RunConfig

@@ -19,14 +19,58 @@ vLLM (`--enable-lora`).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 DEFAULT_MODEL = "smollm2"
+
+# Every child the demo started and has not stopped yet (each leads its own process group, so its
+# own children go with it): stopped on SIGINT / SIGTERM / SIGHUP, on an exception and at exit.
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+def _adopt(proc: subprocess.Popen) -> subprocess.Popen:
+    _CHILDREN[proc.pid] = proc
+    return proc
+
+
+def _stop_children(grace: float = 10.0) -> None:
+    """SIGTERM each child's process group (the trainer commits and exits), SIGKILL after `grace`."""
+    from .testing import stop_process
+
+    while _CHILDREN:
+        _, proc = _CHILDREN.popitem()
+        try:
+            stop_process(proc, grace)
+        except OSError:
+            pass
+
+
+class Interrupted(BaseException):
+    """A stop signal, raised in the main thread so every `finally` runs and stops its child."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _install_stop_handlers() -> dict:
+    def handler(signum, frame):
+        for sig in stops:  # one stop is enough: let the clean-up below run undisturbed
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    atexit.register(_stop_children)
+    return {sig: signal.signal(sig, handler) for sig in stops}
 
 
 def _step(title: str) -> None:
@@ -56,14 +100,17 @@ def _run(cmd: list[str], log: Path, timeout: float,
     """Run one stage; a progress bar follows `progress = (total, count(), unit)` while it runs."""
     from tqdm import tqdm
 
+    from .testing import stop_process
+
     t0 = time.monotonic()
     with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        # its own process group: a stop reaches its children too, and a terminal's Ctrl-C reaches the
+        # demo alone, which then stops it (the trainer gets SIGTERM and commits)
+        proc = _adopt(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
         bar = tqdm(total=progress[0], unit=progress[2], leave=False, dynamic_ncols=True) if progress else None
         try:
             while proc.poll() is None:
                 if time.monotonic() - t0 > timeout:
-                    proc.kill()
                     raise SystemExit(f"demo step timed out after {timeout:.0f}s ({' '.join(cmd[:4])} …); log {log}")
                 if bar is not None:
                     done = progress[1]()
@@ -72,8 +119,8 @@ def _run(cmd: list[str], log: Path, timeout: float,
         finally:
             if bar is not None:
                 bar.close()
-            if proc.poll() is None:
-                proc.kill()
+            stop_process(proc)
+            _CHILDREN.pop(proc.pid, None)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-2500:]
         raise SystemExit(f"demo step failed ({' '.join(cmd[:4])} …, exit {proc.returncode}); log {log}:\n{tail}")
@@ -88,7 +135,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                     "train the SFT baseline on n training conversations, run ACT (`simkit serve` + `trainer run` "
                     "as two processes with hot-reloaded LoRA versions) on the same n conversations from the same "
                     "base, evaluate each on the same held-out test tasks (greedy), and print and plot one table.")
-    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; removed first)")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; removed first unless "
+                                                      "--resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep --out and reuse its finished stages (each writes RUN/stages/NAME.json when done); "
+                        "an unfinished stage reruns from scratch. Needs the settings of the first run")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="base model: 'smollm2' (default; fetched once into $SIMKIT_CACHE_DIR/models or "
                         "runs/models), 'tiny' (a 2-layer random Llama: the machinery in minutes, no learning), "
@@ -122,6 +173,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-dtype", choices=["auto", "float32", "bf16-mixed"],
                    help="trainer precision (default: bf16-mixed on a CPU with bfloat16 instructions, which trains "
                         "1.5x faster there, else auto: bfloat16 on a GPU, float32 on other CPUs)")
+    p.add_argument("--max-staleness", type=int, default=2,
+                   help="trainer run's limit: pairs more than this many policy versions old are dropped (default 2, "
+                        "recipes/act_recipe.sh's value; -1: keep all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample, task order and training (default 0)")
     p.set_defaults(func=run_demo)
 
@@ -135,10 +189,17 @@ def train_dtype(asked: str | None) -> str:
     return "bf16-mixed" if not use_cuda() and cpu_has_bf16() else "auto"
 
 
-def resolve_model(model: str, out: Path, env_name: str, py: str, logs: Path) -> Path:
-    """A checkpoint folder for `model`: fetched (and cached), made tiny, or the folder as given."""
+def resolve_model(model: str, out: Path, env_name: str, py: str, logs: Path, quiet: bool = False) -> Path:
+    """A checkpoint folder for `model`: fetched (and cached), made tiny, or the folder as given.
+    `quiet`: the model stage was reused, only say where it is."""
     import os
 
+    if quiet:
+        if model == "tiny":
+            return out / "tiny-llama"
+        if Path(model).is_dir():
+            return Path(model).resolve()
+        return (Path(os.environ.get("SIMKIT_CACHE_DIR", "runs")) / "models" / Path(model).stem).resolve()
     if model == "tiny":
         base = out / "tiny-llama"
         corpus = out / "tokenizer_corpus.txt"
@@ -153,31 +214,101 @@ def resolve_model(model: str, out: Path, env_name: str, py: str, logs: Path) -> 
     return cache.resolve()
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    import shutil
+class Stages:
+    """The demo's stages: a done marker per finished stage (RUN/stages/NAME.json, with its outputs
+    and wall time), reuse of finished stages on --resume, and the one-line wall-time summary."""
 
+    def __init__(self, out: Path, resume: bool):
+        self.dir, self.resume = out / "stages", resume
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.times: list[tuple[str, float | None]] = []  # None: reused
+
+    def run(self, name: str, outputs: list[Path], fn: Callable[[], Any]) -> None:
+        """Run `fn` unless --resume finds `name` finished with its outputs; an unfinished stage's
+        outputs are removed first, so it reruns from scratch."""
+        marker = self.dir / f"{name}.json"
+        if self.resume and marker.is_file() and all(o.exists() for o in outputs):
+            print(f"    reused: finished in an earlier run ({marker})", flush=True)
+            self.times.append((name, None))
+            return
+        for o in outputs:
+            if o.is_dir():
+                shutil.rmtree(o)
+            elif o.exists():
+                o.unlink()
+        t0 = time.monotonic()
+        fn()
+        wall = time.monotonic() - t0
+        marker.write_text(json.dumps({"stage": name, "outputs": [str(o) for o in outputs], "wall_s": round(wall, 1)}))
+        self.times.append((name, wall))
+
+    def summary(self, total: float) -> str:
+        parts = [f"{n} {'reused' if t is None else f'{t:.0f}s'}" for n, t in self.times]
+        return "stage wall times: " + " | ".join(parts + [f"total {total:.0f}s"])
+
+
+_SETTINGS_IGNORED = {"out", "resume", "func", "command"}
+
+
+def _prepare_out(out: Path, args: argparse.Namespace) -> None:
+    """Fresh run: remove RUN first. --resume: keep it, but only with the settings it was made with."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in _SETTINGS_IGNORED and not callable(v)}
+    f = out / "settings.json"
+    if args.resume and f.is_file():
+        before = json.loads(f.read_text())
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            raise SystemExit(f"--resume: {out} was made with other settings ({changed}: was, now); "
+                             "rerun with those or without --resume")
+    elif out.exists() and not args.resume:
+        shutil.rmtree(out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(settings, indent=1))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The pipeline; SIGINT / SIGTERM / SIGHUP or an error stop every child process first."""
+    previous = _install_stop_handlers()
+    try:
+        return _run_demo(args)
+    except Interrupted as e:
+        _stop_children()
+        print(f"\ndemo stopped by {e}; every child process is stopped. `simkit demo --resume --out "
+              f"{args.out}` (same settings) reuses the finished stages", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    finally:
+        _stop_children()
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     from .eval import compare
     from .testing import free_port, start_model_server, start_process
 
     py = sys.executable
     out = Path(args.out).resolve()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    _prepare_out(out, args)
     logs = out / "logs"
-    logs.mkdir()
+    stages = Stages(out, args.resume)
     t_start = time.monotonic()
     tiny = args.model == "tiny"
     sft_lr = args.sft_lr or (5e-3 if tiny else None)
     dpo_lr = args.dpo_lr or (5e-3 if tiny else None)
 
     _step(f"1/7 model: {args.model}")
-    base = resolve_model(args.model, out, args.env, py, logs)
+    base_box: list[Path] = []
+    model_outputs = [out / "tiny-llama"] if tiny else []
+    stages.run("model", model_outputs, lambda: base_box.append(resolve_model(args.model, out, args.env, py, logs)))
+    base = base_box[0] if base_box else resolve_model(args.model, out, args.env, py, logs, quiet=True)
     n, seed = str(args.n), str(args.seed)
     train_common = ["--max-length", str(args.max_length), "--no-tensorboard", "--seed", seed,
                     "--dtype", train_dtype(args.train_dtype)]
     micro = max(1, min(args.dpo_micro_batch, args.batch_size))
     dpo_batch = ["--batch-size", str(micro), "--grad-accum", str(max(1, args.batch_size // micro))]
+    staleness = [] if args.max_staleness is None or args.max_staleness < 0 else ["--max-staleness",
+                                                                                  str(args.max_staleness)]
+    sft, act, queue = out / "sft", out / "act", out / "queue.sqlite"
 
     def pipeline(policy_url: str) -> None:
         evals: list[Path] = []
@@ -188,40 +319,45 @@ def run_demo(args: argparse.Namespace) -> int:
             cmd = [py, "-m", "simkit.cli", "eval", "--env", args.env, "--split", "test", "--limit",
                    str(args.eval_tasks), "--seed", seed, "--policy", policy_url, "--temperature", "0",
                    "--max-tokens", str(args.max_tokens), "--out", str(d), "--label", label, *extra]
-            _run(cmd, logs / f"{d.name}.log", 3600, (args.eval_tasks, lambda: _count_lines(d / "episodes.jsonl"),
-                                                    "episode"))
+            stages.run(d.name, [d], lambda: _run(
+                cmd, logs / f"{d.name}.log", 3600,
+                (args.eval_tasks, lambda: _count_lines(d / "episodes.jsonl"), "episode")))
             evals.append(d)
 
         evaluate("2/7", "zero-shot")
         evaluate("3/7", f"ICL ({args.icl_shots} shots)", "--icl-shots", str(args.icl_shots))
 
         _step(f"4/7 SFT baseline on {args.n} {args.env} training conversations")
-        sft = out / "sft"
-        _run([py, "-m", "trainer.cli", "sft", "--model", str(base), "--env", args.env, "--split", "train",
-              "--n-conversations", n, "--sample-seed", seed, "--epochs", str(args.sft_epochs), "--out", str(sft),
-              "--batch-size", str(args.batch_size), *train_common, *(["--lr", str(sft_lr)] if sft_lr else [])],
-             logs / "sft.log", 3600,
-             (None, _count_steps(sft), "step"))  # total unknown up front: CLARIFY conversations add examples
+        stages.run("sft", [sft], lambda: _run(
+            [py, "-m", "trainer.cli", "sft", "--model", str(base), "--env", args.env, "--split", "train",
+             "--n-conversations", n, "--sample-seed", seed, "--epochs", str(args.sft_epochs), "--out", str(sft),
+             "--batch-size", str(args.batch_size), *train_common, *(["--lr", str(sft_lr)] if sft_lr else [])],
+            logs / "sft.log", 3600,
+            (None, _count_steps(sft), "step")))  # total unknown up front: CLARIFY conversations add examples
         load_adapter(policy_url, "sft", sft / "adapter")
         evaluate("5/7", f"SFT (n={args.n})", "--policy-model", "sft", "--train-conversations",
                  str(sft / "conversations.json"))
 
         _step(f"6/7 ACT from {args.act_init}: simkit serve ‖ trainer run on the same {args.n} conversations "
               f"({args.act_steps} DPO steps, a version every {args.publish_every})")
-        queue = out / "queue.sqlite"
         serve_cmd = [py, "-m", "simkit.cli", "serve", "--env", args.env, "--split", "train", "--n-conversations", n,
                      "--seed", seed, "--queue", str(queue), "--run-dir", str(out / "serve"), "--policy", policy_url,
                      "--max-tokens", str(args.max_tokens), "--concurrency", str(args.rollout_concurrency), "--poll-s", "0.5",
                      "--max-pending", str(4 * args.batch_size),
                      *(["--policy-model", "sft"] if args.act_init == "sft" else [])]
-        act = out / "act"
-        with start_process(serve_cmd, None, logs / "serve.log"):
-            _run([py, "-m", "trainer.cli", "run", "--model", str(base), "--queue", str(queue), "--out", str(act),
-                  "--policy-url", policy_url, "--max-steps", str(args.act_steps), "--publish-every",
-                  str(args.publish_every), "--adapter-name", "act", *dpo_batch, *train_common,
-                  *(["--init-adapter", str(sft / "adapter")] if args.act_init == "sft" else []),
-                  *(["--lr", str(dpo_lr)] if dpo_lr else [])], logs / "trainer.log", 5400,
-                 (args.act_steps, _count_steps(act), "step"))
+
+        def act_stage() -> None:
+            with start_process(serve_cmd, None, logs / "serve.log") as serve:
+                _adopt(serve)
+                _run([py, "-m", "trainer.cli", "run", "--model", str(base), "--queue", str(queue), "--out", str(act),
+                      "--policy-url", policy_url, "--max-steps", str(args.act_steps), "--publish-every",
+                      str(args.publish_every), "--adapter-name", "act", *dpo_batch, *train_common, *staleness,
+                      *(["--init-adapter", str(sft / "adapter")] if args.act_init == "sft" else []),
+                      *(["--lr", str(dpo_lr)] if dpo_lr else [])], logs / "trainer.log", 5400,
+                     (args.act_steps, _count_steps(act), "step"))
+            _CHILDREN.pop(serve.pid, None)
+
+        stages.run("act", [act, out / "serve", queue, Path(f"{queue}-wal"), Path(f"{queue}-shm")], act_stage)
         from .queue import open_queue
 
         q = open_queue(str(queue))
@@ -233,14 +369,18 @@ def run_demo(args: argparse.Namespace) -> int:
         last = json.loads(serve_metrics[-1]) if serve_metrics else {}
         print(f"    trainer published v{v.version} ({v.adapter}); serve ran {last.get('episodes')} episodes, "
               f"{last.get('pairs')} pairs, last on v{last.get('version')}")
+        if args.resume:  # a reused ACT stage: this server has not loaded its newest version yet
+            load_adapter(policy_url, v.adapter, Path(v.path))
         evaluate("7/7", f"ACT (n={args.n})", "--policy-model", v.adapter, "--train-conversations",
                  str(sft / "conversations.json"))
 
-        _run([py, "-m", "trainer.cli", "plot", str(act)], logs / "plot.log", 300)
-        table = compare(evals)
-        (out / "results.md").write_text(table + "\n")
-        plot_side_by_side(evals, out / "results.png")
-        print("\n" + table)
+        def report() -> None:
+            _run([py, "-m", "trainer.cli", "plot", str(act)], logs / "plot.log", 300)
+            (out / "results.md").write_text(compare(evals) + "\n")
+            plot_side_by_side(evals, out / "results.png")
+
+        stages.run("report", [out / "results.md", out / "results.png"], report)
+        print("\n" + (out / "results.md").read_text().rstrip("\n"))
         print(f"\nplot: {out / 'results.png'}; confusion matrices: {out}/eval-*/confusion.png; "
               f"training curves: {act / 'plots'}/*.png")
 
@@ -248,10 +388,15 @@ def run_demo(args: argparse.Namespace) -> int:
         pipeline(args.policy)
     else:
         with start_model_server(base, port=free_port(), log_path=logs / "model_server.log") as srv:
+            _adopt(srv.proc)
             pipeline(srv.url)
+        _CHILDREN.pop(srv.proc.pid, None)
     wall = time.monotonic() - t_start
-    (out / "demo.json").write_text(json.dumps({"argv": sys.argv, "model": str(base), "wall_s": round(wall)}))
+    (out / "demo.json").write_text(json.dumps({"argv": sys.argv, "model": str(base), "wall_s": round(wall),
+                                               "stages_s": {k: (None if t is None else round(t, 1))
+                                                            for k, t in stages.times}}))
     print(f"\ndemo finished in {wall:.0f}s; everything is in {out}")
+    print(stages.summary(wall), flush=True)
     return 0
 
 

@@ -15,6 +15,9 @@ def test_demo_runs_every_step_and_writes_tables_and_plots(tmp_path):
     for row in ("| zero-shot |", "| ICL (1 shots) |", "| SFT (n=16) |", "| ACT (n=16) |"):
         assert row in res.stdout, row
     assert "demo finished" in res.stdout
+    times = [line for line in res.stdout.splitlines() if line.startswith("stage wall times: ")]
+    assert len(times) == 1 and all(f"{s} " in times[0] for s in ("model", "eval-zero-shot", "sft", "act", "total"))
+    assert all((out / "stages" / f"{s}.json").is_file() for s in ("model", "eval-icl", "sft", "eval-sft", "act"))
     for f in ("results.md", "results.png", "eval-sft/confusion.png", "eval-act/confusion.png",
               "act/plots/loss.png", "sft/adapter/adapter_config.json", "sft/conversations.json", "demo.json"):
         assert (out / f).stat().st_size > 0, f

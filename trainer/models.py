@@ -36,15 +36,21 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def cpu_autocasts(dtype_name: str) -> bool:
+    """Whether training on this CPU runs float32 weights under bfloat16 autocast: `bf16-mixed`, and
+    `auto` on a CPU with bfloat16 instructions (the fast default there; `float32` keeps plain fp32)."""
+    return not use_cuda() and (dtype_name == "bf16-mixed" or (dtype_name == "auto" and cpu_has_bf16()))
+
+
 def precision_args(dtype_name: str) -> dict[str, Any]:
-    """TrainingArguments precision flags matching the weights dtype: bf16 autocast on GPU, and on
-    any device for `bf16-mixed`."""
+    """TrainingArguments precision flags matching the weights dtype: bf16 autocast on GPU, and on a
+    CPU for `bf16-mixed` or for `auto` where the CPU has bfloat16 instructions (`cpu_autocasts`)."""
     import torch
 
     dt = torch_dtype(dtype_name)
     on_gpu = use_cuda()
-    mixed_cpu = dtype_name == "bf16-mixed" and not on_gpu
-    return {"bf16": (on_gpu and dt == torch.bfloat16) or dtype_name == "bf16-mixed",
+    mixed_cpu = cpu_autocasts(dtype_name)
+    return {"bf16": (on_gpu and dt == torch.bfloat16) or dtype_name == "bf16-mixed" or mixed_cpu,
             "fp16": on_gpu and dt == torch.float16, **({"use_cpu": True} if mixed_cpu else {})}
 
 
@@ -91,3 +97,74 @@ def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path,
     load_tokenizer(base_model).save_pretrained(out)
     log.info("merged weights written to %s", out)
     return out
+
+
+# Vocabulary columns per projection tile of the completion-only head (TRL's fused head uses the same)
+_VOCAB_TILE = 32768
+
+
+def completion_only_logits(trainer) -> bool:
+    """Make `trainer`'s fused LM head score only positions with a label (completion tokens).
+
+    Why: TRL 1.16 (DPO and SFT) computes per-token log-probs with a fused, tiled LM head, but it
+    compacts to the labelled positions only on CUDA/XPU (Triton); on a CPU it projects every
+    position through the 49k-token vocabulary and zeroes the prompt's afterwards. AmbigSQL prompts
+    are ~3/4 of each sequence, so most of that work is thrown away. This installs, on the model the
+    trainer patched, a forward that gathers the labelled positions first and runs TRL's own kernel
+    (`trl.kernels.ChunkedLogProbFunction`) on them: same values (zero where the label is -100),
+    same `FusedCausalLMOutput`. Devices where TRL already compacts, softcapped / scaled logits and
+    MoE router losses keep TRL's forward. Returns whether it was installed.
+    """
+    import functools
+
+    import torch
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = base.config.get_text_config()
+    if any(getattr(text, k, None) not in (None, 1.0) for k in
+           ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")):
+        return False
+    trl_forward = base.forward
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    wanted = tuple(o for o in outputs if o == "log_probs" or o in _requested_outputs(trainer))
+
+    @functools.wraps(trl_forward)
+    def forward(*args: Any, fused_lm_head: bool = False, labels=None, shift_labels=None, num_items_in_batch=None,
+                **kwargs: Any):
+        device = base.get_output_embeddings().weight.device
+        if (not fused_lm_head or device.type in ("cuda", "xpu") or kwargs.get("output_router_logits")
+                or getattr(text, "output_router_logits", False)):
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = base.base_model(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        head = base.get_output_embeddings()
+        mask = labels != -100
+        per_token = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, labels[mask], 1.0,
+                                                 _VOCAB_TILE, None, 1.0, wanted)
+        # masked_scatter keeps an all-prompt micro-batch connected to the graph (a differentiable zero)
+        log_probs, entropy, log_sum_sq, mean_logits, is_top1 = (
+            None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+
+    base.forward = forward
+    return True
+
+
+def _requested_outputs(trainer) -> tuple[str, ...]:
+    """The per-token extras TRL's trainer reads for its metrics (DPO: entropy, mean logits, top-1;
+    SFT: entropy, top-1; WPO weighting: log sum sq probs)."""
+    from trl import DPOTrainer
+
+    if isinstance(trainer, DPOTrainer):
+        return ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if trainer.use_weighting else ())
+    return ("entropy", "is_top1")

@@ -21,8 +21,8 @@ from simkit.types import goal_text  # noqa: F401  (re-exported: trainer.sft.goal
 
 from .config import SFTRunConfig, save_snapshot
 from .metrics import MetricsCallback, MetricsWriter
-from .models import (checkpointing_args, load_model, load_tokenizer, lora_config, merge_adapter, precision_args,
-                     use_cuda)
+from .models import (checkpointing_args, completion_only_logits, load_model, load_tokenizer, lora_config,
+                     merge_adapter, precision_args, use_cuda)
 
 log = logging.getLogger("trainer")
 
@@ -108,11 +108,25 @@ def build_rows(cfg: SFTRunConfig, record_dir: Path | None = None) -> list[dict]:
     return rows
 
 
+def sft_config(cfg: SFTRunConfig, output_dir: Path):
+    """TRL SFTConfig of `cfg` (benches build the same one)."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, optim=cfg.optim,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length,
+        seed=cfg.seed, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_pin_memory=use_cuda(),
+        **precision_args(cfg.dtype), **checkpointing_args(SFTConfig, cfg.gradient_checkpointing))
+
+
 def run_sft(cfg: SFTRunConfig) -> Path:
     """Train and save the adapter to RUN_DIR/adapter (and RUN_DIR/merged with --merge)."""
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from .dpo import quiet_libraries
 
@@ -124,18 +138,13 @@ def run_sft(cfg: SFTRunConfig) -> Path:
     log.info("SFT on %d rows", len(rows))
     writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
     try:
-        args = SFTConfig(
-            output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-            learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, optim=cfg.optim,
-            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length,
-            seed=cfg.seed, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-            dataloader_pin_memory=use_cuda(),
-            **precision_args(cfg.dtype), **checkpointing_args(SFTConfig, cfg.gradient_checkpointing))
+        args = sft_config(cfg, run_dir / "checkpoints")
         tok = load_tokenizer(cfg.model)
         trainer = SFTTrainer(model=load_model(cfg.model, cfg.dtype), args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tok, peft_config=lora_config(cfg), callbacks=[MetricsCallback(writer)])
         trainer.remove_callback(PrinterCallback)
+        if cfg.completion_only_logits:
+            completion_only_logits(trainer)
         writer.event("start", kind="sft", rows=len(rows), source=cfg.data or f"{cfg.env}:{cfg.split}")
         trainer.train()
         out = run_dir / "adapter"
