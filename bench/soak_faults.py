@@ -15,9 +15,10 @@ A chaos loop kills one target every few seconds and restarts it: the model serve
 whole process group), one serve worker (the pool restarts it), the trainer, and the trainer in
 the middle of a publish (as soon as a new adapter directory appears). With `--queue-backend
 redis` the queue is a real redis-server (AOF on, `appendfsync always`, in the scratch directory)
-and, once past half the duration, the chaos loop SIGKILLs redis-server itself and restarts it
-on the same AOF (serve workers and the trainer may fail on the lost connection: they are
-restarted like after a kill). For a process kill `everysec` would lose nothing either (the AOF
+and redis-server is one more target: SIGKILLed, down for 0.2-3 s, restarted on the same AOF
+(always once, past half the duration). Serve's workers and the trainer ride through it (their
+queue calls are retried: simkit/queue_outage.py); none of them may exit. The model server's
+restarts start it without adapters: serve's follower loads the current one again. For a process kill `everysec` would lose nothing either (the AOF
 write() precedes each reply; only the fsync differs); `always` also covers a power loss. At the end serve and the
 trainer get SIGTERM (clean stop), and the checks below run on the queue, the trainer's ledger
 and serve's state files.
@@ -36,6 +37,12 @@ Reconciliation (each check is named in the output; exit status 1 if any fails):
   outcome.
 - `redis_durable` (Redis only): every queue counter (appended, acked, dropped, …) read just before
   redis-server was killed is still there, or higher, after it replayed its AOF.
+- `no_unkilled_exits`: no process exited that the chaos loop did not kill (the trainer, serve, a
+  serve worker or the model server ending on its own, e.g. on a Redis restart, is a failure), and
+  the logs of serve and the trainer hold no traceback;
+- `failures_bounded`: every failed episode (serve's workers' metrics) happened within
+  `--failure-window` seconds (default 45) after a model-server kill: the restarted server gets
+  the current adapter back and episodes stop failing.
 All checks read the queue through `open_queue` (the PairQueue API): both backends, one code.
 Under the queue rule "a leased pair is never dropped stale; staleness applies when leasing",
 all of these hold. A queue that drops leased pairs breaks `acked_is_trained` and
@@ -122,6 +129,17 @@ def _wait_ready(trainer: "Proc", train_dir: Path, before: int, timeout: float = 
         time.sleep(0.2)
 
 
+def _in_phase2(serve_dir: Path) -> bool:
+    """Some serve worker has finished Phase 2 episodes (its D_pref is built)."""
+    for f in serve_dir.glob("worker-*/state.json"):
+        try:
+            if json.loads(f.read_text()).get("episodes", 0) > 0:
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def _adapters(run: Path) -> set[str]:
     d = run / "adapters"
     return {p.name for p in d.iterdir()} if d.is_dir() else set()
@@ -135,21 +153,22 @@ def _counters(queue: str) -> dict:
 
 
 def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float], max_staleness: int = 2,
-         backend: str = "sqlite") -> dict:
+         backend: str = "sqlite", failure_window: float = 45.0) -> dict:
     from simkit.tiny_model import init_tiny
 
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
     redis = RedisServer(work / "redis", appendfsync="always").start() if backend == "redis" else None
     try:
-        return _soak(work, duration, rng, kill_every, max_staleness, redis, init_tiny(work / "tiny")) | {"seed": seed}
+        return _soak(work, duration, rng, kill_every, max_staleness, redis, init_tiny(work / "tiny"),
+                     failure_window) | {"seed": seed}
     finally:
         if redis is not None:
             redis.stop()
 
 
 def _soak(work: Path, duration: float, rng: random.Random, kill_every: tuple[float, float], max_staleness: int,
-          redis: RedisServer | None, tiny: Path) -> dict:
+          redis: RedisServer | None, tiny: Path, failure_window: float) -> dict:
     queue = redis.url("soak") if redis else str(work / "q.db")
     serve_dir, train_dir = work / "serve", work / "train"
     ms_port, fake_port = free_port(), free_port()
@@ -179,33 +198,41 @@ def _soak(work: Path, duration: float, rng: random.Random, kill_every: tuple[flo
     serve.start()
     trainer.start()
 
-    events: list[dict] = []
+    events: list[dict] = []  # "t": seconds into the soak, "wall": time.time() (to match metrics rows)
     redis_restarts: list[dict] = []  # counters just before each kill, and after the AOF replay
     trainer_starts_before = 0
     t0 = time.monotonic()
-    targets = ["model-server", "serve", "serve-worker", "trainer", "trainer-publish"]
+    targets = ["serve", "serve-worker", "trainer", "trainer-publish"] + (["redis"] if redis else [])
     rng.shuffle(targets)
+    targets.insert(1, "model-server")  # early in the rotation: a short soak restarts it too
     i = 0
     try:
         while time.monotonic() - t0 < duration:
             time.sleep(rng.uniform(*kill_every))
             for p in (model, serve, trainer):  # a process that exited on its own: note it, restart it
                 if not p.alive():
-                    events.append({"t": round(time.monotonic() - t0, 1), "exited": p.name, "code": p.popen.returncode})
+                    events.append({"t": round(time.monotonic() - t0, 1), "wall": time.time(), "exited": p.name,
+                                   "code": p.popen.returncode})
                     if p is trainer:
                         trainer_starts_before = _starts(train_dir)
                     p.start()
             if time.monotonic() - t0 >= duration:
                 break
             if redis and not redis_restarts and time.monotonic() - t0 >= duration / 2:
-                target = "redis"  # once, mid-soak (not near the end: the final SIGTERM wants all up)
+                target = "redis"  # at least once, mid-soak
             else:
-                target = targets[i % len(targets)]
+                k = i % len(targets)
+                if targets[k] == "model-server" and not _in_phase2(serve_dir):
+                    # a policy server down through all of Phase 1 ends serve ("no Phase 1 pairs"): later
+                    targets[k], targets[(k + 1) % len(targets)] = targets[(k + 1) % len(targets)], targets[k]
+                target = targets[k]
                 i += 1
-            ev = {"t": round(time.monotonic() - t0, 1), "kill": target}
+            ev = {"t": round(time.monotonic() - t0, 1), "wall": time.time(), "kill": target}
             if target == "redis":
                 before = _counters(queue)
                 redis.kill()
+                ev["down_s"] = round(rng.uniform(0.2, 3.0), 2)  # clients see refused connections, then LOADING
+                time.sleep(ev["down_s"])
                 redis.start()
                 redis_restarts.append({"before": before, "after": _counters(queue)})
             elif target == "model-server":
@@ -246,16 +273,54 @@ def _soak(work: Path, duration: float, rng: random.Random, kill_every: tuple[flo
             if p.popen is not None and p.alive():
                 p.kill9()
     worker_kills = sum(1 for e in events if e.get("kill") == "serve-worker" and "pid" in e)
-    # a Redis restart can end every worker mid-episode (a failed append), like a serve kill
-    summary = reconcile(queue, train_dir, serve_dir,
-                        workers_killed=WORKERS * (serve.kills + len(redis_restarts)) + worker_kills,
+    summary = reconcile(queue, train_dir, serve_dir, workers_killed=WORKERS * serve.kills + worker_kills,
                         redis_restarts=redis_restarts if redis else None, trainer_log=trainer.log)
+    summary["checks"].update(exit_checks(events, serve.log, trainer.log, serve_dir, failure_window))
+    summary["ok"] = all(c["ok"] for c in summary["checks"].values())
     summary.update(duration_s=round(elapsed, 1), max_staleness=max_staleness, stop_codes=stop_codes, events=events,
                    backend="redis" if redis else "sqlite",
                    kills={p.name: p.kills for p in (model, serve, trainer)} | ({"redis": len(redis_restarts)} if redis else {}),
                    worker_kills=worker_kills,
+                   chaos_kills={t: sum(1 for e in events if e.get("kill") == t) for t in targets},
                    publish_kills=sum(1 for e in events if e.get("during_publish")))
     return summary
+
+
+def failure_times(serve_dir: Path) -> list[float]:
+    """Wall times at which serve's workers counted failed episodes (from their metrics rows; a
+    worker's counters restart at 0 with each process, seen as elapsed_s going back)."""
+    out: list[float] = []
+    for path in sorted(serve_dir.glob("worker-*/metrics.jsonl")):
+        prev_fail, prev_el = 0, -1.0
+        for line in path.read_text(errors="replace").split("\n"):
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("elapsed_s", 0) < prev_el:  # a new process
+                prev_fail = 0
+            if r.get("failures", 0) > prev_fail:
+                out += [r["time"]] * (r["failures"] - prev_fail)
+            prev_fail, prev_el = r.get("failures", 0), r.get("elapsed_s", 0)
+    return sorted(out)
+
+
+def exit_checks(events: list[dict], serve_log: Path, trainer_log: Path, serve_dir: Path,
+                window: float) -> dict[str, dict]:
+    """`no_unkilled_exits` and `failures_bounded` (module docstring)."""
+    text = {p.name: p.read_text(errors="replace") if p.exists() else "" for p in (serve_log, trainer_log)}
+    exited = [f"{e['exited']} ({e['code']})" for e in events if "exited" in e]
+    worker_exits = re.findall(r"worker \d+ exit code -?\d+", text[serve_log.name])  # pool: not a SIGKILL
+    tracebacks = {name: t.count("Traceback") for name, t in text.items() if "Traceback" in t}
+    ok = not exited and not worker_exits and not tracebacks
+    kills = [e["wall"] for e in events if e.get("kill") == "model-server"]
+    fails = failure_times(serve_dir)
+    outside = [round(t, 1) for t in fails if not any(k <= t <= k + window for k in kills)]
+    return {"no_unkilled_exits": {"ok": ok, "detail": f"exited unkilled: {exited or 'none'}; worker exits: "
+                                                      f"{worker_exits or 'none'}; tracebacks: {tracebacks or 'none'}"},
+            "failures_bounded": {"ok": not outside, "detail": f"{len(fails)} failed episodes, {len(outside)} more than "
+                                                              f"{window:.0f}s after a model-server kill ({len(kills)} "
+                                                              f"kills){f': at {outside[:5]}' if outside else ''}"}}
 
 
 def _lineage(train_dir: Path) -> list[dict]:
@@ -339,16 +404,18 @@ def main() -> int:
                    help="the trainer's --max-staleness (default 2; a large value means no stale drops: a control run)")
     p.add_argument("--queue-backend", choices=("sqlite", "redis"), default="sqlite",
                    help="the queue: a SQLite file, or a redis-server started here (AOF, appendfsync always) "
-                        "that is also SIGKILLed and restarted once mid-soak (default sqlite)")
+                        "that is also SIGKILLed and restarted mid-soak, at least once (default sqlite)")
+    p.add_argument("--failure-window", type=float, default=45.0,
+                   help="failed episodes must fall within this many seconds after a model-server kill (default 45)")
     p.add_argument("--work", help="scratch directory (default: a new temporary one, kept)")
     p.add_argument("--json", help="write the summary here")
     a = p.parse_args()
     import tempfile
 
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="soak-"))
-    s = soak(work, a.duration, a.seed, tuple(a.kill_every), a.max_staleness, a.queue_backend)
+    s = soak(work, a.duration, a.seed, tuple(a.kill_every), a.max_staleness, a.queue_backend, a.failure_window)
     print(f"# soak ({s['backend']} queue) {s['duration_s']}s in {work}: kills {s['kills']}, worker kills {s['worker_kills']}, "
-          f"kills during publish {s['publish_kills']}")
+          f"kills during publish {s['publish_kills']}, chaos kills {s['chaos_kills']}")
     print(f"queue: {s['queue']}")
     print(f"serve: {s['serve']}  trainer: {s['trainer']}  stop codes: {s['stop_codes']}")
     for name, c in s["checks"].items():

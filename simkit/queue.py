@@ -23,6 +23,10 @@ Guarantees (docs/DESIGN.md, "Seams", the queue):
 * **Producer check.** `missing(ids)` lists the ids the queue has never seen, so a producer can
   re-append what a damaged store lost (serve does on resume).
 * **Back-pressure.** `depth()` (unacked pairs) reads one counter row: O(1) at any queue size.
+* **Outages.** Every call rides through a backend outage (a Redis restart, SQLite `database is
+  locked` beyond its busy timeout) for `outage_s` (default 180 s, `--queue-outage-s`): retried,
+  logged once, counted in `outage_stats()`; then `QueueUnavailable` (simkit/queue_outage.py).
+  `release` and `close` are cleanup: they log instead of raising an outage over the caller's error.
 
 `SQLiteQueue` is the embedded default: one file in WAL mode, safe for several processes at once
 (writers take `BEGIN IMMEDIATE`, everyone waits on `busy_timeout`). Acked and dropped rows keep
@@ -39,6 +43,7 @@ import concurrent.futures
 import functools
 import gc
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -49,9 +54,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .queue_outage import Outage, QueueUnavailable
 from .types import PreferencePair
 
-__all__ = ["AsyncPairQueue", "Lease", "PairQueue", "SQLiteQueue", "VersionInfo", "decode_pairs", "open_queue"]
+__all__ = ["AsyncPairQueue", "Lease", "PairQueue", "QueueUnavailable", "SQLiteQueue", "VersionInfo", "decode_pairs",
+           "open_queue"]
+log = logging.getLogger("simkit.queue")
 
 # a pair's state, in SQLite: available  done IS NULL AND lease_until IS NULL
 #                             leased     done IS NULL AND lease_until IS NOT NULL (expired: <= now)
@@ -102,8 +110,33 @@ def _ids_of(lease_or_ids: "Lease | Sequence[str]") -> list[str]:
     return [getattr(x, "id", x) for x in lease_or_ids]  # ids, or pairs themselves
 
 
+def riding(op: str, cleanup: bool = False) -> Any:
+    """Method decorator: run the call through the queue's `Outage` (retried while the backend is
+    out). `cleanup` calls (release) log and return 0 when the outage outlasts the window, so they
+    never raise over the error that made the caller clean up; the leases come back when they
+    expire or when the consumer starts again."""
+    def deco(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(self: "PairQueue", *args: Any, **kw: Any) -> Any:
+            try:
+                return self._outage.call(op, lambda: fn(self, *args, **kw))
+            except QueueUnavailable as e:
+                if not cleanup:
+                    raise
+                log.warning("%s(%s) skipped: %s", op, ", ".join(map(repr, args)), e)
+                return 0
+        return wrapper
+    return deco
+
+
 class PairQueue(ABC):
     """The typed seam between producers and consumers: SQLiteQueue and RedisQueue implement it."""
+
+    _outage: Outage = Outage("(none)", lambda e: False, 0.0)  # each backend sets its own
+
+    def outage_stats(self) -> dict:
+        """This client's outages: queue_outages, queue_outage_s, queue_down (see queue_outage.py)."""
+        return self._outage.stats()
 
     @abstractmethod
     def append(self, pairs: Sequence[PreferencePair]) -> int:
@@ -244,6 +277,11 @@ _FREE = "consumer = NULL, lease_id = NULL, lease_until = NULL"
 _LIVE = "done IS NULL"
 
 
+def _sqlite_transient(e: BaseException) -> bool:
+    """'database is locked' / busy past the busy timeout: another process holds the write lock."""
+    return isinstance(e, sqlite3.OperationalError) and any(w in str(e).lower() for w in ("locked", "busy"))
+
+
 class SQLiteQueue(PairQueue):
     """The embedded backend: one SQLite file in WAL mode shared by serve and trainer processes.
 
@@ -258,7 +296,8 @@ class SQLiteQueue(PairQueue):
     """
 
     def __init__(self, path: str | os.PathLike, *, busy_timeout_s: float = 30.0,
-                 synchronous: str = "NORMAL", cache_mb: int = 32, page_size: int = 16384) -> None:
+                 synchronous: str = "NORMAL", cache_mb: int = 32, page_size: int = 16384,
+                 outage_s: float | None = None) -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +312,8 @@ class SQLiteQueue(PairQueue):
         self._pid = 0
         self._abandoned: list[sqlite3.Connection] = []  # inherited over fork: never touched again
         self._closed = False
-        self._connect()
+        self._outage = Outage(self.path, _sqlite_transient, outage_s)
+        self._outage.call("open", self._connect)
 
     # ---- connection handling
     def _connect(self) -> sqlite3.Connection:
@@ -352,6 +392,7 @@ class SQLiteQueue(PairQueue):
         rows = [(p.id, p.policy_version, p.created_at, p.model_dump_json()) for p in pairs]
         return self.append_json(rows)
 
+    @riding('append_json')
     def append_json(self, rows: Sequence[tuple[str, int, float, str]]) -> int:
         """Append pre-serialised pairs: (id, policy_version, created_at, pair JSON) tuples.
         The JSON must be `PreferencePair.model_dump_json()` output with the same id."""
@@ -378,6 +419,7 @@ class SQLiteQueue(PairQueue):
                        "WHERE k = 0", (new, len(rows) - new))
         return new
 
+    @riding('lease')
     def lease(self, n: int, consumer: str = "trainer", lease_s: float = 600.0,
               min_version: int | None = None) -> Lease:
         lease_id = uuid.uuid4().hex
@@ -415,6 +457,7 @@ class SQLiteQueue(PairQueue):
             db.execute("UPDATE counters SET released = released + ? WHERE k = 0", (n,))
         return n
 
+    @riding('ack')
     def ack(self, lease_or_ids: "Lease | Sequence[str]") -> int:
         ids = _ids_of(lease_or_ids)
         if not ids:
@@ -427,6 +470,7 @@ class SQLiteQueue(PairQueue):
             db.execute("UPDATE counters SET acked = acked + ? WHERE k = 0", (n,))
         return n
 
+    @riding('nack')
     def nack(self, lease_or_ids: "Lease | Sequence[str]") -> int:
         """Give leased pairs back now, untrained (e.g. a failed step): they are next in line."""
         ids = _ids_of(lease_or_ids)
@@ -439,6 +483,7 @@ class SQLiteQueue(PairQueue):
             db.execute("UPDATE counters SET released = released + ? WHERE k = 0", (n,))
         return n
 
+    @riding('renew')
     def renew(self, lease: Lease, lease_s: float = 600.0) -> int:
         """Push back the expiry of the pairs this lease still holds; returns how many."""
         expires_at = time.time() + float(lease_s)
@@ -449,6 +494,7 @@ class SQLiteQueue(PairQueue):
         lease.expires_at = expires_at
         return n
 
+    @riding('release', cleanup=True)
     def release(self, consumer: str) -> int:
         with self._write() as db:
             n = db.execute(f"UPDATE pairs SET {_FREE} WHERE {_LIVE} AND lease_until IS NOT NULL "
@@ -456,11 +502,13 @@ class SQLiteQueue(PairQueue):
             db.execute("UPDATE counters SET released = released + ? WHERE k = 0", (n,))
         return n
 
+    @riding('depth')
     def depth(self) -> int:
         with self._lock:
             return self._db().execute(
                 "SELECT appended - acked - dropped_stale FROM counters WHERE k = 0").fetchone()[0]
 
+    @riding('drop_stale')
     def drop_stale(self, min_version: int) -> int:
         with self._write() as db:
             n = self._drop(db, min_version)
@@ -475,6 +523,7 @@ class SQLiteQueue(PairQueue):
             f"AND (lease_until IS NULL OR lease_until <= ?) RETURNING seq",
             (int(min_version), time.time())))
 
+    @riding('missing')
     def missing(self, ids: Sequence[str]) -> list[str]:
         ids = list(ids)
         found: set[str] = set()
@@ -486,6 +535,7 @@ class SQLiteQueue(PairQueue):
                     (json.dumps(part),)))
         return [i for i in ids if i not in found]
 
+    @riding('states')
     def states(self, ids: Sequence[str]) -> dict[str, str]:
         ids, out = list(ids), {}
         names = {None: "live", ACKED: "acked", DROPPED: "dropped"}
@@ -506,6 +556,7 @@ class SQLiteQueue(PairQueue):
         return len(seqs)
 
     # ---- policy versions
+    @riding('publish_version')
     def publish_version(self, version: int, adapter: str, path: str | None = None,
                         meta: dict | None = None) -> None:
         version = int(version)
@@ -518,12 +569,14 @@ class SQLiteQueue(PairQueue):
                        (version, adapter, None if path is None else str(path), time.time(),
                         json.dumps(meta or {}, default=str)))
 
+    @riding('current_version')
     def current_version(self) -> VersionInfo | None:
         with self._lock:
             row = self._db().execute("SELECT version, adapter, path, published_at, meta FROM versions "
                                      "ORDER BY version DESC LIMIT 1").fetchone()
         return None if row is None else VersionInfo(row[0], row[1], row[2], row[3], json.loads(row[4]))
 
+    @riding('versions')
     def versions(self) -> list[VersionInfo]:
         """Every published version, oldest first."""
         with self._lock:
@@ -532,6 +585,7 @@ class SQLiteQueue(PairQueue):
         return [VersionInfo(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
 
     # ---- observability
+    @riding('stats')
     def stats(self) -> dict:
         """Cumulative counters (appended, duplicates, leased — deliveries, re-deliveries included —,
         acked, dropped_stale, released, expired) plus the current depth, in_flight (pairs under
@@ -665,6 +719,10 @@ class AsyncPairQueue:
     async def stats(self) -> dict:
         return await self._call(self.sync.stats)
 
+    def outage_stats(self) -> dict:
+        """The client's outage counters (no I/O: safe from the event loop)."""
+        return self.sync.outage_stats()
+
     async def wait_below(self, max_depth: int, poll_s: float = 0.5,
                          timeout: float | None = None) -> int:
         """Back-pressure for producers: wait until depth() < max_depth; returns the depth.
@@ -691,9 +749,10 @@ class AsyncPairQueue:
 
 
 # --------------------------------------------------------------------------- factory
-def open_queue(url_or_path: "str | os.PathLike") -> PairQueue:
+def open_queue(url_or_path: "str | os.PathLike", outage_s: float | None = None) -> PairQueue:
     """"sqlite:///relative.db", "sqlite:////abs/path.db" or a plain path → SQLiteQueue;
-    "redis://host:6379/0?stream=act" (or rediss://) → RedisQueue."""
+    "redis://host:6379/0?stream=act" (or rediss://) → RedisQueue. `outage_s`: how long calls ride
+    through an outage (None: $SIMKIT_QUEUE_OUTAGE_S, else 180 s)."""
     s = os.fspath(url_or_path)
     if s.startswith("sqlite:"):
         rest = s[len("sqlite:"):]
@@ -703,12 +762,12 @@ def open_queue(url_or_path: "str | os.PathLike") -> PairQueue:
         path = rest[3:]
         if not path:
             raise ValueError(f"SQLite queue URL {s!r} has no path")
-        return SQLiteQueue(path)
+        return SQLiteQueue(path, outage_s=outage_s)
     if s.startswith(("redis://", "rediss://")):
         from .queue_redis import RedisQueue
 
-        return RedisQueue(s)
+        return RedisQueue(s, outage_s=outage_s)
     if "://" in s:
         raise ValueError(f"unknown queue URL scheme in {s!r}: expected sqlite:///path, "
                          f"redis://host:port/db?stream=NAME or a path")
-    return SQLiteQueue(s)
+    return SQLiteQueue(s, outage_s=outage_s)

@@ -23,6 +23,12 @@ re-appends what its journal says is missing), acks vanish (committed pairs are t
 and the dedup set forgets ids. The data set is the live pairs plus the dedup hash: size
 `maxmemory` accordingly, with `maxmemory-policy noeviction`. Opening a queue on a server
 without AOF logs a warning.
+
+Outages (a restart, AOF loading): every call is retried for `outage_s` (simkit/queue_outage.py).
+Redoing a call is safe: scripts and MULTIs are atomic, settles and re-times idempotent, and a
+lease records the ids it handed out under `act:lease:<lease id>` (for the lease's duration), so a
+lease whose reply was lost hands out the same pairs when redone instead of hiding them until
+they expire.
 """
 from __future__ import annotations
 
@@ -33,7 +39,8 @@ import uuid
 from typing import Any, Sequence
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
-from .queue import Lease, PairQueue, VersionInfo, _ids_of, decode_pairs
+from .queue import Lease, PairQueue, VersionInfo, _ids_of, decode_pairs, riding
+from .queue_outage import Outage
 from .types import PreferencePair
 
 __all__ = ["RedisQueue"]
@@ -64,9 +71,11 @@ redis.call('HINCRBY', KEYS[3], 'duplicates', n - new)
 return new
 """
 
-# KEYS: stream, seen, stats, bodies. ARGV: group, consumer, n, H, lease idle, min_version ('' = none).
-# Returns the ids of the pairs handed out.
+# KEYS: stream, seen, stats, bodies, this lease's record. ARGV: group, consumer, n, H, lease idle,
+# min_version ('' = none), record ttl ms. Returns the ids of the pairs handed out; a lease id seen
+# before (the reply was lost, the call redone) returns its recorded ids and changes nothing.
 _LEASE = """
+if redis.call('EXISTS', KEYS[5]) == 1 then return redis.call('LRANGE', KEYS[5], 0, -1) end
 local s, g, c, n, H = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local idle, minv = ARGV[5], tonumber(ARGV[6])
 local out, got, expired, dropped, seen_count = {}, 0, 0, 0, 0
@@ -110,6 +119,10 @@ end
 redis.call('HINCRBY', KEYS[3], 'leased', got)
 redis.call('HINCRBY', KEYS[3], 'expired', expired)
 redis.call('HINCRBY', KEYS[3], 'dropped_stale', dropped)
+if got > 0 then
+  for i = 1, got, 4000 do redis.call('RPUSH', KEYS[5], unpack(out, i, math.min(i + 3999, got))) end
+  redis.call('PEXPIRE', KEYS[5], ARGV[7])
+end
 return out
 """
 
@@ -244,7 +257,7 @@ class RedisQueue(PairQueue):
     """The PairQueue over Redis Streams. Thread- and fork-safe (redis-py's pool)."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, stream: str | None = None,
-                 chunk: int = 512) -> None:
+                 chunk: int = 512, outage_s: float | None = None) -> None:
         try:
             import redis
         except ImportError as e:  # pragma: no cover - depends on the install
@@ -261,12 +274,19 @@ class RedisQueue(PairQueue):
             ("append", _APPEND), ("lease", _LEASE), ("settle", _SETTLE), ("retime", _RETIME),
             ("release", _RELEASE), ("drop", _DROP), ("publish", _PUBLISH), ("current", _CURRENT))}
         self._closed = False
+        transient = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
+        parts = urlsplit(base)  # no credentials in logs
+        self._outage = Outage(f"redis://{parts.hostname}:{parts.port or 6379}{parts.path}?stream={self.stream}",
+                              lambda e: isinstance(e, transient), outage_s)
+        self._outage.call("open", self._create_group)
+        self._outage.call("open", self._warn_without_aof)
+
+    def _create_group(self) -> None:
         try:
             self._r.xgroup_create(self.stream, _GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
+        except self._error as e:
             if "BUSYGROUP" not in str(e):
                 raise
-        self._warn_without_aof()
 
     def _warn_without_aof(self) -> None:
         try:
@@ -296,19 +316,23 @@ class RedisQueue(PairQueue):
         new = 0
         for i in range(0, len(rows), self.chunk):  # one MULTI per chunk: bodies, then the script
             part = rows[i:i + self.chunk]
-            for attempt in (0, 1):
-                pipe = self._r.pipeline(transaction=True)
-                for pid, _, _, body in part:
-                    pipe.hsetnx(self.k_bodies, pid, body)
-                self._s["append"](keys=self._keys(), args=[x for pid, v, _, _ in part for x in (pid, int(v))],
-                                  client=pipe)
-                try:
-                    new += pipe.execute()[-1]
-                    break
-                except self._noscript:  # a restarted server lost the script: load it, run it again
-                    if attempt:
-                        raise
+            # redone after an outage: the MULTI applied whole or not at all, known ids are no-ops
+            new += self._outage.call("append", lambda: self._append_chunk(part))
         return new
+
+    def _append_chunk(self, part: Sequence[tuple[str, int, float, str]]) -> int:
+        for attempt in (0, 1):
+            pipe = self._r.pipeline(transaction=True)
+            for pid, _, _, body in part:
+                pipe.hsetnx(self.k_bodies, pid, body)
+            self._s["append"](keys=self._keys(), args=[x for pid, v, _, _ in part for x in (pid, int(v))],
+                              client=pipe)
+            try:
+                return int(pipe.execute()[-1])
+            except self._noscript:  # a restarted server lost the script: load it, run it again
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def lease(self, n: int, consumer: str = "trainer", lease_s: float = 600.0,
               min_version: int | None = None) -> Lease:
@@ -318,10 +342,13 @@ class RedisQueue(PairQueue):
         if n <= 0:
             return Lease(lease_id, consumer, [], expires_at)
         idle = max(0, _H - int(float(lease_s) * 1000))
-        pids = self._s["lease"](keys=self._keys(), args=[
-            _GROUP, consumer, int(n), _H, idle, "" if min_version is None else int(min_version)])
+        args = [_GROUP, consumer, int(n), _H, idle, "" if min_version is None else int(min_version),
+                max(1000, int(float(lease_s) * 1000))]
+        keys = [*self._keys(), f"{self.stream}:lease:{lease_id}"]
+        pids = self._outage.call("lease", lambda: self._s["lease"](keys=keys, args=args))
         # a body gone already means another consumer acked the pair (our lease ran out meanwhile)
-        bodies = [b for b in self._r.hmget(self.k_bodies, pids) if b is not None] if pids else []
+        raw = self._outage.call("lease", lambda: self._r.hmget(self.k_bodies, pids)) if pids else []
+        bodies = [b for b in raw if b is not None]
         try:
             pairs = decode_pairs(bodies)
         except Exception:  # e.g. written by an incompatible simkit: give them back, then fail
@@ -333,12 +360,15 @@ class RedisQueue(PairQueue):
         self._check()
         n = 0
         for i in range(0, len(ids), 2000):  # Lua's unpack() takes ~8000 values at most
-            n += int(self._s["settle"](keys=self._keys(), args=[_GROUP, mark, counter, *ids[i:i + 2000]]))
+            args = [_GROUP, mark, counter, *ids[i:i + 2000]]
+            # idempotent: redone after a lost reply, the chunk's ids are settled already (counted 0)
+            n += int(self._outage.call(counter, lambda: self._s["settle"](keys=self._keys(), args=args)))
         return n
 
     def ack(self, lease_or_ids: "Lease | Sequence[str]") -> int:
         return self._settle(_ids_of(lease_or_ids), "a", "acked")
 
+    @riding('retime')
     def _retime(self, ids: list[str], idle: int, consumer: str, released: bool) -> int:
         self._check()
         if not ids:
@@ -356,20 +386,24 @@ class RedisQueue(PairQueue):
         lease.expires_at = time.time() + float(lease_s)
         return n
 
+    @riding('release', cleanup=True)
     def release(self, consumer: str) -> int:
         self._check()
         return int(self._s["release"](keys=[self.stream, self.k_stats], args=[_GROUP, _H, consumer]))
 
+    @riding('depth')
     def depth(self) -> int:
         self._check()
         a, k, d = self._r.hmget(self.k_stats, "appended", "acked", "dropped_stale")
         return int(a or 0) - int(k or 0) - int(d or 0)
 
+    @riding('drop_stale')
     def drop_stale(self, min_version: int) -> int:
         """Drop available (not leased) pairs older than `min_version`. Scans them: O(available)."""
         self._check()
         return int(self._s["drop"](keys=self._keys(), args=[_GROUP, _H, int(min_version)]))
 
+    @riding('missing')
     def missing(self, ids: Sequence[str]) -> list[str]:
         self._check()
         ids = list(ids)
@@ -379,6 +413,7 @@ class RedisQueue(PairQueue):
             out += [pid for pid, v in zip(part, self._r.hmget(self.k_seen, part)) if v is None]
         return out
 
+    @riding('states')
     def states(self, ids: Sequence[str]) -> dict[str, str]:
         self._check()
         ids, out = list(ids), {}
@@ -390,6 +425,7 @@ class RedisQueue(PairQueue):
         return out
 
     # ---- policy versions
+    @riding('publish_version')
     def publish_version(self, version: int, adapter: str, path: str | None = None,
                         meta: dict | None = None) -> None:
         self._check()
@@ -407,17 +443,20 @@ class RedisQueue(PairQueue):
         d = json.loads(raw)
         return VersionInfo(int(d["version"]), d["adapter"], d["path"], d["published_at"], d["meta"])
 
+    @riding('current_version')
     def current_version(self) -> VersionInfo | None:
         self._check()
         raw = self._s["current"](keys=[self.k_versions, self.k_vmax])
         return None if raw is None else self._info(raw)
 
+    @riding('versions')
     def versions(self) -> list[VersionInfo]:
         self._check()
         items = self._r.hgetall(self.k_versions)
         return [self._info(v) for _, v in sorted(items.items(), key=lambda kv: int(kv[0]))]
 
     # ---- observability
+    @riding('stats')
     def stats(self) -> dict:
         """The same keys as SQLiteQueue.stats()."""
         self._check()
@@ -435,9 +474,13 @@ class RedisQueue(PairQueue):
         return out
 
     def close(self) -> None:
+        """Idempotent; never raises (it runs in cleanup, often because the server is gone)."""
         if not self._closed:
             self._closed = True
-            self._r.close()
+            try:
+                self._r.close()
+            except Exception as e:  # pragma: no cover - redis-py closes sockets quietly today
+                log.debug("closing %s: %s", self.url, e)
 
     def __repr__(self) -> str:
         return f"RedisQueue({self.url!r})"

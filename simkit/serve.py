@@ -29,6 +29,7 @@ from .engine import failed_trajectory
 from .roles import RolesConfig
 from .sampling import conversations_help
 from .serving import PairSink, Slot, StatusReporter, TaskCursor, VersionFollower
+from .serving.follower import HealingPolicy
 from .serving.status import MIX_KEYS, count_mix
 from .types import PreferencePair
 
@@ -116,6 +117,10 @@ class ServeConfig(BaseModel):
                                 "--generation-config auto), as the authors sample; serve does not use --temperature")
     cut_first_newline: bool = Field(False, description="cut each sampled policy reply at its first newline (the "
                                                        "authors' simulator.py post-processing)")
+    queue_outage_s: float = Field(
+        180.0, ge=0, description="ride through a queue outage (a Redis restart, a locked SQLite file) this long: "
+                                 "calls are retried, the outage logged and counted (queue_outages, queue_outage_s); "
+                                 "past it serve stops with exit code 75 and resumes when run again")
     roles: RolesConfig = Field(default_factory=RolesConfig, description="the three roles and their clients")
 
     @model_validator(mode="before")
@@ -164,6 +169,7 @@ class Server:
         self.phase1: dict[str, int] = {}
         self.split: str | None = None
         self.follower = VersionFollower(queue, roles.policy)
+        self.policy = HealingPolicy(roles.policy, self.follower)  # a restarted policy server gets its adapter back
         self.sink = PairSink(queue, self.run_dir / "trajectories.jsonl" if cfg.save_trajectories else None,
                              journal=self.run_dir / "queued.jsonl")
         self.cursor: TaskCursor | None = None
@@ -195,7 +201,7 @@ class Server:
             await self.sink.refresh_depth()
         if self.cfg.sync:  # never start an episode on a policy the trainer has already replaced
             await self.follow_version()
-        policy = CutFirstNewline(self.roles.policy) if self.cfg.cut_first_newline else self.roles.policy
+        policy = CutFirstNewline(self.policy) if self.cfg.cut_first_newline else self.policy
         if self.cfg.mode == "irpo":
             return await irpo_rollout(self.env, slot.task, policy, version=self.version, epoch=slot.epoch,
                                       samples=self.cfg.irpo_samples)
@@ -218,12 +224,18 @@ class Server:
                 "adapter": self._adapter(), "queue_depth": self.sink.depth,
                 **m, "dropped_stale": self.sink.dropped_stale, "recovered": self.sink.recovered,
                 "duplicates": self.sink.duplicates, "retries": self.cursor.retried if self.cursor else 0,
+                "adapter_heals": self.follower.heals, **self._outages(),
                 "episodes_per_s": round(m["episodes"] / el, 3), "pairs_per_s": round(m["pairs"] / el, 3),
                 "action_accuracy": round(m["right_action"] / m["episodes"], 4) if m["episodes"] else None,
                 "success_rate": round(m["successes"] / m["terminated"], 4) if m["terminated"] else None,
                 "epoch": st.epoch if st else 0, "position": st.position if st else 0, "sync": self.cfg.sync,
                 "mode": self.cfg.mode, "phase1": self.phase1,
                 "classifier": describe(self.roles.classifier), "simulator": describe(self.roles.simulator)}
+
+    def _outages(self) -> dict[str, Any]:
+        """This worker's queue outages (queue_outages, queue_outage_s, queue_down)."""
+        stats = getattr(self.queue, "outage_stats", None)
+        return stats() if stats is not None else {}
 
     def _adapter(self) -> str | None:
         policy = self.roles.policy
@@ -325,7 +337,11 @@ async def serve(cfg: ServeConfig, role_args: argparse.Namespace | RolesConfig | 
         await roles.aclose()
         raise SystemExit(f"simkit serve: shard {cfg.shard} of {len(sample.tasks)} conversations is empty: "
                          "use fewer workers / shards")
-    queue = AsyncPairQueue(open_queue(cfg.queue))
+    try:
+        queue = AsyncPairQueue(open_queue(cfg.queue, outage_s=cfg.queue_outage_s))
+    except BaseException:
+        await roles.aclose()
+        raise
     server = Server(cfg, env, roles, queue, quiet=quiet)
     server.split = split
     loop = asyncio.get_running_loop()
@@ -333,6 +349,7 @@ async def serve(cfg: ServeConfig, role_args: argparse.Namespace | RolesConfig | 
         loop.add_signal_handler(sig, server.stop.set)
     try:
         await server.follow_version()
+        await server.follower.heal()  # a policy server restarted while serve was down lacks the adapter
         if cfg.mode == "irpo":  # the baseline samples its own pairs: no D_pref
             return await server.run([_TaskRef(t.id) for t in tasks])
         dpref_path = run_dir / "dpref.jsonl"
@@ -391,6 +408,12 @@ def _run(args: argparse.Namespace) -> int:
         code = pool.run()
         print(json.dumps(pool.snapshot()))
         return code
-    summary = asyncio.run(serve(cfg))
+    from .queue_outage import QueueUnavailable
+
+    try:
+        summary = asyncio.run(serve(cfg))
+    except QueueUnavailable as e:  # the outage outlasted --queue-outage-s: say what to do, no traceback
+        print(f"simkit serve: stopped: {e}", file=sys.stderr, flush=True)
+        return QueueUnavailable.exit_code
     print(json.dumps(summary))
     return 0

@@ -25,6 +25,10 @@ rejects the adapter (4xx, or vLLM's 500) stops the run with what to change; 502/
 Pairs are acked once a checkpoint containing their step is committed; a killed trainer
 restarts from its last committed checkpoint (just run the same command again).
 SIGINT / SIGTERM: finish the current step, commit, publish, release unused leases, exit 0.
+Queue outages (a Redis restart, a locked SQLite file): every queue call is retried for
+--queue-outage-s (default 180; logged once, counted); a commit is acked whole or redone. Past the
+window the run stops with exit code 75: start the queue again and rerun the same command.
+On start, the queue's current version is loaded again into any --policy-url that lost it.
 Schedules: asynchronous by default (publish every --publish-every steps, pairs up to --max-staleness
 versions old: the one staleness limit, applied when leasing; serve has none). --sync is the paper's: publish every step and train each step only on pairs made by
 the latest version (stale ones are dropped, also if leased before the publish); run `simkit serve
@@ -70,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "whole run."),
                        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(r, RunConfig)
+    r.add_argument("--queue-outage-s", type=float, default=None, metavar="S",
+                   help="ride through a queue outage this long before stopping with exit code 75 (default: "
+                        "$SIMKIT_QUEUE_OUTAGE_S, else 180)")
     r.set_defaults(func=_run, parser=r)
 
     s = sub.add_parser("sft", help="the SFT baseline on reference conversations (env split or JSONL)",
@@ -94,11 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def queue_down(e: BaseException) -> BaseException | None:
+    """The QueueUnavailable behind `e` (the feeder thread wraps its errors), if any."""
+    from simkit.queue_outage import QueueUnavailable
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, QueueUnavailable):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _run(args: argparse.Namespace) -> int:
     import os
 
+    from simkit.queue_outage import OUTAGE_ENV, QueueUnavailable
+
     from .lock import RunDirLocked, RunLock
 
+    if getattr(args, "queue_outage_s", None) is not None:  # open_queue reads it (here and in DDP ranks)
+        os.environ[OUTAGE_ENV] = str(args.queue_outage_s)
     cfg = config_from_args(RunConfig, args, args.parser)
     lock = None
     if os.environ.get("RANK", "0") == "0":  # rank 0 (or the only process) owns the run dir: fail before torch loads
@@ -114,6 +137,11 @@ def _run(args: argparse.Namespace) -> int:
         return run(cfg, lock)
     except PublishRejected as e:  # the server refuses this run's adapters: stop, naming the fix
         args.parser.exit(2, f"trainer run: stopped: {e}\n")
+    except Exception as e:  # the queue outage outlasted the window: what to do, not a traceback
+        down = queue_down(e)
+        if down is None:
+            raise
+        args.parser.exit(QueueUnavailable.exit_code, f"trainer run: stopped: {down}\n")
 
 
 def _sft(args: argparse.Namespace) -> int:

@@ -12,6 +12,10 @@ Only then is it acked on the queue. The order, and what a crash at each point le
    since the previous commit: this is the commit point;
 4. the ids are acked; crash between 3 and 4 → restart acks the marker's ids before leasing;
 5. `trained_pairs.jsonl` (an audit log: one line per commit) is appended; repaired on restart.
+
+A queue outage during 4 (a Redis restart) is ridden through by the queue client: the ack is
+retried until it goes through (acks are idempotent, so a redone one never double-counts), or,
+past --queue-outage-s, the trainer stops and the restart acks the marker (case 3-4 above).
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Publisher: adapter version → every policy server → verified → announced on the queue.
 
     check : before step 1, each server's /version and LoRA limits (`simkit.server_info`): a LoRA
-            config it would refuse stops the run before any training
+            config it would refuse stops the run before any training; then `reload_current`: a
+            server that lost the queue's current version (restarted: it starts without adapters)
+            gets it again from the path the version was published with
     save  : copy the checkpoint's adapter into adapters/{run_id}/vNNNNNN/ (a NEW directory per
             version and per run: vLLM keys its prefix cache and adapter registry by name and path,
             so a run redone into the same folder must not reuse the last run's names)
@@ -148,7 +150,31 @@ class Publisher:
             log.warning("%s", w)
         if problems:
             raise PublishRejected("the policy server would refuse this run's adapters: " + "; ".join(problems))
+        self.reload_current()
         return warnings
+
+    def reload_current(self) -> list[str]:
+        """Load the queue's current version again into every server that does not list it (a
+        restarted server has no adapters; serve's episodes fail on it until someone reloads, and
+        the next publish may be far off, or never come). Never fatal: failures are logged.
+        Returns the URLs it reloaded."""
+        cur = self.queue.current_version()
+        if cur is None or not cur.path or not (Path(cur.path) / "adapter_config.json").is_file():
+            return []
+        done = []
+        for url in self.urls:
+            try:
+                if cur.adapter in self.listed(url):
+                    continue
+                self.load(url, cur.adapter, Path(cur.path))
+            except (PublishError, TransportError, ValueError, KeyError) as e:
+                log.warning("%s lacks the current version v%d (%s) and reloading it failed: %s", url, cur.version,
+                            cur.adapter, e)
+                continue
+            log.warning("%s had lost the current version v%d (%s): loaded it again from %s", url, cur.version,
+                        cur.adapter, cur.path)
+            done.append(url)
+        return done
 
     def next_version(self) -> int:
         cur = self.queue.current_version()

@@ -21,6 +21,13 @@ from ..types import PreferencePair
 log = logging.getLogger("simkit.serve")
 
 
+def journal_lines(data: bytes) -> list[str]:
+    """The journal's lines, split on "\\n" only: `str.splitlines()` also breaks at U+0085, U+2028 and
+    U+2029, which JSON leaves unescaped inside strings (and a text-mode read turns a raw \\r into a
+    line end), so a pair whose text held one was cut in two and silently skipped by the recovery."""
+    return data.decode("utf-8", errors="replace").split("\n")
+
+
 class PairSink:
     def __init__(self, queue, trajectories: Path | None = None, journal: Path | None = None,
                  journal_mb: float = 256.0):
@@ -59,7 +66,7 @@ class PairSink:
         if self.journal is None:
             return 0
         lines = [ln for seg in (self._previous, self.journal) if seg.exists()
-                 for ln in seg.read_text(encoding="utf-8").splitlines() if ln.strip()]
+                 for ln in journal_lines(seg.read_bytes()) if ln.strip()]
         pairs: dict[str, str] = {}
         for ln in lines:
             try:

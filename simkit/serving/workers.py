@@ -16,6 +16,8 @@ supervises: it aggregates the workers' latest metrics rows into one status line 
 RUN_DIR/metrics.jsonl, and restarts a worker that dies (kill -9, OOM, crash) — it resumes from
 its own watermark — after a backoff (0.5 s, doubling) up to `max_restarts` times per worker;
 beyond that the parent stops the others and exits 1. A worker that exits 0 (its --max-episodes / --max-epochs reached) is done.
+A worker that exits 75 waited out a whole queue outage (--queue-outage-s): the queue is down for
+every worker alike, so the parent stops them all and exits 75 with what to do (run it again).
 SIGINT / SIGTERM are forwarded; the parent exits when every worker has.
 """
 from __future__ import annotations
@@ -33,10 +35,16 @@ from typing import Any, Sequence, TypeVar
 from .status import StatusReporter
 
 T = TypeVar("T")
+# per-worker counters: each worker counts its own work, so the host's figure is their sum
 SUM_KEYS = ("episodes", "pairs", "failures", "right_action", "successes", "terminated", "identical_dropped",
-            "no_contrast", "dropped_stale", "duplicates", "retries", "episodes_per_s", "pairs_per_s",
+            "no_contrast", "duplicates", "recovered", "retries", "adapter_heals", "queue_outages", "queue_outage_s",
+            "episodes_per_s", "pairs_per_s",
             "pairs_action", "pairs_content", "pairs_action_clarify", "pairs_content_clarify", "pairs_action_answer",
             "pairs_content_answer")  # the last six: status.MIX_KEYS
+# queue-wide figures: every worker reads the same queue counter, so summing would count it once per
+# worker; the host reports it once, from the newest row (dropped_stale only grows: the newest is the largest)
+QUEUE_KEYS = ("dropped_stale", "queue_depth")
+QUEUE_DOWN = 75  # a worker's exit code after a whole queue outage (queue_outage.QueueUnavailable.exit_code)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -63,14 +71,20 @@ def split_budget(total: int | None, index: int, count: int) -> int | None:
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One status row from the workers' latest metrics rows: counters and rates summed, the
-    version range, the queue depth as last seen by any worker."""
+    """One status row from the workers' latest metrics rows.
+
+    Per-worker counters and rates (SUM_KEYS: episodes, pairs, failures, duplicates, retries,
+    queue_outages, ...) are summed. Queue-wide figures (QUEUE_KEYS: dropped_stale, queue_depth),
+    which each worker reads from the shared queue, are reported once, from the newest row:
+    summing them would multiply them by the number of workers. Plus the version range."""
     out: dict[str, Any] = {"time": time.time(), "workers_reporting": len(rows)}
     for k in SUM_KEYS:
         out[k] = round(sum(r.get(k) or 0 for r in rows), 3)
     versions = [r.get("version", 0) for r in rows] or [0]
     out["version"], out["version_min"] = max(versions), min(versions)
-    out["queue_depth"] = max((r.get("queue_depth", 0) for r in rows), default=0)
+    newest = max(rows, key=lambda r: r.get("time") or 0, default={})
+    for k in QUEUE_KEYS:
+        out[k] = newest.get(k) or 0
     out["action_accuracy"] = round(out["right_action"] / out["episodes"], 4) if out["episodes"] else None
     out["success_rate"] = round(out["successes"] / out["terminated"], 4) if out["terminated"] else None
     out["elapsed_s"] = max((r.get("elapsed_s", 0) for r in rows), default=0)
@@ -114,9 +128,14 @@ def _worker_main(cfg_json: str, parent_pid: int) -> None:
 
     _stop_with_parent(parent_pid)
 
+    from ..queue_outage import QueueUnavailable
+
     cfg = ServeConfig.model_validate_json(cfg_json)
     try:
         asyncio.run(serve(cfg, quiet=True))
+    except QueueUnavailable as e:  # waited out the whole window: tell the parent, no traceback
+        print(f"simkit serve: {e}", file=sys.stderr, flush=True)
+        sys.exit(QUEUE_DOWN)
     except SystemExit as e:
         if e.code not in (None, 0):
             print(e.code if isinstance(e.code, str) else f"exit {e.code}", file=sys.stderr, flush=True)
@@ -148,6 +167,7 @@ class WorkerPool:
         self.workers = [self._worker(self.shard * cfg.workers + i) for i in range(cfg.workers)]
         self.reporter = StatusReporter(self.run_dir / "metrics.jsonl", self.snapshot)
         self.failed: str | None = None
+        self.exit_code = 1  # when failed
 
     def _worker(self, g: int) -> _Worker:
         run_dir = self.run_dir / f"worker-{g}"
@@ -200,6 +220,14 @@ class WorkerPool:
             return
         w.exits.append(code)
         reason = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        if code == QUEUE_DOWN:
+            self.failed = (f"worker {w.index} stopped: the queue stayed unreachable for --queue-outage-s "
+                           f"({self.cfg.queue_outage_s:.0f}s); start it again, then run the same command (it resumes)")
+            self.exit_code = QUEUE_DOWN
+            print(f"simkit serve: {self.failed}", file=sys.stderr, flush=True)
+            self._forward(signal.SIGTERM)
+            w.done = True
+            return
         if w.restarts >= self.max_restarts:
             self.failed = f"worker {w.index} died {len(w.exits)} times (last: {reason}); giving up"
             print(f"simkit serve: {self.failed}", file=sys.stderr, flush=True)
@@ -242,4 +270,4 @@ class WorkerPool:
                     w.proc.join(30)
         self.reporter.write_metrics(final=True)
         self.reporter.close()
-        return 1 if self.failed else 0
+        return self.exit_code if self.failed else 0
