@@ -167,7 +167,11 @@ async def other_side(env: Env, task: Task, policy: Any, action: str, prompt: lis
                      generator: Any = None, turn: int = 0) -> Side:
     """A response taking `action`. `authors`: ANSWER = the gold answer (data/base_dataset.py:
     `rejected_response = gold_target`), CLARIFY = the few-shot generator's question, checked by the
-    classifier, else the template question. `forced` (or no gold answer): `force_action`."""
+    classifier; when it gives no question (a 135M policy as its own generator mostly does not), a
+    seeded reference question of another training turn (`LoserGenerator.pool_question`), else the
+    template question. A single template loser on every ANSWER turn would only teach "never say
+    that sentence", leaving "Which ...?" free on clear turns. `forced` (or no gold answer):
+    `force_action`."""
     clf = classifier or env.classifier
     if contrast == "authors" and action == ANSWER and goal_text(task.goal):
         return Side(goal_text(task.goal), ANSWER, "reference", meta={"loser": "gold-answer"})
@@ -178,6 +182,10 @@ async def other_side(env: Env, task: Task, policy: Any, action: str, prompt: lis
         reply = await gen.question(task, prompt, turn)
         if reply.text and await clf.classify(reply.text, task) == CLARIFY:
             return Side(reply.text, CLARIFY, "generator", reply.model, {"generator_path": "generator-ok"})
+        pooled = gen.pool_question(task, turn) if hasattr(gen, "pool_question") else None
+        if pooled:  # another training turn's real clarifying question: varied wording, not one template
+            return Side(pooled, CLARIFY, "fallback", reply.model,
+                        {"generator_path": "fallback-pool", "generator_text": reply.text})
         return Side(prompts.render("fallback_clarify", env=env.name), CLARIFY, "fallback", reply.model,
                     {"generator_path": "fallback", "generator_text": reply.text})
     forced = await force_action(env, task, policy, action, prompt, classifier)

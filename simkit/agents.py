@@ -238,6 +238,14 @@ class CutFirstNewline:
 
 
 # --------------------------------------------------------------------------- loser generator
+def _shot_dialogue(task: Task) -> list[Message]:
+    """A shot's dialogue: its question alone when the task has one (AmbigSQL: `meta["question"]`).
+    Ten shots each carrying a ~350-token database schema overflow a 2,048-token context (vLLM
+    answers 400); the schema shows nothing about how a clarifying question is worded."""
+    q = task.meta.get("question")
+    return [Message(role="user", content=q)] if isinstance(q, str) and q else list(task.prompt)
+
+
 class LoserGenerator:
     """The authors' losing clarifying question for an ANSWER turn: a strong model prompted with
     `shots` (10) reference clarifications of the training pool's gold-CLARIFY turns, temperature
@@ -268,10 +276,18 @@ class LoserGenerator:
         rng = random.Random(f"{self.seed}-{task.id}-{turn}")
         chosen = rng.sample(others, min(self.shots, len(others)))
         shots = "\n\n".join(_render(self._templates, "loser_generator_shot", self.env,
-                                    dialogue=_render_dialogue(t.prompt), question=t.reference.strip())
+                                    dialogue=_render_dialogue(_shot_dialogue(t)), question=t.reference.strip())
                             for t in chosen)
         return _render(self._templates, "loser_generator", self.env, shots=shots,
                        dialogue=_render_dialogue(dialogue)).strip()
+
+    def pool_question(self, task: Task, turn: int = 0) -> str | None:
+        """A seeded reference clarifying question of another conversation (the fallback when the
+        generator gives no question); None without a pool."""
+        import random
+
+        others = [t for t in self.pool if t.conversation_id != task.conversation_id]
+        return random.Random(f"pool-{self.seed}-{task.id}-{turn}").choice(others).reference.strip() if others else None
 
     async def question(self, task: Task, dialogue: Sequence[Message], turn: int = 0) -> Reply:
         """The generator's reply, cut at its first "?" (text "" when it has none: no question)."""

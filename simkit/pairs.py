@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 
 from .client import RoleError
 from .types import PreferencePair
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,6 +141,8 @@ async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, a
                 bar.update(1)
             if r.pair is None:
                 failures += 1
+                if failures <= 3:  # say why, not only how many
+                    log.warning("phase 1 failed on %s: %s", r.task_id, r.error)
                 continue
             kept = []
             for p in r.pair:

@@ -94,9 +94,14 @@ async def test_authors_answer_turn_loser_from_the_generator_or_the_template(env)
     assert p.rejected[0].content == "Which tower do you mean?" and p.meta["generator_path"] == "generator-ok"
     assert _provenance(p) == (ANSWER, CLARIFY, "action", "reference", "generator", 0)
     bad = LoserGenerator(Scripted(default="It is 300 meters."), env.tasks("train"), env="toy")
-    q = await phase1_pair(env, answer, Scripted(), generator=bad)
-    assert q.rejected[0].content == prompts.render("fallback_clarify", env="toy")
-    assert q.meta["generator_path"] == "fallback" and q.rejected_source == "fallback"
+    q = await phase1_pair(env, answer, Scripted(), generator=bad)  # no question: another turn's reference question
+    pool_questions = {t.reference.strip() for t in bad.pool if t.conversation_id != answer.conversation_id}
+    assert q.rejected[0].content in pool_questions and q.meta["generator_path"] == "fallback-pool"
+    assert q.rejected_source == "fallback" and q.meta["generator_text"] == ""
+    empty = LoserGenerator(Scripted(default="It is 300 meters."), [], env="toy")  # no pool: the template
+    r = await phase1_pair(env, answer, Scripted(), generator=empty)
+    assert r.rejected[0].content == prompts.render("fallback_clarify", env="toy")
+    assert r.meta["generator_path"] == "fallback" and r.rejected_source == "fallback"
 
 
 async def test_forced_paths_record_their_sources(env):

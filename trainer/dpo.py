@@ -153,7 +153,7 @@ class DPORun:
                         "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
                         "stale_skipped": self.source.stale_skipped if self.source is not None else 0,
                         "policy_version": self.version, "queue_depth": self.queue.depth(),
-                        "committed_pairs": self.ledger.committed_total}
+                        "committed_pairs": self.ledger.committed_total, **self.queue.outage_stats()}
 
     def step_extras(self) -> dict:
         extras, self._extras = self._extras, {}
