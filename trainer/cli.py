@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="train DPO on pairs from the queue; publish LoRA versions to the policy servers",
                        description=_wrap("Queue-fed DPO with TRL's DPOTrainer and a LoRA adapter (the reference model "
-                                         "is the base with the adapter off). One trainer, one optimizer state for the "
+                                         "is the base with the adapter off; with --init-adapter, a frozen copy of that "
+                                         "adapter). One trainer, one optimizer state for the "
                                          "whole run."),
                        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(r, RunConfig)

@@ -1,7 +1,7 @@
 """`trainer run`: queue-fed DPO with one long-lived TRL `DPOTrainer` (one optimizer state).
 
     queue ──lease──► QueueSource (tokenise on the fly) ──► DPOTrainer.train()  (PEFT LoRA;
-                                                              │                reference = adapter off)
+                                                              │                reference = adapter off, or a frozen copy of --init-adapter)
           on_step_end: ledger, metrics, decide save/publish   │
           on_save: commit marker → ack → Publisher ───────────┘──► policy servers + queue version
 
