@@ -2,12 +2,19 @@
 
 Why: with static batching a batch runs until its longest reply ends, so short replies, cancelled
 requests and new arrivals all wait on it; on a CPU this is what turned client timeouts into a retry
-storm. Here the model thread runs one decode step at a time over a running batch:
-- new requests join between steps (prefilled together, their KV cache left-padded and merged);
+storm. Here the model thread runs one step at a time, scheduled as vLLM's V1 scheduler does:
+- a step packs one token of every decoding row, then prompt chunks of rows still prefilling and of
+  newly admitted requests, up to `max_num_batched_tokens` tokens, into one forward without padding
+  (`simkit.kvcache`): a long prompt is prefilled over several steps while the other rows keep
+  decoding between its chunks;
+- a new request first reuses the KV of its longest cached prompt prefix (`PrefixCache`, keyed also
+  by the adapter's name, path and load generation) and prefills only the rest;
 - a row leaves as soon as it ends (EOS, `max_tokens`, a stop string) or its client goes away
-  (`GenRequest.cancelled`): its cache rows are dropped, so a cancelled request stops costing time;
+  (`GenRequest.cancelled`), freeing its KV;
 - rows of one batch share a model (base or one LoRA adapter, which PEFT switches globally); the
   oldest waiting request picks the next model, so no adapter starves.
+Every request is answered exactly once: a failure while admitting or sampling one request fails
+that request; a failed forward fails the rows in it; the others go on.
 Control work (adapter loads) runs on the same thread between steps, so it never races a forward.
 Each row samples with its own temperature / top-p / seed.
 """
@@ -21,7 +28,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .kvcache import STEP_KWARG, PrefixCache, RowKV, Segment
+
 log = logging.getLogger("simkit.batcher")
+FIRST_DECODE_ROOM = 256  # KV slots reserved beyond the prompt at admission (grown by doubling after)
 
 
 @dataclass
@@ -49,32 +59,49 @@ class GenResult:
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
     stop_reason: str | int | None = None  # the stop string or EOS id that ended it (vLLM's field)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (vLLM's usage.prompt_tokens_details)
 
 
 class _Row:
-    __slots__ = ("req", "gen", "generator", "length")
+    __slots__ = ("req", "gen", "generator", "kv", "computed", "hashes", "cached_blocks", "hit")
 
-    def __init__(self, req: GenRequest, generator: Any):
-        self.req, self.gen, self.generator = req, [], generator
-        self.length = len(req.prompt_ids)  # real tokens in the cache: the next position id
+    def __init__(self, req: GenRequest, generator: Any, hashes: list[bytes]):
+        self.req, self.gen, self.generator, self.hashes = req, [], generator, hashes
+        self.kv: RowKV | None = None  # allocated when the row starts (after its prefix-cache lookup)
+        self.cached_blocks = 0  # prompt blocks already in the prefix cache
+        self.hit = 0  # prompt tokens reused from the prefix cache
+        self.computed = 0  # tokens whose KV is in `kv`: the next position id
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.req.prompt_ids)
+
+    @property
+    def length(self) -> int:
+        return len(self.req.prompt_ids) + len(self.gen)
+
+    def token(self, i: int) -> int:
+        p = self.req.prompt_ids
+        return p[i] if i < len(p) else self.gen[i - len(p)]
 
 
 class ContinuousBatcher:
     """Owns the model thread. `submit` is thread-safe; results come back through `req.done`."""
 
-    def __init__(self, runner: Any, max_batch: int = 32, max_prefill_tokens: int = 8192):
+    def __init__(self, runner: Any, max_batch: int = 32, max_num_batched_tokens: int = 2048,
+                 prefix_cache_bytes: int = 512 * 2**20, block_size: int = 16):
         self.runner = runner
         self.max_batch = max_batch
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_num_batched_tokens = max(1, max_num_batched_tokens)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, block_size)
         self._waiting: list[GenRequest] = []
         self._control: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._cv = threading.Condition()
         self._stop = False
         self.rows: list[_Row] = []
-        self._cache: Any = None
-        self._mask: Any = None
         self._model: str | None = None
-        self.stats = {"batches": 0, "steps": 0, "prefills": 0, "completion_tokens": 0, "cancelled": 0}
+        self.stats = {"batches": 0, "steps": 0, "prefills": 0, "prefill_tokens": 0, "completion_tokens": 0,
+                      "cancelled": 0, "failed": 0}
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
         self._thread.start()
 
@@ -124,155 +151,192 @@ class ContinuousBatcher:
                 else:
                     fut.set_result(result)
             try:
-                self._admit()
-                if self.rows:
-                    self._decode()
-            except Exception as e:  # a failed forward fails its rows, never the server
+                self._step()
+            except Exception as e:  # last resort: answer every running row, keep serving the waiting ones
                 log.exception("generation failed")
-                for row in self.rows:
-                    row.req.done(RuntimeError(f"generation failed: {e}"))
-                self.rows, self._cache, self._mask = [], None, None
+                rows, self.rows = self.rows, []
+                for row in rows:
+                    self._fail(row.req, e)
 
-    def _admit(self) -> None:
+    def _finish(self, req: GenRequest, result: "GenResult | BaseException") -> None:
+        try:
+            req.done(result)
+        except Exception:  # a broken callback must not take the model thread (or other rows) with it
+            log.exception("request callback failed")
+
+    def _fail(self, req: GenRequest, e: BaseException) -> None:
+        self.stats["failed"] += 1
+        self._finish(req, RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
+
+    def _step(self) -> None:
+        """Schedule one step (decode tokens, then prompt chunks, then new requests), run it, sample."""
+        for row in [r for r in self.rows if r.req.cancelled]:
+            self.stats["cancelled"] += 1
+            self._finish(row.req, RuntimeError("cancelled"))
+        self.rows = [r for r in self.rows if not r.req.cancelled]
+        budget = self.max_num_batched_tokens
+        sched: list[tuple[_Row, int]] = []
+        for row in self.rows:
+            if budget > 0 and row.kv is not None and not row.prefilling:  # decoding rows first, one token each
+                sched.append((row, 1))
+                budget -= 1
+        pending = {h for r in self.rows if r.kv is not None for h in r.hashes[r.cached_blocks:]}
+        for row in [r for r in self.rows if r.prefilling] + self._admit():
+            if budget <= 0:
+                break
+            if row.kv is None:  # not started: look up its prefix now, or wait for blocks being computed
+                if self._defer(row, pending):
+                    continue
+                self._start(row)
+                pending.update(row.hashes[row.cached_blocks:])
+            n = min(budget, len(row.req.prompt_ids) - row.computed)
+            sched.append((row, n))
+            budget -= n
+        if not sched:
+            return
+        try:
+            logits, sample = self._run(sched)
+        except Exception as e:  # the rows of this forward fail; rows not in it and waiting requests go on
+            log.exception("forward failed")
+            failed = {id(row) for row, _ in sched}
+            for row, _ in sched:
+                self._fail(row.req, e)
+            self.rows = [r for r in self.rows if id(r) not in failed]
+            return
+        self._accept(sample, logits)
+
+    def _admit(self) -> list[_Row]:
         """Move waiting requests of the running batch's model into it, up to max_batch."""
         with self._cv:
             live = [r for r in self._waiting if not r.cancelled]
             self.stats["cancelled"] += len(self._waiting) - len(live)
             self._waiting = live
-            if not live:
-                return
+            if not live or len(self.rows) >= self.max_batch:
+                return []
             model = self._model if self.rows else live[0].model
             if self.rows and live[0].model != model:
-                return  # let this batch drain: the oldest waiting request wants another model
-            room, budget, take = self.max_batch - len(self.rows), self.max_prefill_tokens, []
-            for r in live:
-                if len(take) >= room:
-                    break
-                if r.model == model and (not take or budget >= len(r.prompt_ids)):
-                    take.append(r)
-                    budget -= len(r.prompt_ids)
-            if not take:
-                return
+                return []  # let this batch drain: the oldest waiting request wants another model
+            take = [r for r in live if r.model == model][: self.max_batch - len(self.rows)]
             ids = {id(r) for r in take}
             self._waiting = [r for r in live if id(r) not in ids]
         if not self.rows:
             self._model = model
             self.stats["batches"] += 1
-        self._prefill(take)
+        new = []
+        for req in take:
+            try:
+                new.append(self._new_row(req))
+            except Exception as e:  # e.g. a seed torch cannot take: this request fails, the others go on
+                log.warning("request rejected at admission: %s", e)
+                self._fail(req, e)
+        self.rows.extend(new)
+        return new
 
-    def _forward(self, cache: Any, **kw: Any) -> Any:
-        r = self.runner
-        with r.torch.inference_mode(), r.using(self._model):
-            return r.model(**kw, **{r.cache_kwarg: cache}, **r.last_logits_only, use_cache=True).logits[:, -1, :]
+    def _new_row(self, req: GenRequest) -> _Row:
+        generator = None
+        if req.seed is not None and req.temperature > 0:
+            if isinstance(req.seed, bool) or not isinstance(req.seed, int):
+                raise TypeError(f"seed must be an integer, got {req.seed!r}")
+            generator = self.runner.torch.Generator(device=self.runner.device).manual_seed(req.seed)
+        cache = self.prefix_cache
+        hashes = cache.block_hashes(req.prompt_ids, self.runner.cache_key(req.model)) if cache.enabled else []
+        return _Row(req, generator, hashes)
 
-    def _prefill(self, reqs: list[GenRequest]) -> None:
+    def _defer(self, row: _Row, pending: set[bytes]) -> bool:
+        """Wait a step when the next block this prompt misses is being computed by a running row:
+        a burst sharing a system prompt then computes it once and hits, instead of all missing."""
+        usable = self.prefix_cache.usable(row.hashes, len(row.req.prompt_ids))
+        k = self.prefix_cache.peek(row.hashes, len(row.req.prompt_ids))
+        return k < len(usable) and usable[k] in pending
+
+    def _start(self, row: _Row) -> None:
+        """Reuse the longest cached prefix and allocate the row's KV."""
+        runner, cache, req = self.runner, self.prefix_cache, row.req
+        blocks = cache.match(row.hashes, len(req.prompt_ids))
+        cap = min(len(req.prompt_ids) + min(req.max_tokens, FIRST_DECODE_ROOM), runner.max_len)
+        row.kv = RowKV(*runner.kv_shape, runner.dtype, runner.device, cap)
+        cache.load(blocks, row.kv)
+        row.cached_blocks = len(blocks)
+        row.hit = row.computed = len(blocks) * cache.block_size
+
+    def _run(self, sched: list[tuple[_Row, int]]) -> tuple[Any, list[_Row]]:
+        """One packed forward; returns the logits of the rows that need a next token, and those rows."""
         torch, runner = self.runner.torch, self.runner
-        from transformers import DynamicCache
-
-        width = max(len(r.prompt_ids) for r in reqs)
-        pad = runner.pad_id
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs])
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs])
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = self._forward(cache, input_ids=ids.to(runner.device), attention_mask=mask.to(runner.device),
-                               position_ids=pos.to(runner.device))
-        self.stats["prefills"] += 1
-        new_rows = []
-        for r in reqs:
-            gen = None
-            if r.seed is not None and r.temperature > 0:
-                gen = torch.Generator(device=runner.device).manual_seed(int(r.seed))
-            new_rows.append(_Row(r, gen))
-        self._merge(new_rows, cache, mask.to(runner.device))
-        self._accept(logits, first=len(self.rows) - len(new_rows))
-
-    def _merge(self, rows: list[_Row], cache: Any, mask: Any) -> None:
-        """Append prefilled rows to the running batch: left-pad the shorter cache, concat on batch."""
-        torch = self.runner.torch
-        if not self.rows:
-            self.rows, self._cache, self._mask = rows, cache, mask
-            return
-        t_old, t_new = self._mask.shape[1], mask.shape[1]
-        width = max(t_old, t_new)
-
-        def lpad(x: Any, n: int) -> Any:  # [B, H, T, D] or [B, T]: n zero columns on the left of T
-            if n == 0:
-                return x
-            shape = list(x.shape)
-            shape[-2 if x.dim() == 4 else -1] = n
-            return torch.cat([x.new_zeros(shape), x], dim=-2 if x.dim() == 4 else -1)
-
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([lpad(old.keys, width - t_old), lpad(new.keys, width - t_new)])
-            old.values = torch.cat([lpad(old.values, width - t_old), lpad(new.values, width - t_new)])
-        self._mask = torch.cat([lpad(self._mask, width - t_old), lpad(mask, width - t_new)])
-        self.rows = self.rows + rows
-
-    def _decode(self) -> None:
-        torch, runner = self.runner.torch, self.runner
-        last = torch.tensor([[row.gen[-1]] for row in self.rows], device=runner.device)
-        pos = torch.tensor([[row.length] for row in self.rows], device=runner.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
-        logits = self._forward(self._cache, input_ids=last, attention_mask=self._mask, position_ids=pos)
+        ids: list[int] = []
+        pos: list[int] = []
+        segments, keep, sample = [], [], []
+        for row, n in sched:
+            row.kv.reserve(row.computed + n, row.computed, runner.max_len)
+            segments.append(Segment(row.kv, len(ids), n, row.computed))
+            ids.extend(row.token(i) for i in range(row.computed, row.computed + n))
+            pos.extend(range(row.computed, row.computed + n))
+            if row.computed + n == row.length:  # every known token is in: the row needs its next one
+                keep.append(len(ids) - 1)
+                sample.append(row)
+        dev = runner.device
+        with torch.inference_mode(), runner.using(self._model):
+            out = runner.model(input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([pos], device=dev),
+                               use_cache=False, logits_to_keep=torch.tensor(keep or [len(ids) - 1], device=dev),
+                               **{STEP_KWARG: segments})
         self.stats["steps"] += 1
-        for row in self.rows:
-            row.length += 1
-        self._accept(logits, first=0)
+        for row, n in sched:
+            prefilling = row.computed < len(row.req.prompt_ids)
+            row.computed += n
+            if prefilling:
+                self.stats["prefills"] += 1
+                self.stats["prefill_tokens"] += n
+                self._cache_blocks(row)
+        return out.logits[0], sample
 
-    def _accept(self, logits: Any, first: int) -> None:
-        """Pick each row's next token (rows[first:] own `logits`), then retire finished rows."""
-        torch, runner = self.runner.torch, self.runner
-        rows = self.rows[first:]
-        if any(row.req.repetition_penalty != 1.0 for row in rows):
-            logits = logits.clone()  # an inference-mode tensor: edit a copy
-        for i, row in enumerate(rows):
-            if row.req.repetition_penalty != 1.0:
-                logits[i] = _penalise(torch, logits[i], row.req.prompt_ids + row.gen, row.req.repetition_penalty)
-        nxt = logits.argmax(-1)
-        for i, row in enumerate(rows):
-            r = row.req
-            if r.temperature > 0:
-                nxt[i] = _sample(torch, logits[i], r.temperature, r.top_p, row.generator, r.top_k, r.min_p)
-        keep = []
-        for i, (row, tok) in enumerate(zip(rows, nxt.tolist())):
-            result = None
-            if row.req.cancelled:
-                self.stats["cancelled"] += 1
-                row.req.done(RuntimeError("cancelled"))
-                continue
-            if tok in runner.eos_ids and not row.req.ignore_eos:
-                # vLLM: stop_reason None on EOS; the EOS token counts in completion_tokens
-                result = self._result(row, "stop", None)
-                result.completion_tokens += 1
-            else:
-                row.gen.append(tok)
-                self.stats["completion_tokens"] += 1
-                hit = self._stop_hit(row)
-                if hit is not None:
-                    result = hit
-                elif len(row.gen) >= row.req.max_tokens or row.length + 1 >= runner.max_len:
-                    result = self._result(row, "length", None)
-            if result is None:
-                keep.append(first + i)
-            else:
-                row.req.done(result)
-        keep = list(range(first)) + keep
-        if len(keep) < len(self.rows):
-            self._retire(keep)
+    def _cache_blocks(self, row: _Row) -> None:
+        """Offer the row's newly completed prompt blocks to the prefix cache."""
+        full = min(row.computed, len(row.req.prompt_ids)) // self.prefix_cache.block_size
+        for i in range(row.cached_blocks, min(full, len(row.hashes))):
+            self.prefix_cache.put(row.hashes[i], row.kv, i)
+        row.cached_blocks = max(row.cached_blocks, full)
 
-    def _retire(self, keep: list[int]) -> None:
-        torch = self.runner.torch
-        if not keep:
-            self.rows, self._cache, self._mask = [], None, None
+    def _accept(self, rows: list[_Row], logits: Any) -> None:
+        """Pick each row's next token from its logits row, then retire finished rows."""
+        if not rows:
             return
-        idx = torch.tensor(keep, device=self.runner.device)
-        self.rows = [self.rows[i] for i in keep]
-        mask = self._mask[idx]
-        start = int((mask.sum(0) > 0).nonzero()[0])  # leading columns no row uses any more
-        self._mask = mask[:, start:]
-        for layer in self._cache.layers:
-            layer.keys, layer.values = layer.keys[idx, :, start:], layer.values[idx, :, start:]
+        greedy = logits.argmax(-1).tolist()
+        ended = set()
+        for i, row in enumerate(rows):
+            try:
+                result = self._next(row, logits[i], greedy[i])
+            except Exception as e:  # a sampling failure fails this row only
+                log.exception("sampling failed")
+                self._fail(row.req, e)
+                ended.add(id(row))
+                continue
+            if result is not None:
+                self._finish(row.req, result)
+                ended.add(id(row))
+        if ended:
+            self.rows = [r for r in self.rows if id(r) not in ended]
+
+    def _next(self, row: _Row, logits: Any, greedy: int) -> GenResult | None:
+        torch, runner, r = self.runner.torch, self.runner, row.req
+        tok = greedy
+        if r.repetition_penalty != 1.0 or r.temperature > 0:
+            if r.repetition_penalty != 1.0:
+                logits = _penalise(torch, logits, r.prompt_ids + row.gen, r.repetition_penalty)
+                tok = int(logits.argmax(-1))
+            if r.temperature > 0:
+                tok = int(_sample(torch, logits, r.temperature, r.top_p, row.generator, r.top_k, r.min_p))
+        if tok in runner.eos_ids and not r.ignore_eos:
+            # vLLM: stop_reason None on EOS; the EOS token counts in completion_tokens
+            result = self._result(row, "stop", None)
+            result.completion_tokens += 1
+            return result
+        row.gen.append(tok)
+        self.stats["completion_tokens"] += 1
+        hit = self._stop_hit(row)
+        if hit is not None:
+            return hit
+        if len(row.gen) >= r.max_tokens or row.length + 1 > runner.max_len:
+            return self._result(row, "length", None)
+        return None
 
     def _stop_hit(self, row: _Row) -> GenResult | None:
         if not row.req.stop:
@@ -280,12 +344,12 @@ class ContinuousBatcher:
         text = self.runner.tokenizer.decode(row.gen, skip_special_tokens=True)
         for s in row.req.stop:
             if s and s in text:
-                return GenResult(text[: text.index(s)], len(row.req.prompt_ids), len(row.gen), "stop", s)
+                return GenResult(text[: text.index(s)], len(row.req.prompt_ids), len(row.gen), "stop", s, row.hit)
         return None
 
     def _result(self, row: _Row, finish: str, stop_reason: Any) -> GenResult:
         text = self.runner.tokenizer.decode(row.gen, skip_special_tokens=True)
-        return GenResult(text, len(row.req.prompt_ids), len(row.gen), finish, stop_reason)
+        return GenResult(text, len(row.req.prompt_ids), len(row.gen), finish, stop_reason, row.hit)
 
 
 def _penalise(torch: Any, logits: Any, seen: list[int], penalty: float) -> Any:

@@ -8,15 +8,16 @@ load_inplace}, POST /v1/unload_lora_adapter {lora_name}. A request's `model` sel
 model or an adapter. Adapters are validated as vLLM does (`simkit.adapter_check`); unset sampling
 parameters come from the model's generation_config.json (vLLM's `--generation-config auto`).
 
-Concurrency: continuous batching on one model thread (`simkit.batcher`); a bounded waiting list
-that sheds overload with 503 + Retry-After; a request whose client goes away is cancelled.
+Concurrency: continuous batching on one model thread (`simkit.batcher`) with chunked prefill
+(`--max-num-batched-tokens`) and automatic prefix caching (`--prefix-cache-mb`), both as vLLM's; a
+bounded waiting list that sheds overload with 503 + Retry-After; a request whose client goes away
+is cancelled.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from aiohttp import web
 
 from . import adapter_check
 from .batcher import ContinuousBatcher, GenRequest, GenResult
+from .kvcache import ATTN_IMPL
 
 log = logging.getLogger("simkit.model_server")
 SERVER_VERSION = "simkit-model-server 0.1.0"  # GET /version; vLLM answers {"version": "<vllm version>"}
@@ -63,18 +65,20 @@ class ModelRunner:
         torch_dtype = {"auto": (torch.bfloat16 if self.device == "cuda" else torch.float32),
                        "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
+        # varlen attention over per-request KV (simkit.kvcache); plain sdpa for anything else
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=ATTN_IMPL
+                                                          ).to(self.device).eval()
+        self.dtype = torch_dtype
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.kv_shape = (cfg.num_hidden_layers, kv_heads, head_dim)  # RowKV's [layers, kv_heads, ·, head_dim]
         gc = self.model.generation_config
         eos = gc.eos_token_id if gc.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id} - {None}
         pad = gc.pad_token_id if gc.pad_token_id is not None else self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids)))
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 4096))
-        # transformers renamed forward's `past_key_values` to `cache` (5.x); use whichever it takes
-        params = inspect.signature(type(self.model).forward).parameters
-        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        # only the last position's logits: a full [batch, prompt, vocab] tensor costs seconds on a CPU
-        self.last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.adapters: dict[str, str] = {}  # name -> path
         self._peft_ids: dict[str, str] = {}  # name -> PEFT's adapter name (a fresh one per load)
         self._loads = 0
@@ -91,6 +95,13 @@ class ModelRunner:
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
+
+    def cache_key(self, model: str) -> tuple:
+        """The prefix cache's extra key for `model`: an adapter's name, path and load generation, so
+        a new version (or an in-place reload of the same path) never reuses an old version's KV."""
+        if model == self.served_name or model not in self._peft_ids:
+            return (self.served_name,)
+        return (model, self.adapters[model], self._peft_ids[model])
 
     def using(self, model: str | None):
         """Context in which a forward runs as `model` (the base model or one adapter)."""
@@ -181,9 +192,13 @@ class ModelServer:
     out) is cancelled: it leaves the waiting list or the running batch at the next decode step."""
 
     def __init__(self, runner_factory, served_name: str, max_batch: int = 32, default_max_tokens: int = 128,
-                 api_key: str | None = None, max_waiting: int = 256, status_every_s: float = 10.0):
+                 api_key: str | None = None, max_waiting: int = 256, status_every_s: float = 10.0,
+                 max_num_batched_tokens: int = 2048, prefix_cache_mb: float = 512, block_size: int = 16):
         self.served_name = served_name
         self.max_batch = max_batch
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefix_cache_bytes = int(prefix_cache_mb * 2**20)
+        self.block_size = block_size
         self.max_waiting = max_waiting
         self.default_max_tokens = default_max_tokens
         self.api_key = api_key
@@ -204,7 +219,8 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(1) as ex:
             self.runner = await loop.run_in_executor(ex, self._runner_factory)
-        self.batcher = ContinuousBatcher(self.runner, self.max_batch)
+        self.batcher = ContinuousBatcher(self.runner, self.max_batch, self.max_num_batched_tokens,
+                                         self.prefix_cache_bytes, self.block_size)
         if self.status_every_s > 0:
             self._status_task = asyncio.create_task(self._report())
         log.info("model %s ready on %s (max batch %d, max waiting %d)", self.served_name, self.runner.device,
@@ -218,8 +234,13 @@ class ModelServer:
 
     def status(self) -> dict[str, Any]:
         b = self.batcher
+        pc = b.prefix_cache if b else None
+        # prefix_cache_queries / _hits: prompt tokens looked up / found, as vLLM's counters
         return {**self.stats, "running": b.running if b else 0, "waiting": b.waiting if b else 0,
-                "completion_tokens": b.stats["completion_tokens"] if b else 0}
+                "completion_tokens": b.stats["completion_tokens"] if b else 0,
+                "prefill_tokens": b.stats["prefill_tokens"] if b else 0,
+                "prefix_cache_queries": pc.queries if pc else 0, "prefix_cache_hits": pc.hits if pc else 0,
+                "prefix_cache_blocks": len(pc) if pc else 0}
 
     async def _report(self) -> None:
         """A status line while there is work, naming any limit that was hit."""
@@ -233,8 +254,10 @@ class ModelServer:
             last_tokens, last = st["completion_tokens"], st
             shed = f", shed {st['shed']} (queue full at {self.max_waiting} waiting: clients told to retry)" \
                 if st["shed"] else ""
-            log.info("status: running %d/%d, waiting %d, completed %d, cancelled %d, %.1f tok/s%s",
-                     st["running"], self.max_batch, st["waiting"], st["completed"], st["cancelled"], tps, shed)
+            hit = st["prefix_cache_hits"] / max(1, st["prefix_cache_queries"])
+            log.info("status: running %d/%d, waiting %d, completed %d, cancelled %d, %.1f tok/s, prefix cache "
+                     "hit %.0f%%%s", st["running"], self.max_batch, st["waiting"], st["completed"], st["cancelled"],
+                     tps, 100 * hit, shed)
 
     def _retry_after(self) -> int:
         """Seconds until the queue ahead has likely drained: requests ahead (running and waiting)
@@ -309,6 +332,14 @@ class ModelServer:
             raise APIError(400, f"max_tokens must be at least 1, got {out['max_tokens']}.", param="max_tokens")
         return out
 
+    @staticmethod
+    def seed(body: dict) -> int | None:
+        """vLLM's protocol: an int within torch.long's range (else 400, never a request left unanswered)."""
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
+            raise APIError(400, f"seed must be an integer in [-2**63, 2**63), got {seed!r}", param="seed")
+        return seed
+
     async def chat(self, request: web.Request) -> web.Response:
         body = await self._json(request)
         model = body.get("model") or self.served_name
@@ -351,7 +382,7 @@ class ModelServer:
             loop.call_soon_threadsafe(lambda: fut.done() or (fut.set_exception(res) if isinstance(
                 res, BaseException) else fut.set_result(res)))
 
-        req = GenRequest(prompt_ids, model, max_tokens, sp["temperature"], sp["top_p"], body.get("seed"), stop, done,
+        req = GenRequest(prompt_ids, model, max_tokens, sp["temperature"], sp["top_p"], self.seed(body), stop, done,
                          ignore_eos=bool(body.get("ignore_eos", False)), top_k=sp["top_k"], min_p=sp["min_p"],
                          repetition_penalty=sp["repetition_penalty"])
         self.batcher.submit(req)
@@ -430,13 +461,26 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (auto: bf16 on GPU, fp32 on CPU)")
+                   help="weights dtype (auto: bf16 on GPU, fp32 on CPU). On a CPU with avx512_bf16, bfloat16 is "
+                        "~1.5x faster but greedy replies drift from fp32 model.generate (5/8 identical on AmbigSQL "
+                        "prompts), so it is opt-in")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a CPU "
+                                                "shared with other jobs fewer threads than cores avoids OpenMP "
+                                                "spin-waiting on busy cores")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--max-batch", type=int, default=32,
                    help="most requests decoded together in the running batch (default 32)")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests allowed to wait for a batch slot; past it the server answers 503 with "
                         "Retry-After instead of letting clients time out (default 256)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per model step (vLLM's flag): every decoding row's next token, then chunks of "
+                        "prompts being prefilled, so long prompts never stall decoding (default 2048)")
+    p.add_argument("--prefix-cache-mb", type=float, default=512,
+                   help="memory for automatic prefix caching: KV of full prompt blocks, reused by later "
+                        "prompts with the same prefix (same model/adapter version), LRU-evicted; 0 turns "
+                        "it off (default 512)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per prefix-cache block (default 16, vLLM's)")
     p.add_argument("--status-every", type=float, default=10.0,
                    help="seconds between status lines while busy; 0 turns them off (default 10)")
     p.add_argument("--default-max-tokens", type=int, default=128,
@@ -449,10 +493,16 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     server = build_server(args.model, args.served_model_name, args.dtype, args.device, args.max_lora_rank,
                           max_batch=args.max_batch,
                           default_max_tokens=args.default_max_tokens, api_key=args.api_key,
-                          max_waiting=args.max_waiting, status_every_s=args.status_every)
+                          max_waiting=args.max_waiting, status_every_s=args.status_every,
+                          max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache_mb=args.prefix_cache_mb,
+                          block_size=args.block_size)
     print(f"simkit model-server: serving {server.served_name} on http://{args.host}:{args.port}/v1", flush=True)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its generation
     web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None,

@@ -107,3 +107,28 @@ async def test_bad_requests_get_clear_errors(model_server):
             assert r.status == 400 and "JSON" in (await r.json())["error"]["message"]
         status, text = await _post(s, model_server.url + "/chat/completions", {"messages": [{"content": "x"}]})
         assert status == 400 and "messages" in text
+
+
+async def test_bad_seed_is_refused_and_others_are_served(model_server):
+    """vLLM's protocol: seed is an int in torch.long's range; anything else is a 400, never a hang."""
+    url = model_server.url + "/chat/completions"
+    chat = {"messages": [{"role": "user", "content": "Which singer?"}], "max_tokens": 4, "temperature": 1.0}
+    async with aiohttp.ClientSession() as s:
+        results = await asyncio.gather(*(_post(s, url, {**chat, "seed": seed})
+                                         for seed in (2**64, "abc", 1.5, True, 7, None)))
+    for status, text in results[:4]:
+        assert status == 400 and json.loads(text)["error"]["param"] == "seed", text
+    assert [status for status, _ in results[4:]] == [200, 200]
+
+
+async def test_metrics_count_prefix_cache_hits(model_server):
+    url = model_server.url + "/chat/completions"
+    chat = {"messages": [{"role": "system", "content": "You answer questions about tables. " * 8},
+                         {"role": "user", "content": "Which singer?"}], "max_tokens": 2, "temperature": 0}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            status, text = await _post(s, url, chat)
+            assert status == 200, text
+        async with s.get(model_server.base_url + "/metrics") as r:
+            m = await r.json()
+    assert m["prefix_cache_hits"] >= 16 and m["prefix_cache_queries"] > m["prefix_cache_hits"]
