@@ -70,7 +70,7 @@ def test_pairs_build_cli_counts_conversations_and_records_them(tmp_path):
     with start_fake_server(FakeConfig(latency_ms=0)) as srv:
         def cmd(n):
             return [sys.executable, "-m", "simkit.cli", "pairs", "build", "--env", "pacific", "--split", "tune",
-                    "--n-conversations", str(n), "--seed", "2", "--out", str(out), "--policy", srv.url,
+                    "--n-conversations", str(n), "--seed", "2", "--out", str(out), "--policy", srv.url, "--contrast", "forced",
                     "--max-tokens", "8"]
 
         res = subprocess.run(cmd(3), capture_output=True, text=True, timeout=120)

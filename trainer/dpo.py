@@ -228,7 +228,7 @@ class DPORun:
             label_smoothing=c.label_smoothing, max_length=c.max_length, **loss_args(c),
             seed=c.seed, logging_steps=1, save_strategy="no",
             save_total_limit=None, report_to="none", remove_unused_columns=False, ignore_data_skip=True,
-            dataloader_num_workers=0, disable_tqdm=True, **precision_args(c.dtype), **self.dist.trainer_args(),
+            dataloader_num_workers=0, disable_tqdm=True, **{**precision_args(c.dtype), **self.dist.trainer_args()},  # both may set use_cpu
             **checkpointing_args(DPOConfig, c.gradient_checkpointing))
 
     def _open(self) -> tuple[str | None, int]:
