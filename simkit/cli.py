@@ -17,6 +17,9 @@ COMMAND_MODULES = [
     "simkit.pairs",
     "simkit.serve",
     "simkit.eval",
+    "simkit.compare",
+    "simkit.results",
+    "simkit.textclf",
     "simkit.loadtest",
 ]
 

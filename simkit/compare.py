@@ -69,7 +69,7 @@ def build_groups(inputs: Sequence[str], specs: Sequence[str] = ()) -> list[Group
     for spec in specs:
         if "=" not in spec:
             raise SystemExit(f"--group {spec!r}: expected LABEL=path1,path2,...")
-        label, paths = spec.split("=", 1)
+        label, _, paths = spec.rpartition("=")  # the label may hold "=" (n=100); paths do not
         g = groups.setdefault(label, Group(label))
         g.runs += [load_run(x) for x in paths.split(",") if x]
     for path in inputs:

@@ -377,12 +377,6 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--data-dir", help="task data folder (default $SIMKIT_DATA_DIR)")
     k.set_defaults(func=_run_eval_classifier)
 
-    from . import compare as compare_mod, results, textclf
-
-    compare_mod.register_cli(sub)
-    results.register_cli(sub)
-    textclf.register_cli(sub)
-
 
 def greedy_defaults(p: argparse.ArgumentParser) -> None:
     """Eval decodes greedily with at most 128 new tokens (the authors'); the role flags' help says so."""
