@@ -182,7 +182,7 @@ async def other_side(env: Env, task: Task, policy: Any, action: str, prompt: lis
         reply = await gen.question(task, prompt, turn)
         if reply.text and await clf.classify(reply.text, task) == CLARIFY:
             return Side(reply.text, CLARIFY, "generator", reply.model, {"generator_path": "generator-ok"})
-        pooled = gen.pool_question(task, turn) if hasattr(gen, "pool_question") else None
+        pooled = gen.pool_question(task, turn)
         if pooled:  # another training turn's real clarifying question: varied wording, not one template
             return Side(pooled, CLARIFY, "fallback", reply.model,
                         {"generator_path": "fallback-pool", "generator_text": reply.text})
