@@ -84,6 +84,7 @@ class Proc:
     kills: int = 0
     starts: int = 0
     started_at: float = 0.0
+    started_wall: float = 0.0
 
     def start(self) -> None:
         out = open(self.log, "ab")
@@ -92,6 +93,7 @@ class Proc:
         out.close()
         self.starts += 1
         self.started_at = time.monotonic()
+        self.started_wall = time.time()
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -126,6 +128,17 @@ def _wait_ready(trainer: "Proc", train_dir: Path, before: int, timeout: float = 
     a SIGTERM then just ends it (-15; harmless, nothing leased). Wait until it is up."""
     deadline = time.monotonic() + timeout
     while trainer.alive() and _starts(train_dir) <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _wait_serve_ready(serve: "Proc", serve_dir: Path, timeout: float = 120) -> None:
+    """Before the final SIGTERM: serve restarted a moment ago may still be importing, and a SIGTERM
+    then just ends it (-15). Its parent writes each worker's pid file after its handlers are in."""
+    deadline = time.monotonic() + timeout
+    while serve.alive() and time.monotonic() < deadline:
+        pids = list(serve_dir.glob("worker-*/pid"))
+        if pids and min(p.stat().st_mtime for p in pids) >= serve.started_wall:
+            return
         time.sleep(0.2)
 
 
@@ -242,7 +255,12 @@ def _soak(work: Path, duration: float, rng: random.Random, kill_every: tuple[flo
                 serve.kill9()
                 serve.start()
             elif target == "serve-worker":
-                pids = sorted(serve_dir.glob("worker-*/pid"))
+                # one in Phase 2, so its restart resumes from a watermark (pid files of a serve killed just before are stale)
+                deadline = time.monotonic() + 60
+                while serve.alive() and not _in_phase2(serve_dir) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                _wait_serve_ready(serve, serve_dir, timeout=60)
+                pids = sorted(d / "pid" for d in serve_dir.glob("worker-*") if (d / "state.json").exists())
                 if pids:
                     pid = int(rng.choice(pids).read_text())
                     try:
@@ -266,7 +284,7 @@ def _soak(work: Path, duration: float, rng: random.Random, kill_every: tuple[flo
             events.append(ev)
         elapsed = time.monotonic() - t0
         _wait_ready(trainer, train_dir, trainer_starts_before)
-        time.sleep(max(0.0, serve.started_at + 5 - time.monotonic()))  # serve's parent has its handlers by then
+        _wait_serve_ready(serve, serve_dir)
         stop_codes = {"serve": serve.stop(), "trainer": trainer.stop()}
     finally:
         for p in (serve, trainer, model, fake):

@@ -66,6 +66,7 @@ class TaskCursor:
         self.retried = 0
         self._episodes_at_start = self.state.episodes
         self._done: set[tuple[int, int]] = set()
+        self.state.save()  # a (re)start counts now, not at the next watermark move (which may never come)
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.items)))
