@@ -27,6 +27,16 @@ def first_token_ids(tok, words: list[str]) -> list[int]:
     return sorted({tok.encode(p + w, add_special_tokens=False)[0] for w in words for p in ("", " ")})
 
 
+def when_numbers(clarify: list[tuple[float, float]], answer: list[tuple[float, float]]) -> dict:
+    """Does the first token tell the turns apart? AUROC of P(question opener) (gold CLARIFY above
+    gold ANSWER; 0.5 = blind, however much mass moved), and the first-token decision "ask when the
+    question openers outweigh SELECT": its ask rate on each side and their difference J."""
+    pairs = [(c[0] > a[0]) + 0.5 * (c[0] == a[0]) for c in clarify for a in answer]
+    ask_c = sum(q > s for q, s in clarify) / max(1, len(clarify))
+    ask_a = sum(q > s for q, s in answer) / max(1, len(answer))
+    return {"auroc": sum(pairs) / max(1, len(pairs)), "ask_clarify": ask_c, "ask_answer": ask_a, "j": ask_c - ask_a}
+
+
 def merge_p_question(path: str | os.PathLike, p_by_task: dict[str, float], gold: dict[str, str],
                      meta: dict | None = None) -> tuple[int, int]:
     """Set `p_question` of each task's row in a rows file (created if missing); (updated, added)."""
@@ -92,8 +102,10 @@ def main() -> None:
                 p = model(ids["input_ids"], logits_to_keep=1).logits[0, -1].float().softmax(-1)
             acc.setdefault(t.gold_action, []).append((p[q_ids].sum().item(), p[s_ids].sum().item()))
             per_task[name][t.id] = round(p[q_ids].sum().item(), 6)
-        return {g: {"p_question_start": sum(x for x, _ in v) / len(v), "p_select": sum(y for _, y in v) / len(v),
-                    "n": len(v)} for g, v in acc.items()}
+        out = {g: {"p_question_start": sum(x for x, _ in v) / len(v), "p_select": sum(y for _, y in v) / len(v),
+                   "n": len(v)} for g, v in acc.items()}
+        out["when"] = when_numbers(acc.get("CLARIFY", []), acc.get("ANSWER", []))
+        return out
 
     base = AutoModelForCausalLM.from_pretrained(a.model).eval()
     res = {"base": measure(base, "base")}
@@ -110,7 +122,12 @@ def main() -> None:
     print(f"{'policy':<12} {'gold action':<12} {'P(question start)':>18} {'P(SELECT)':>10} {'n':>4}")
     for name, by in res.items():
         for g, r in sorted(by.items()):
-            print(f"{name:<12} {g:<12} {r['p_question_start']:>18.4f} {r['p_select']:>10.4f} {r['n']:>4}")
+            if g != "when":
+                print(f"{name:<12} {g:<12} {r['p_question_start']:>18.4f} {r['p_select']:>10.4f} {r['n']:>4}")
+    print(f"\n{'policy':<12} {'AUROC of P(question)':>21} {'asks (q > SELECT): CLARIFY':>27} {'ANSWER':>7} {'J':>6}")
+    for name, by in res.items():
+        w = by["when"]
+        print(f"{name:<12} {w['auroc']:>21.3f} {w['ask_clarify']:>27.3f} {w['ask_answer']:>7.3f} {w['j']:>6.3f}")
     gold = {t.id: t.gold_action for t in tasks}
     for spec in a.rows:
         name, path = spec.split("=", 1) if "=" in spec and not os.path.exists(spec) else (list(res)[-1], spec)

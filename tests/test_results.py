@@ -150,3 +150,18 @@ def test_action_first_token_merges_p_question_by_task(tmp_path):
     assert meta["label"] == "A" and meta["p_question_policy"] == "act"
     assert back[1]["p_question"] == 0.25 and back[1]["first_action"] == rows[1]["first_action"]
     assert back[-1]["task_id"] == "new" and back[-1]["status"] == "p_question_only"
+
+
+def test_action_first_token_when_numbers():
+    """AUROC of P(question) and the first-token decision's J, on a hand-checked case."""
+    spec = importlib.util.spec_from_file_location("aft", REPO / "bench" / "action_first_token.py")
+    aft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aft)
+    clarify = [(0.9, 0.1), (0.3, 0.6)]           # asks on 1 of 2
+    answer = [(0.2, 0.7), (0.3, 0.5), (0.05, 0.9)]  # asks on 0 of 3
+    w = aft.when_numbers(clarify, answer)
+    # 0.9 beats all 3; 0.3 beats 0.2 and 0.05 and ties 0.3: (3 + 2.5) / 6
+    assert w["auroc"] == pytest.approx(5.5 / 6) and w["ask_clarify"] == 0.5 and w["ask_answer"] == 0.0
+    assert w["j"] == 0.5
+    blind = aft.when_numbers([(0.1, 0.9)] * 2, [(0.1, 0.9)] * 3)
+    assert blind["auroc"] == 0.5 and blind["j"] == 0.0

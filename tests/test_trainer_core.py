@@ -162,3 +162,28 @@ def test_queue_source_never_yields_a_pair_older_than_the_floor(tiny_model, tmp_p
     s = q.stats()
     assert s["dropped_stale"] + len(skipped) + len(got) == 16 and s["depth"] == 0
     q.close()
+
+
+def test_action_tokens_keeps_the_opening_of_action_pairs_only(tiny_model):
+    """`--action-tokens K`: an action pair is scored on the first K tokens of each side (where the
+    action is decided); a content pair keeps its whole completions."""
+    import threading
+
+    from trainer.data import QueueSource, tokenize_pair
+    from trainer.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    action = toy_pairs(1)[0]
+    content = action.model_copy(update={"rejected": [action.chosen[0].model_copy(update={"content": "Something else."})],
+                                        "rejected_action": action.gold_action, "id": "content-pair"})
+    assert (action.kind, content.kind) == ("action", "content")
+    full = {p.id: tokenize_pair(tok, p.to_trl(), 512) for p in (action, content)}
+    assert min(len(full[action.id]["chosen_ids"]), len(full[action.id]["rejected_ids"])) > 3
+    src = QueueSource(None, tok, lease_n=2, budget=lambda: 2, stop=threading.Event(), on_lease=None, on_skip=None,
+                      max_length=512, action_tokens=3)
+    got = {ex["pair_id"]: ex for ex in src.load([action, content])[0]}
+    assert got[action.id]["chosen_ids"] == full[action.id]["chosen_ids"][:3]
+    assert got[action.id]["rejected_ids"] == full[action.id]["rejected_ids"][:3]
+    assert got[action.id]["prompt_ids"] == full[action.id]["prompt_ids"]
+    assert got["content-pair"]["chosen_ids"] == full["content-pair"]["chosen_ids"]
+    assert got["content-pair"]["rejected_ids"] == full["content-pair"]["rejected_ids"]

@@ -91,6 +91,12 @@ class RunConfig(CommonConfig):
                                                           "versions without it, loss_type + ['sft'] weighted "
                                                           "rpo_alpha). Default: off")
     label_smoothing: float = Field(0.0, ge=0, description="label smoothing (robust / exo_pair losses)")
+    action_tokens: int | None = Field(None, ge=1, description="score an action pair (ask vs answer) on only the first "
+                                                             "K tokens of each side, where the action is decided, "
+                                                             "instead of the whole continuation, whose later tokens "
+                                                             "(the user's reply, the SQL) can win the margin while the "
+                                                             "opening moves the other way (bench/RESULTS.md). Content "
+                                                             "pairs keep their whole completions. Default: off")
     consumer: str = Field("trainer", description="consumer name on the queue (leases are owned by it)")
     lease_s: float = Field(3600.0, gt=0, description="lease length; held leases are renewed until their pairs are acked")
     poll_s: float = Field(0.5, gt=0, description="wait between lease attempts while the queue is empty")

@@ -44,17 +44,19 @@ def _ids(tokenizer, messages: list[dict], **kw: Any) -> list[int]:
     return list(out["input_ids"])
 
 
-def tokenize_pair(tokenizer, row: dict, max_length: int | None) -> dict | None:
+def tokenize_pair(tokenizer, row: dict, max_length: int | None, completion_tokens: int | None = None) -> dict | None:
     """TRL `DPOTrainer._prepare_dataset` for one conversational row: prompt ids (with the generation
     prompt), chosen / rejected ids after the common prefix. None when the prompt alone fills
-    `max_length` (TRL drops those rows: no completion token would survive truncation)."""
+    `max_length` (TRL drops those rows: no completion token would survive truncation).
+    `completion_tokens` keeps only the first K completion tokens of each side (`--action-tokens`)."""
     prompt_ids = _ids(tokenizer, row["prompt"], add_generation_prompt=True)
     chosen = _ids(tokenizer, row["prompt"] + row["chosen"])
     rejected = _ids(tokenizer, row["prompt"] + row["rejected"])
     n = min(common_prefix_length(prompt_ids, chosen), common_prefix_length(prompt_ids, rejected))
     if max_length is not None and n >= max_length:
         return None
-    return {"prompt_ids": prompt_ids[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
+    end = None if completion_tokens is None else n + completion_tokens
+    return {"prompt_ids": prompt_ids[:n], "chosen_ids": chosen[n:end], "rejected_ids": rejected[n:end]}
 
 
 class PairCollator:
@@ -106,7 +108,8 @@ class QueueSource(torch.utils.data.IterableDataset):
     def __init__(self, queue, tokenizer, *, lease_n: int, budget: Callable[[], int], stop: threading.Event,
                  on_lease: Callable | None, on_skip: Callable | None, consumer: str = "trainer", lease_s: float = 3600.0,
                  poll_s: float = 0.5, max_length: int | None = None, idle_timeout_s: float | None = None,
-                 min_version: Callable[[], int | None] = lambda: None, prefetch: int = 1, dist: Dist = Dist()):
+                 action_tokens: int | None = None, min_version: Callable[[], int | None] = lambda: None,
+                 prefetch: int = 1, dist: Dist = Dist()):
         super().__init__()
         self.dist = dist
         self.queue, self.tokenizer = queue, tokenizer
@@ -114,6 +117,7 @@ class QueueSource(torch.utils.data.IterableDataset):
         self.on_lease, self.on_skip = on_lease, on_skip
         self.consumer, self.lease_s, self.poll_s = consumer, lease_s, poll_s
         self.max_length, self.idle_timeout_s, self.min_version = max_length, idle_timeout_s, min_version
+        self.action_tokens = action_tokens  # keep only the first K tokens of each side of an action pair
         self.prefetch = max(1, prefetch)
         self.idle = False  # set when the source stopped because of idle_timeout_s
         self.stale_skipped = 0  # leased pairs found stale when about to be trained
@@ -191,7 +195,8 @@ class QueueSource(torch.utils.data.IterableDataset):
         examples, skipped = [], []
         for pair in pairs:
             try:
-                ex = tokenize_pair(self.tokenizer, pair.to_trl(), self.max_length)
+                k = self.action_tokens if pair.kind == "action" else None
+                ex = tokenize_pair(self.tokenizer, pair.to_trl(), self.max_length, completion_tokens=k)
             except Exception as e:  # a malformed pair must not kill the run; it is consumed and counted
                 skipped.append((pair, f"tokenize: {e}"))
                 continue

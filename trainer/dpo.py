@@ -285,7 +285,7 @@ class DPORun:
                 on_lease=self.ledger.on_lease if d.is_main else None,
                 on_skip=self.ledger.on_skip if d.is_main else None, consumer=c.consumer,
                 lease_s=c.lease_s, poll_s=c.poll_s, max_length=c.max_length, idle_timeout_s=c.idle_timeout_s,
-                min_version=(lambda: None) if c.max_staleness is None else
+                action_tokens=c.action_tokens, min_version=(lambda: None) if c.max_staleness is None else
                 (lambda: max(0, self.version - c.max_staleness)), dist=d)
             callbacks = [_RunCallback(self)] + ([MetricsCallback(self.writer)] if d.is_main else [])
             self.trainer = QueueDPOTrainer(
