@@ -3,6 +3,7 @@ from .agents import GroundedSimulator, LLMClassifier, LLMSimulator, OraclePolicy
 from .client import RoleClient, RoleConfig, RoleError
 from .engine import PolicyLike, amap, collect, run_episode, run_episodes
 from .env import Env, EnvConfig, EnvConfigError, Episode, StepResult, make, register, registered
+from .remote_env import RemoteEnv, RemoteEnvError
 from .types import ACTIONS, ANSWER, CLARIFY, Message, PreferencePair, Reply, Task, Trajectory, Turn
 
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "simkit.model_server",
     "simkit.tiny_model",
     "simkit.envs_cli",
+    "simkit.env_server",
     "environments.ambigsql.cli",
     "simkit.pairs",
     "simkit.serve",
