@@ -5,8 +5,11 @@ vLLM's shapes so everything that talks to it talks to vLLM unchanged.
 Endpoints: GET /health, GET /version, GET /metrics (running, waiting, shed, cancelled),
 GET /v1/models, POST /v1/chat/completions, POST /v1/load_lora_adapter {lora_name, lora_path,
 load_inplace}, POST /v1/unload_lora_adapter {lora_name}. A request's `model` selects the base
-model or an adapter. Adapters are validated as vLLM does (`simkit.adapter_check`); unset sampling
-parameters come from the model's generation_config.json (vLLM's `--generation-config auto`).
+model or an adapter. Requests are validated by pydantic models mirroring vLLM's protocol
+(`simkit.openai_protocol`), with vLLM's status codes, error types and messages; `stream: true` answers
+SSE. Adapters are validated as vLLM does (`simkit.adapter_check`); unset sampling parameters come
+from the model's generation_config.json (vLLM's `--generation-config auto`). Differences from vLLM,
+each with its reason: docs/VLLM_DIFFERENCES.md (checked live by `pytest -m vllm`).
 
 Concurrency: continuous batching on one model thread (`simkit.batcher`) with chunked prefill
 (`--max-num-batched-tokens`) and automatic prefix caching (`--prefix-cache-mb`), both as vLLM's; a
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -29,6 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from . import adapter_check
+from . import openai_protocol as proto
 from .batcher import ContinuousBatcher, GenRequest, GenResult
 from .kvcache import ATTN_IMPL
 
@@ -55,7 +60,7 @@ class ModelRunner:
     """Owns the model, the tokenizer and the LoRA adapters. Call only from the model thread."""
 
     def __init__(self, path: str, served_name: str, dtype: str = "auto", device: str | None = None,
-                 max_lora_rank: int = adapter_check.DEFAULT_MAX_LORA_RANK):
+                 max_lora_rank: int = adapter_check.DEFAULT_MAX_LORA_RANK, max_model_len: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,9 +83,17 @@ class ModelRunner:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id} - {None}
         pad = gc.pad_token_id if gc.pad_token_id is not None else self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids)))
-        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 4096))
+        # vLLM's --max-model-len: the model's own limit unless told (a longer one is refused, as vLLM does)
+        model_max = int(getattr(self.model.config, "max_position_embeddings", 4096))
+        if max_model_len is not None and max_model_len > model_max:
+            raise ValueError(f"--max-model-len {max_model_len} is greater than the model's max_position_embeddings "
+                             f"{model_max}")
+        self.max_len = int(max_model_len or model_max)
         self.adapters: dict[str, str] = {}  # name -> path
         self._peft_ids: dict[str, str] = {}  # name -> PEFT's adapter name (a fresh one per load)
+        # unloaded adapters that accepted requests still use: name -> PEFT name, deleted once idle
+        # (vLLM: a request keeps its LoRARequest, and the worker loads it again if it was evicted)
+        self._draining: dict[str, str] = {}
         self._loads = 0
         self.max_lora_rank = max_lora_rank
         # LoRA-capable modules (vLLM's expected_lora_modules): the model's Linear layers but lm_head
@@ -99,17 +112,18 @@ class ModelRunner:
     def cache_key(self, model: str) -> tuple:
         """The prefix cache's extra key for `model`: an adapter's name, path and load generation, so
         a new version (or an in-place reload of the same path) never reuses an old version's KV."""
-        if model == self.served_name or model not in self._peft_ids:
+        peft_id = self._peft_ids.get(model) or self._draining.get(model)
+        if model == self.served_name or peft_id is None:
             return (self.served_name,)
-        return (model, self.adapters[model], self._peft_ids[model])
+        return (model, self.adapters.get(model, "<unloaded>"), peft_id)
 
     def using(self, model: str | None):
         """Context in which a forward runs as `model` (the base model or one adapter)."""
-        if not self.adapters:
+        if not (self._peft_ids or self._draining):
             return contextlib.nullcontext()
         if model == self.served_name:
             return self.model.disable_adapter()
-        self.model.set_adapter(self._peft_ids[model])
+        self.model.set_adapter(self._peft_ids.get(model) or self._draining[model])
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ adapters
@@ -147,26 +161,42 @@ class ModelRunner:
         from peft import PeftModel
 
         if isinstance(self.model, PeftModel) and peft_id in self.model.peft_config:
-            if not self._peft_ids:
+            if not (self._peft_ids or self._draining):
                 self.model = self.model.unload()
             else:
                 self._delete(peft_id)
 
     def _delete(self, peft_id: str) -> None:
-        others = [p for p in self._peft_ids.values() if p != peft_id]
+        others = [p for p in [*self._peft_ids.values(), *self._draining.values()] if p != peft_id]
         if others:
             self.model.set_adapter(others[0])
         self.model.delete_adapter(peft_id)
 
-    def unload_adapter(self, name: str) -> None:
+    def unload_adapter(self, name: str, in_use: bool = False) -> None:
+        """Unlist `name` at once (new requests for it get 404); if accepted requests still use it
+        (`in_use`), its weights stay until `reap` finds it idle, so those requests finish with it."""
         if name not in self.adapters:
             raise APIError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
         peft_id = self._peft_ids.pop(name)
         del self.adapters[name]
-        if not self._peft_ids:
+        if in_use:
+            old = self._draining.pop(name, None)
+            self._draining[name] = peft_id
+            if old is not None:
+                self._remove(old)
+        else:
+            self._remove(peft_id)
+
+    def _remove(self, peft_id: str) -> None:
+        if not self._peft_ids and not self._draining:
             self.model = self.model.unload()  # back to the plain base model
         else:
             self._delete(peft_id)
+
+    def reap(self, in_use: set[str]) -> None:
+        """Delete unloaded adapters that no running or waiting request uses any more."""
+        for name in [n for n in self._draining if n not in in_use or n in self._peft_ids]:
+            self._remove(self._draining.pop(name))
 
 
 def generation_defaults(path: str) -> dict[str, Any]:
@@ -209,6 +239,7 @@ class ModelServer:
         self._status_task: asyncio.Task | None = None
         self.stats = {"requests": 0, "completed": 0, "shed": 0, "cancelled": 0, "failed": 0}
         self._done_times: list[float] = []  # completion times, for the Retry-After estimate
+        self._inflight: collections.Counter[str] = collections.Counter()  # model name -> accepted requests
 
     async def _call(self, fn, *args):
         """Run `fn(*args)` on the model thread, between decode steps."""
@@ -279,6 +310,10 @@ class ModelServer:
             return await handler(request)
         except APIError as e:
             return e.response()
+        except proto.RequestInvalid as e:  # a pydantic validation error: vLLM's 400 "Bad Request" body
+            return web.json_response(e.body, status=400)
+        except proto.VLLMValidationError as e:  # vLLM answers these 400 BadRequestError, str(e) as message
+            return APIError(400, str(e), param=e.parameter).response()
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -287,49 +322,67 @@ class ModelServer:
         return web.json_response(self.status())
 
     async def models(self, request: web.Request) -> web.Response:
+        """vllm/entrypoints/openai/models/serving.py show_available_models: the base model with
+        max_model_len, adapters with parent = the base and max_model_len None, each with a permission."""
         r = self.runner
+
+        def card(id_: str, root: str, parent: str | None, max_len: int | None) -> dict:
+            perm = {"id": f"modelperm-{uuid.uuid4().hex[:16]}", "object": "model_permission", "created": r.created,
+                    "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                    "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                    "organization": "*", "group": None, "is_blocking": False}
+            return {"id": id_, "object": "model", "created": r.created, "owned_by": "vllm", "root": root,
+                    "parent": parent, "max_model_len": max_len, "permission": [perm]}
+
         # max_lora_rank / lora_target_modules: the stand-in's limits, for clients that check before
         # training (vLLM's model card has no such fields; clients fall back to vLLM's rules)
-        base = {"id": self.served_name, "object": "model", "created": r.created, "owned_by": "vllm",
-                "root": r.path, "parent": None, "max_model_len": r.max_len, "max_lora_rank": r.max_lora_rank,
+        base = {**card(self.served_name, r.path, None, r.max_len), "max_lora_rank": r.max_lora_rank,
                 "lora_target_modules": r.lora_modules}
-        data = [base] + [{"id": n, "object": "model", "created": r.created, "owned_by": "vllm", "root": p,
-                          "parent": self.served_name, "max_model_len": r.max_len} for n, p in r.adapters.items()]
+        data = [base] + [card(n, p, self.served_name, None) for n, p in r.adapters.items()]
         return web.json_response({"object": "list", "data": data})
 
     async def version(self, request: web.Request) -> web.Response:
         """vLLM's GET /version ({"version": ...}); clients tell the stand-in from vLLM by it."""
         return web.json_response({"version": SERVER_VERSION})
 
-    async def _json(self, request: web.Request) -> dict:
-        # vLLM's validate_json_request: a POST body must be declared application/json (400 otherwise)
+    async def _json(self, request: web.Request) -> Any:
+        """The body as FastAPI reads it for vLLM: declared application/json (vllm/entrypoints/utils.py
+        validate_json_request), valid JSON; both failures are 400 "Bad Request" validation errors."""
         if request.content_type != "application/json":
-            raise APIError(400, "Unsupported Media Type: Only 'application/json' is allowed")
+            raise proto.RequestInvalid({"error": {
+                "message": "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+                "type": "Bad Request", "param": None, "code": 400}})
+        raw = await request.read()
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON: {e}")
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object")
-        return body
+            return json.loads(raw)
+        except json.JSONDecodeError as e:  # FastAPI: a json_invalid error at ("body", position)
+            raise proto.RequestInvalid(proto.validation_error_body([{
+                "type": "json_invalid", "loc": (e.pos,), "msg": "JSON decode error", "input": {},
+                "ctx": {"error": e.msg}}]))
+        except UnicodeDecodeError as e:
+            raise APIError(400, f"request body is not valid UTF-8: {e}")
 
     def sampling(self, body: dict) -> dict[str, Any]:
-        """The request's sampling parameters; unset ones from generation_config.json, then vLLM's defaults."""
+        """The request's sampling parameters; unset ones from generation_config.json, then vLLM's defaults
+        (`max_tokens` None when neither the request nor a default sets it: the room left in the context)."""
         d = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-             "max_tokens": self.default_max_tokens, **self.runner.generation_defaults}
+             "max_tokens": self.default_max_tokens or None, **self.runner.generation_defaults}
         for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             if body.get(k) is not None:
                 d[k] = body[k]
-        mt = body.get("max_completion_tokens") or body.get("max_tokens")
+        mt = body.get("max_completion_tokens")
+        mt = body.get("max_tokens") if mt is None else mt
         if mt is not None:
             d["max_tokens"] = mt
         try:
             out = {k: float(d[k]) for k in ("temperature", "top_p", "min_p", "repetition_penalty")}
-            out["top_k"], out["max_tokens"] = int(d["top_k"]), int(d["max_tokens"])
+            out["top_k"] = int(d["top_k"])
+            out["max_tokens"] = None if d["max_tokens"] is None else int(d["max_tokens"])
         except (TypeError, ValueError) as e:
             raise APIError(400, f"invalid sampling parameter: {e}")
-        if out["max_tokens"] < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {out['max_tokens']}.", param="max_tokens")
+        if out["max_tokens"] is not None and out["max_tokens"] < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {out['max_tokens']}. (parameter=max_tokens, "
+                                f"value={out['max_tokens']})", param="max_tokens")
         return out
 
     @staticmethod
@@ -340,35 +393,77 @@ class ModelServer:
             raise APIError(400, f"seed must be an integer in [-2**63, 2**63), got {seed!r}", param="seed")
         return seed
 
-    async def chat(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
-        model = body.get("model") or self.served_name
+    def _max_tokens(self, req: proto.ChatCompletionRequest, prompt_len: int, default: int | None) -> int:
+        """vLLM's length rules: a requested max_tokens above max_model_len is a 400
+        (vllm/renderers/params.py TokenizeParams), so is a prompt longer than the context (_token_len_check);
+        otherwise the reply is capped by the room left: min(max_model_len - prompt, the request or the
+        default) (vllm/entrypoints/serve/utils/api_utils.py get_max_tokens)."""
+        L = self.runner.max_len
+        asked, param = req.requested_max_tokens()
+        if asked is not None and asked > L:
+            raise proto.VLLMValidationError(f"{param}={asked} cannot be greater than max_model_len={L}. Please "
+                                            "request fewer output tokens.", parameter=param, value=asked)
+        if prompt_len > L:
+            raise proto.VLLMValidationError(
+                f"This model's maximum context length is {L} tokens. However, your prompt contains {prompt_len} "
+                "input tokens, which exceeds this limit even without any output tokens. Please reduce the length "
+                "of the input prompt.", parameter="input_tokens", value=prompt_len)
+        fallback = asked if asked is not None else default
+        return min(v for v in (L - prompt_len, fallback) if v is not None)
+
+    def _encode(self, req: proto.ChatCompletionRequest) -> list[int]:
+        messages = []
+        for m in req.messages:
+            d = {k: v for k, v in m.model_dump(exclude_unset=True).items() if k != "content"}
+            text = m.text()
+            d["content"] = text if text is not None else ""  # an assistant's null content renders as ""
+            messages.append(d)
         r = self.runner
-        if model != self.served_name and model not in r.adapters:
-            raise APIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
-        messages = body.get("messages")
-        # vLLM accepts an empty list (the template renders what it renders); each entry needs a role
-        if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages):
-            raise APIError(400, "messages must be a list of {role, content} objects", param="messages")
-        if body.get("n", 1) != 1:
-            raise APIError(400, "only n=1 is supported by the embedded server", param="n")
-        sp = self.sampling(body)
-        max_tokens = sp["max_tokens"]
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else list(stop)
         try:
-            prompt_ids = r.encode_chat(messages)
+            if req.tools:  # tool_choice "none": the tools are only rendered into the prompt, as vLLM does
+                out = r.tokenizer.apply_chat_template(messages, tools=req.tools, add_generation_prompt=True,
+                                                      tokenize=True, **(req.chat_template_kwargs or {}))
+                prompt_ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+            elif req.chat_template_kwargs:
+                out = r.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      **req.chat_template_kwargs)
+                prompt_ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+            else:
+                prompt_ids = r.encode_chat(messages)
         except Exception as e:  # vLLM's serving_chat answers a template failure 400 with f"{e} {e.__cause__}"
             raise APIError(400, f"{e} {e.__cause__}")
         if not prompt_ids:  # vllm/v1/engine/input_processor.py _validate_prompt_len
             raise APIError(400, "The decoder prompt cannot be empty")
-        if len(prompt_ids) + int(max_tokens) > r.max_len:
-            raise APIError(400, f"This model's maximum context length is {r.max_len} tokens. However, you "
-                                f"requested {len(prompt_ids) + int(max_tokens)} tokens "
-                                f"({len(prompt_ids)} in the messages, {max_tokens} in the completion).")
+        return prompt_ids
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions, validated as vLLM validates it (simkit.openai_protocol), in vLLM's
+        order: the request model, the model name (404), the chat template, the length rules, then the
+        sampling parameters (vllm/sampling_params.py _verify_args)."""
+        body = await self._json(request)
+        if isinstance(body, dict):  # kept stricter than vLLM (a bool seed is a client bug; param "seed"):
+            self.seed(body)         # tests/test_model_server.py holds this; docs/VLLM_DIFFERENCES.md
+        req = proto.parse(proto.ChatCompletionRequest, body)
+        model = req.model or self.served_name
+        r = self.runner
+        if model != self.served_name and model not in r.adapters:
+            raise APIError(404, f"The model `{model}` does not exist. Valid aliases: {self.served_name}.",
+                           "NotFoundError", "model")
+        if req.tools and req.tool_choice == "auto":  # vLLM without --enable-auto-tool-choice (no tool parser here)
+            raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to '
+                                'be set')
+        prompt_ids = self._encode(req)
+        sp = self.sampling(req.model_dump())
+        max_tokens = self._max_tokens(req, len(prompt_ids), sp["max_tokens"])
+        proto.verify_sampling(req.n, sp["temperature"], sp["top_p"], sp["top_k"], sp["min_p"],
+                              sp["repetition_penalty"], req.presence_penalty or 0.0, req.frequency_penalty or 0.0,
+                              max_tokens, req.min_tokens, req.stop_list())
+        if (unsupported := req.unsupported_features()) is not None:  # valid for vLLM, not doable here
+            raise unsupported
+        stop = req.stop_list()
+        n = req.n or 1
         self.stats["requests"] += 1
-        if self.batcher.waiting >= self.max_waiting:
+        if self.batcher.waiting + n > self.max_waiting:
             self.stats["shed"] += 1
             wait = self._retry_after()
             body = {"error": {"message": f"server overloaded: {self.batcher.waiting} requests waiting (limit "
@@ -376,53 +471,107 @@ class ModelServer:
                               "type": "ServiceUnavailableError", "param": None, "code": 503}}
             return web.json_response(body, status=503, headers={"Retry-After": str(wait)})
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        futs, reqs = [], []
+        for i in range(n):  # n > 1: n independent samples (seed + i each, so seeded samples still differ)
+            fut = loop.create_future()
 
-        def done(res):  # on the model thread
-            loop.call_soon_threadsafe(lambda: fut.done() or (fut.set_exception(res) if isinstance(
-                res, BaseException) else fut.set_result(res)))
+            def done(res, fut=fut):  # on the model thread
+                loop.call_soon_threadsafe(lambda: fut.done() or (fut.set_exception(res) if isinstance(
+                    res, BaseException) else fut.set_result(res)))
 
-        req = GenRequest(prompt_ids, model, max_tokens, sp["temperature"], sp["top_p"], self.seed(body), stop, done,
-                         ignore_eos=bool(body.get("ignore_eos", False)), top_k=sp["top_k"], min_p=sp["min_p"],
-                         repetition_penalty=sp["repetition_penalty"])
-        self.batcher.submit(req)
+            seed = None if req.seed is None else (req.seed + i + 2**63) % 2**64 - 2**63
+            reqs.append(GenRequest(prompt_ids, model, max_tokens, sp["temperature"], sp["top_p"], seed, stop, done,
+                                   ignore_eos=req.ignore_eos, top_k=sp["top_k"], min_p=sp["min_p"],
+                                   repetition_penalty=sp["repetition_penalty"]))
+            futs.append(fut)
+        self._inflight[model] += n
         try:
-            res: GenResult = await fut
-        except asyncio.CancelledError:  # the client went away: stop generating for it
-            req.cancelled = True
-            self.stats["cancelled"] += 1
-            raise
-        except RuntimeError as e:
-            self.stats["failed"] += 1
-            raise APIError(500, str(e), "InternalServerError")
+            for g in reqs:
+                self.batcher.submit(g)
+            try:
+                results: list[GenResult] = list(await asyncio.gather(*futs))
+            except asyncio.CancelledError:  # the client went away: stop generating for it
+                for g in reqs:
+                    g.cancelled = True
+                self.stats["cancelled"] += 1
+                raise
+            except RuntimeError as e:
+                for g in reqs:
+                    g.cancelled = True
+                self.stats["failed"] += 1
+                raise APIError(500, str(e), "InternalServerError")
+        finally:
+            self._inflight[model] -= n
+            if self._inflight[model] <= 0:
+                del self._inflight[model]
+                if model in r._draining:  # an unloaded adapter's last request is done: free its weights
+                    asyncio.ensure_future(self._call(r.reap, set(self._inflight)))
         self.stats["completed"] += 1
         self._done_times.append(time.monotonic())
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        usage = {"prompt_tokens": results[0].prompt_tokens,
+                 "total_tokens": results[0].prompt_tokens + sum(x.completion_tokens for x in results),
+                 "completion_tokens": sum(x.completion_tokens for x in results)}
+        if req.stream:
+            return await self._stream(request, rid, created, model, results, usage,
+                                      bool(req.stream_options and req.stream_options.include_usage))
         return web.json_response({
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text, "tool_calls": []},
-                         "logprobs": None, "finish_reason": res.finish_reason, "stop_reason": res.stop_reason}],
-            "usage": {"prompt_tokens": res.prompt_tokens, "total_tokens": res.prompt_tokens + res.completion_tokens,
-                      "completion_tokens": res.completion_tokens},
+            "id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": x.text, "tool_calls": []},
+                         "logprobs": None, "finish_reason": x.finish_reason, "stop_reason": x.stop_reason}
+                        for i, x in enumerate(results)],
+            "usage": usage,
         })
 
+    @staticmethod
+    async def _stream(request: web.Request, rid: str, created: int, model: str, results: list[GenResult],
+                      usage: dict, include_usage: bool) -> web.StreamResponse:
+        """`stream: true` as vLLM's SSE (serving_chat.py chat_completion_stream_generator): per choice a
+        role chunk, the content, a chunk with finish_reason/stop_reason; a usage chunk with empty choices
+        when stream_options.include_usage; then `data: [DONE]`. The reply is generated first, so the
+        content comes as one delta rather than token by token."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+
+        async def send(choices: list, **extra: Any) -> None:
+            chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": choices, **extra}
+            await resp.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
+
+        for i, x in enumerate(results):
+            await send([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}])
+            if x.text:
+                await send([{"index": i, "delta": {"content": x.text}, "logprobs": None, "finish_reason": None}])
+            await send([{"index": i, "delta": {}, "logprobs": None, "finish_reason": x.finish_reason,
+                         "stop_reason": x.stop_reason}])
+        if include_usage:
+            await send([], usage=usage)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
     async def load_lora(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
-        name, path = body.get("lora_name"), body.get("lora_path")
+        """vllm/entrypoints/openai/models/serving.py load_lora_adapter + _check_load_lora_adapter_request."""
+        body = proto.parse(proto.LoadLoRAAdapterRequest, await self._json(request))
+        name, path = body.lora_name, body.lora_path
         if not name or not path:
             raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
         if name == self.served_name:
-            raise APIError(400, f"'{name}' is the base model's name")
-        await self._call(self.runner.load_adapter, name, path, bool(body.get("load_inplace", False)))
+            raise APIError(400, f"The lora adapter '{name}' conflicts with a served base model.", "InvalidUserInput")
+        await self._call(self.runner.load_adapter, name, path, body.load_inplace)
         log.info("loaded LoRA adapter %s from %s", name, path)
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload_lora(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
-        name = body.get("lora_name")
+        """Unlisted at once; requests already accepted for it still finish with it (as in vLLM, where a
+        request carries its LoRARequest), then its weights are freed."""
+        body = proto.parse(proto.UnloadLoRAAdapterRequest, await self._json(request))
+        name = body.lora_name
         if not name:
             raise APIError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput")
-        await self._call(self.runner.unload_adapter, name)
+        await self._call(lambda: self.runner.unload_adapter(name, in_use=self._inflight.get(name, 0) > 0))
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     def app(self) -> web.Application:
@@ -440,9 +589,10 @@ class ModelServer:
 
 
 def build_server(model: str, served_name: str | None = None, dtype: str = "auto", device: str | None = None,
-                 max_lora_rank: int = adapter_check.DEFAULT_MAX_LORA_RANK, **kw: Any) -> ModelServer:
+                 max_lora_rank: int = adapter_check.DEFAULT_MAX_LORA_RANK, max_model_len: int | None = None,
+                 **kw: Any) -> ModelServer:
     name = served_name or model  # vLLM: the served model name defaults to --model, verbatim
-    return ModelServer(lambda: ModelRunner(model, name, dtype, device, max_lora_rank), name, **kw)
+    return ModelServer(lambda: ModelRunner(model, name, dtype, device, max_lora_rank, max_model_len), name, **kw)
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
@@ -458,6 +608,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-lora-rank", type=int, default=adapter_check.DEFAULT_MAX_LORA_RANK,
                    choices=adapter_check.MAX_LORA_RANKS,
                    help="largest LoRA rank an adapter may have; vLLM's allowed values and default (16)")
+    p.add_argument("--max-model-len", type=int,
+                   help="context length (prompt + reply), vLLM's flag (default: the model's max_position_embeddings)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -485,7 +637,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="seconds between status lines while busy; 0 turns them off (default 10)")
     p.add_argument("--default-max-tokens", type=int, default=128,
                    help="completion length when a request gives no max_tokens and generation_config.json no "
-                        "max_new_tokens (default 128)")
+                        "max_new_tokens (default 128, a CPU-friendly cap); 0 = vLLM's rule: the room left in the "
+                        "context (--max-model-len minus the prompt)")
     p.add_argument("--api-key", default=os.environ.get("SIMKIT_SERVER_API_KEY"),
                    help="require this bearer token on /v1 (default: $SIMKIT_SERVER_API_KEY, else none)")
     p.set_defaults(func=_run)
@@ -498,6 +651,7 @@ def _run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     server = build_server(args.model, args.served_model_name, args.dtype, args.device, args.max_lora_rank,
+                          args.max_model_len,
                           max_batch=args.max_batch,
                           default_max_tokens=args.default_max_tokens, api_key=args.api_key,
                           max_waiting=args.max_waiting, status_every_s=args.status_every,
