@@ -28,14 +28,15 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from . import adapter_check
 from . import openai_protocol as proto
-from .batcher import ContinuousBatcher, GenRequest, GenResult
-from .kvcache import ATTN_IMPL
+
+if TYPE_CHECKING:  # batcher/kvcache import torch: loaded when a server starts, not by every `simkit` command
+    from .batcher import ContinuousBatcher, GenResult
 
 log = logging.getLogger("simkit.model_server")
 SERVER_VERSION = "simkit-model-server 0.1.0"  # GET /version; vLLM answers {"version": "<vllm version>"}
@@ -69,6 +70,8 @@ class ModelRunner:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = {"auto": (torch.bfloat16 if self.device == "cuda" else torch.float32),
                        "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        from .kvcache import ATTN_IMPL
+
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # varlen attention over per-request KV (simkit.kvcache); plain sdpa for anything else
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=ATTN_IMPL
@@ -250,6 +253,8 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(1) as ex:
             self.runner = await loop.run_in_executor(ex, self._runner_factory)
+        from .batcher import ContinuousBatcher
+
         self.batcher = ContinuousBatcher(self.runner, self.max_batch, self.max_num_batched_tokens,
                                          self.prefix_cache_bytes, self.block_size)
         if self.status_every_s > 0:
@@ -440,6 +445,7 @@ class ModelServer:
         """POST /v1/chat/completions, validated as vLLM validates it (simkit.openai_protocol), in vLLM's
         order: the request model, the model name (404), the chat template, the length rules, then the
         sampling parameters (vllm/sampling_params.py _verify_args)."""
+        from .batcher import GenRequest  # already loaded by on_startup
         body = await self._json(request)
         if isinstance(body, dict):  # kept stricter than vLLM (a bool seed is a client bug; param "seed"):
             self.seed(body)         # tests/test_model_server.py holds this; docs/VLLM_DIFFERENCES.md
