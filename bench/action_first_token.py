@@ -79,6 +79,8 @@ def main() -> None:
                     help="merge each task's p_question into this per-task rows file (NAME: which policy; default "
                          "the last measured)")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--skip-base", action="store_true", help="measure only the adapters (the base row was measured "
+                                                             "on the same turns before)")
     a = ap.parse_args()
     env = make("ambigsql")
     if a.tasks_file:
@@ -108,7 +110,7 @@ def main() -> None:
         return out
 
     base = AutoModelForCausalLM.from_pretrained(a.model).eval()
-    res = {"base": measure(base, "base")}
+    res = {} if a.skip_base and a.adapter else {"base": measure(base, "base")}
     if a.adapter:
         model = None
         for spec in a.adapter:
