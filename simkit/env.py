@@ -83,11 +83,7 @@ class Episode:
             raise RuntimeError("the user has not answered yet: call advance() before the next act()")
         env, task = self.env, self.task
         action = await env.classifier.classify(text, task)
-        self._add(Turn(role="assistant", text=text, action=action, model=reply.model if reply else "",
-                       prompt_tokens=reply.usage.prompt_tokens if reply else 0,
-                       completion_tokens=reply.usage.completion_tokens if reply else 0,
-                       latency_s=reply.latency_s if reply else 0.0,
-                       policy_version=reply.policy_version if reply else None))
+        self._add(Turn.assistant(text, action, reply))
         n_assistant = sum(1 for t in self.turns if t.role == "assistant")
         if n_assistant == 1:
             self.first_action = action

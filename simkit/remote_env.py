@@ -124,11 +124,7 @@ class RemoteEpisode:
                              "policy_version": reply.policy_version}
         out = await self.env.request("POST", f"/episodes/{self.id}/step", body)
         info, st = out["info"], out["state"]
-        self._add(Turn(role="assistant", text=text, action=info["action"], model=reply.model if reply else "",
-                       prompt_tokens=reply.usage.prompt_tokens if reply else 0,
-                       completion_tokens=reply.usage.completion_tokens if reply else 0,
-                       latency_s=reply.latency_s if reply else 0.0,
-                       policy_version=reply.policy_version if reply else None))
+        self._add(Turn.assistant(text, info["action"], reply))
         self.first_action, self.reward = st["first_action"], st["reward"]
         self.turn_score, self.turn_score_question_only = st["turn_score"], st["turn_score_question_only"]
         self.terminated, self.truncated = st["terminated"], st["truncated"]

@@ -151,6 +151,15 @@ class Turn(BaseModel):
     latency_s: float = 0.0
     policy_version: int | None = None  # the policy version that wrote this turn (assistant turns)
 
+    @classmethod
+    def assistant(cls, text: str, action: str | None, reply: "Reply | None" = None) -> "Turn":
+        """An assistant turn, stamped with the reply's model, usage, latency and policy version."""
+        if reply is None:
+            return cls(role="assistant", text=text, action=action)
+        return cls(role="assistant", text=text, action=action, model=reply.model,
+                   prompt_tokens=reply.usage.prompt_tokens, completion_tokens=reply.usage.completion_tokens,
+                   latency_s=reply.latency_s, policy_version=reply.policy_version)
+
 
 class Trajectory(BaseModel):
     """A finished episode. status 'failed' means a role call gave up: counted, never dropped."""
