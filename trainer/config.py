@@ -36,7 +36,9 @@ class CommonConfig(BaseModel):
     max_length: int = Field(1024, ge=8, description="max tokens of prompt + response (authors: 1024)")
     lora_r: int = Field(16, ge=1, description="LoRA rank (a vLLM server needs --max-lora-rank >= this)")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (default 0: DPO runs with dropout off "
+                                "anyway, TRL's disable_dropout, and on a CPU SFT's dropout masks took 22%% of a step: "
+                                "bench/bench_trainer.py --compute-profile)")
     lora_target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"], description="LoRA target modules ('all-linear' = every linear but lm_head)")
     dtype: Dtype = Field("auto", description="weights dtype; auto = bfloat16 on GPU, float32 weights on CPU with "
