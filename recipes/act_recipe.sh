@@ -47,7 +47,12 @@
 #   POLICY_URL=           a running policy server that loads LoRA adapters (vLLM --enable-lora, or simkit
 #                         model-server); default: start `simkit model-server --model MODEL --port PORT`
 #   PORT=8011 PYTHON=     (default: .venv/bin/python when present, else python)
+#   CHILD_GRACE=60        seconds a child (server, serve, trainer) gets to stop on SIGTERM before SIGKILL
+#
+# Ctrl-C, SIGTERM, SIGHUP, a failing step or the end stops every process the recipe started (recipes/children.sh).
 set -euo pipefail
+# every child runs through start_child / run_child: a stop signal, a failing step or the end stops them all
+source "$(dirname "${BASH_SOURCE[0]}")/children.sh"
 
 MODEL=${1:-runs/models/smollm2}
 OUT=${2:-runs/recipe-ambigsql}
@@ -100,7 +105,7 @@ log() { echo "$(date -Is) $*" | tee -a "$LOG"; }
 run() {  # run LOGFILE CMD...
   local out=$1; shift
   echo "$(date -Is)     \$ $*" >> "$LOG"
-  "$@" >> "$out" 2>&1
+  run_child "$@" >> "$out" 2>&1
 }
 
 # one stage: skipped when DONE_PATH exists; command, seed and wall time logged. (Stage functions run
@@ -130,17 +135,12 @@ stage() {  # stage NAME DONE_PATH FUNCTION ARGS...
 } >> "$OUT/settings.txt"
 
 # ------------------------------------------------------------------ policy server
-SERVER_PID=
-cleanup() {
-  if [[ -n $SERVER_PID ]]; then kill -TERM "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
-}
-trap cleanup EXIT
 if [[ -z $POLICY_URL ]]; then
   POLICY_URL=http://127.0.0.1:$PORT/v1
   log "START policy server: ${SIMKIT[*]} model-server --model $MODEL --port $PORT"
-  "${SIMKIT[@]}" model-server --model "$MODEL" --port "$PORT" >> "$OUT/logs/model-server.log" 2>&1 &
-  SERVER_PID=$!
-  "$PYTHON" - "$POLICY_URL" "$SERVER_PID" <<'EOF'
+  start_child "${SIMKIT[@]}" model-server --model "$MODEL" --port "$PORT" >> "$OUT/logs/model-server.log" 2>&1
+  SERVER_PID=$CHILD  # stopped when the recipe exits (children.sh)
+  run_child "$PYTHON" - "$POLICY_URL" "$SERVER_PID" <<'EOF'
 import os, sys, time, urllib.request
 url, pid = sys.argv[1].rsplit("/v1", 1)[0] + "/health", int(sys.argv[2])
 for _ in range(1800):
@@ -161,7 +161,7 @@ fi
 
 # load an adapter into the policy server (again after a restart: loading is idempotent)
 load_adapter() {  # load_adapter NAME PATH
-  "$PYTHON" - "$POLICY_URL" "$1" "$2" <<'EOF'
+  run_child "$PYTHON" - "$POLICY_URL" "$1" "$2" <<'EOF'
 import json, sys, urllib.request
 url, name, path = sys.argv[1:]
 req = urllib.request.Request(url.rstrip("/") + "/load_lora_adapter", method="POST",
@@ -241,11 +241,10 @@ act_online() {  # act_online N DIR ADAPTER STEPS SCHEDULE [SERVE FLAGS...]
   serve_cmd "$n" "$dir" "$dir/serve" "${sflags[@]}" "$@" || return
   trainer_cmd "$n" "$dir" "$adapter" "$steps" "${tflags[@]}"
   echo "$(date -Is)     \$ (background) ${SERVE[*]}" >> "$LOG"
-  "${SERVE[@]}" >> "$dir/serve.log" 2>&1 &
-  local spid=$! rc=0
+  start_child "${SERVE[@]}" >> "$dir/serve.log" 2>&1
+  local spid=$CHILD rc=0
   run "$dir/train.log" "${TRAIN[@]}" || rc=$?
-  kill -TERM "$spid" 2>/dev/null || true
-  wait "$spid" 2>/dev/null || true
+  stop_child "$spid"
   (( rc == 0 )) && touch "$dir/DONE"
   return "$rc"
 }
@@ -349,6 +348,6 @@ for n in $NS; do
 done
 
 log "START compare: ${SIMKIT[*]} compare ${EVALS[*]} --plot $OUT/vs_n.png"
-"${SIMKIT[@]}" compare "${EVALS[@]}" --plot "$OUT/vs_n.png" > "$OUT/results.md"
+run_child "${SIMKIT[@]}" compare "${EVALS[@]}" --plot "$OUT/vs_n.png" > "$OUT/results.md"
 log "DONE  results: $OUT/results.md"
 cat "$OUT/results.md"

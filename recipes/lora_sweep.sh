@@ -14,6 +14,7 @@
 # usage: recipes/lora_sweep.sh [MODEL_DIR] [OUT_DIR]    (defaults: runs/models/smollm2 runs/lora-sweep)
 # Resumable: finished stages (adapter / metrics.json present) are skipped. Log: OUT/sweep.log.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/children.sh"  # a stop signal, a failing step or the end stops every child
 MODEL=${1:-runs/models/smollm2}
 OUT=${2:-runs/lora-sweep}
 N=${N:-48}; SEED=${SEED:-0}; DEV_N=${DEV_N:-40}; DEV_SEED=${DEV_SEED:-1}
@@ -28,7 +29,7 @@ mkdir -p "$OUT/logs"
 MODEL=$(cd "$MODEL" && pwd)
 URL=http://127.0.0.1:$PORT/v1
 log() { echo "$(date -Is) $*" | tee -a "$OUT/sweep.log"; }
-run() { local f=$1; shift; log "RUN $*"; local t0=$SECONDS; "$@" >>"$OUT/logs/$f" 2>&1; log "DONE in $((SECONDS - t0))s: $f"; }
+run() { local f=$1; shift; log "RUN $*"; local t0=$SECONDS; run_child "$@" >>"$OUT/logs/$f" 2>&1; log "DONE in $((SECONDS - t0))s: $f"; }
 load() { curl -sf "$URL/load_lora_adapter" -H 'Content-Type: application/json' \
            -d "{\"lora_name\":\"$1\",\"lora_path\":\"$(cd "$2" && pwd)\",\"load_inplace\":true}" >/dev/null; }
 dev_eval() {  # dev_eval NAME LABEL [--policy-model M]
@@ -39,9 +40,7 @@ dev_eval() {  # dev_eval NAME LABEL [--policy-model M]
 }
 
 log "sweep: model $MODEL, N=$N seed=$SEED, $STEPS steps of $BATCH, dev $DEV_N seed=$DEV_SEED, SFT lrs [$SFT_LRS], DPO lrs [$DPO_LRS]"
-"$PY" -m simkit.cli model-server --model "$MODEL" --port "$PORT" >>"$OUT/logs/model_server.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null' EXIT
+start_child "$PY" -m simkit.cli model-server --model "$MODEL" --port "$PORT" >>"$OUT/logs/model_server.log" 2>&1
 until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do sleep 1; done
 
 # the training sample, recorded once (the dev split leaves it out)

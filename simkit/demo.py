@@ -99,16 +99,16 @@ def _count_steps(run_dir: Path) -> Callable[[], int]:
 def _run(cmd: list[str], log: Path, timeout: float,
          progress: tuple[int | None, Callable[[], int], str] | None = None) -> None:
     """Run one stage; a progress bar follows `progress = (total, count(), unit)` while it runs."""
-    from tqdm import tqdm
-
-    from .testing import stop_process
+    from .engine import progress_bar
+    from .testing import popen_group, stop_process
 
     t0 = time.monotonic()
     with open(log, "ab") as f:
         # its own process group: a stop reaches its children too, and a terminal's Ctrl-C reaches the
-        # demo alone, which then stops it (the trainer gets SIGTERM and commits)
-        proc = _adopt(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
-        bar = tqdm(total=progress[0], unit=progress[2], leave=False, dynamic_ncols=True) if progress else None
+        # demo alone, which then stops it (the trainer gets SIGTERM and commits); SIGTERM too if the
+        # demo dies without stopping it (kill -9)
+        proc = _adopt(popen_group(cmd, stdout=f, stderr=subprocess.STDOUT))
+        bar = progress_bar(progress[0], True, unit=progress[2], desc=Path(log).stem) if progress else None
         try:
             while proc.poll() is None:
                 if time.monotonic() - t0 > timeout:
@@ -131,7 +131,7 @@ def _run(cmd: list[str], log: Path, timeout: float,
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="ACT on SmolLM2 offline: zero-shot, ICL, SFT and ACT from the same base, one table",
-        description="Run the whole ACT pipeline on AmbigSQL, offline on CPU (about 90 minutes on 2 cores with "
+        description="Run the whole ACT pipeline on AmbigSQL, offline on CPU (about 75 minutes on 2 cores with "
                     "SmolLM2-135M-Instruct): fetch the model, evaluate it zero-shot and with k in-context shots, "
                     "train the SFT baseline on n training conversations, run ACT (`simkit serve` + `trainer run` "
                     "as two processes with hot-reloaded LoRA versions) on the same n conversations from the same "

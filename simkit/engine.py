@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
+import time
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, Sequence, TypeVar,
@@ -198,12 +199,42 @@ async def run_episodes(env: "Env", tasks: Iterable[Task], policy: PolicyLike, co
             bar.close()
 
 
+class LineProgress:
+    """A progress bar for logs and pipes (`simkit demo > demo.log`): one plain line each time the
+    count crosses another `every` percent (or, without a total, every `every_n` items), never the
+    carriage-return frames a terminal bar writes. The tqdm calls the callers use: update, n, close."""
+
+    def __init__(self, total: int | None, unit: str = "it", desc: str = "", every: float = 5.0,
+                 every_n: int = 50, stream: Any = None):
+        self.total, self.unit, self.desc, self.every, self.every_n = total, unit, desc, every, every_n
+        self.stream, self.n, self._mark, self._t0 = stream or sys.stderr, 0, 0, time.monotonic()
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        mark = int(100 * self.n / self.total // self.every) if self.total else self.n // self.every_n
+        if mark > self._mark:
+            self._mark = mark
+            self._line()
+
+    def _line(self) -> None:
+        done = f"{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n} {self.unit}"
+        print(f"{self.desc + ': ' if self.desc else ''}{done}, {time.monotonic() - self._t0:.0f}s", file=self.stream,
+              flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 def progress_bar(total: int | None, enabled: bool | None, unit: str = "ep", desc: str = "episodes"):
-    """A tqdm bar, or None when disabled (`enabled=None`: only on a terminal)."""
+    """A tqdm bar on a terminal; elsewhere (a log file, a pipe) a `LineProgress` when `enabled`, and
+    nothing when `enabled=None` (the default of library calls: quiet unless on a terminal)."""
+    tty = sys.stderr.isatty()
     if enabled is None:
-        enabled = sys.stderr.isatty()
+        enabled = tty
     if not enabled:
         return None
+    if not tty:
+        return LineProgress(total, unit=unit, desc=desc)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit=unit, desc=desc, smoothing=0.1)

@@ -521,8 +521,8 @@ async def _eval_main(args: argparse.Namespace) -> int:
         logged = log_test_eval(entry, out, args.test_log)
         print(f"note: test-split evaluation logged ({len(tasks)} tasks) to {', '.join(map(str, logged))}", flush=True)
     try:
-        metrics = await evaluate(env, tasks, policy, out, args.concurrency, args.label, meta,
-                                 check_classifier=args.classifier_check)
+        metrics = await evaluate(env, tasks, policy, out, args.concurrency, args.label, meta, progress=True,
+                                 check_classifier=args.classifier_check)  # a bar; plain lines in a log
     finally:
         usage = {c.role: c.stats.as_dict() for c in roles.clients}
         (out / "usage.json").write_text(json.dumps(usage, indent=2))

@@ -453,10 +453,13 @@ def serve(cfg: FakeConfig, host: str = "127.0.0.1", port: int = 8100, workers: i
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    children = []
+    from .testing import die_with_parent
+
+    children, parent = [], os.getpid()
     for i in range(workers):
         pid = os.fork()
-        if pid == 0:  # child
+        if pid == 0:  # child: stopped by the parent's SIGTERM / SIGINT, or by its death
+            die_with_parent(parent)
             if uv:
                 _install_uvloop("on")
             if cpus and hasattr(os, "sched_setaffinity"):

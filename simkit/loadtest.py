@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from array import array
@@ -772,6 +773,37 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     return cfg
 
 
+class _Stopped(Exception):
+    """SIGINT or SIGTERM ended the run."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+async def _stop_on_signals(coro: Any) -> Any:
+    """Await `coro`; SIGINT or SIGTERM cancels it, so that its clean-up runs (the fake server
+    process is stopped; were this process killed outright, it would get SIGTERM from the kernel),
+    and raises _Stopped."""
+    loop, task, got = asyncio.get_running_loop(), asyncio.current_task(), []
+
+    def stop(signum: int) -> None:
+        got.append(signum)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if got:
+            raise _Stopped(got[0]) from None
+        raise
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
 def _cli(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
@@ -785,9 +817,12 @@ def _cli(args: argparse.Namespace) -> int:
         raise SystemExit(f"simkit loadtest: {e}")
     out = Path(cfg.out or f"runs/loadtest-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        rep = asyncio.run(run_loadtest(cfg))
+        rep = asyncio.run(_stop_on_signals(run_loadtest(cfg)))
     except ValueError as e:
         raise SystemExit(f"simkit loadtest: {e}")
+    except _Stopped as e:
+        print(f"simkit loadtest: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
     files = write_outputs(rep, out, plot=cfg.plot)
     if args.print_json:
         print(json.dumps(rep, indent=2))

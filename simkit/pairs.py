@@ -302,7 +302,8 @@ async def _build_main(args: argparse.Namespace) -> int:
         pairs, failures = await build_pairs(
             env, tasks, roles.policy, out, queue, roles.classifier if args.pseudo_label else None,
             args.random_actions, args.seed, args.concurrency, classifier=roles.classifier, stats=stats,
-            contrast=args.contrast, generator=generator, per_conversation=args.pairs_per_conversation)
+            contrast=args.contrast, generator=generator, per_conversation=args.pairs_per_conversation,
+            progress=True)  # a bar on a terminal, plain lines in a log
     finally:
         await roles.aclose()
         if queue is not None:

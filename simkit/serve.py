@@ -308,6 +308,19 @@ class Server:
             m["successes"] += bool(t.info.get("success"))
 
 
+async def _unless_stopped(stop: asyncio.Event, coro: Any) -> Any:
+    """`await coro`, but cancel it as soon as `stop` is set (a signal); None then."""
+    task, stopped = asyncio.ensure_future(coro), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    return None if task.cancelled() else task.result()
+
+
 async def serve(cfg: ServeConfig, role_args: argparse.Namespace | RolesConfig | None = None,
                 quiet: bool = False) -> dict[str, Any]:
     """Phase 1 once, then Phase 2 until a limit or a signal, over this process's shard of the
@@ -356,12 +369,14 @@ async def serve(cfg: ServeConfig, role_args: argparse.Namespace | RolesConfig | 
         server.phase1 = new_phase1_stats()
         generator = build_loser_generator(roles, roles_cfg, cfg.loser_generator, cfg.loser_generator_model,
                                           sample.tasks, env.name, cfg.seed)
-        _, failures = await build_pairs(env, tasks, roles.policy, dpref_path,
-                                        annotator=roles.classifier if cfg.pseudo_label else None,
-                                        random_actions=cfg.ablation == "random-actions", seed=cfg.seed,
-                                        concurrency=cfg.concurrency, progress=None, classifier=roles.classifier,
-                                        stats=server.phase1, contrast=cfg.contrast, generator=generator,
-                                        per_conversation=cfg.pairs_per_conversation)
+        built = await _unless_stopped(server.stop, build_pairs(
+            env, tasks, roles.policy, dpref_path, annotator=roles.classifier if cfg.pseudo_label else None,
+            random_actions=cfg.ablation == "random-actions", seed=cfg.seed, concurrency=cfg.concurrency,
+            progress=None, classifier=roles.classifier, stats=server.phase1, contrast=cfg.contrast,
+            generator=generator, per_conversation=cfg.pairs_per_conversation))
+        if built is None:  # a signal during Phase 1: stop now, a rerun resumes it (dpref.jsonl holds whole tasks)
+            return server._snapshot()
+        _, failures = built
         ids = {t.id for t in tasks}
         dpref = [p for p in read_pairs(dpref_path) if base_task_id(p) in ids]
         if not dpref:

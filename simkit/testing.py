@@ -47,13 +47,86 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
 
+def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM, prctl=None) -> None:
+    """Have the kernel send this process `sig` when its parent `parent_pid` dies, even by SIGKILL
+    (Linux PR_SET_PDEATHSIG; elsewhere nothing); exit at once if the parent died before this call.
+
+    Call it first thing in a child, or let `popen_group` do it between fork and exec. The signal
+    follows the parent's *thread* that started the child: start children from a thread that lives
+    as long as they should (the main thread)."""
+    if sys.platform.startswith("linux"):
+        (prctl or _prctl())(1, sig)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _prctl():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def popen_group(args: Sequence[str], **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen` for a child that never outlives this process: it leads its own process
+    group (`stop_process` stops it with its own children, and a terminal's Ctrl-C reaches only us,
+    who then stop it), and it gets SIGTERM when this process dies, crashes included (see
+    `die_with_parent`; the child's own children are its business: a process group or the same)."""
+    preexec = None
+    if sys.platform.startswith("linux"):
+        import functools
+
+        # looked up here, not in the child: dlopen / dlsym between fork and exec can deadlock
+        preexec = functools.partial(die_with_parent, os.getpid(), signal.SIGTERM, _prctl())
+    return subprocess.Popen(list(args), start_new_session=True, preexec_fn=preexec, **kwargs)
+
+
+def process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, start time) of every running process (Linux /proc; zombies left out).
+    The start time tells a process from a later one that got the same pid."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] not in ("Z", "X"):
+                out[int(d.name)] = (int(fields[1]), fields[19])
+    return out
+
+
+def descendants(root: int) -> set[tuple[int, str]]:
+    """(pid, start time) of every running descendant of `root`."""
+    procs = process_table()
+    found, todo = set(), [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, start) in procs.items():
+            if ppid == parent:
+                found.add((pid, start))
+                todo.append(pid)
+    return found
+
+
+def still_running(procs: set[tuple[int, str]], timeout: float = 0.0) -> set[int]:
+    """The pids of `procs` (from `descendants`) still running after up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        table = process_table()
+        alive = {pid for pid, start in procs if table.get(pid, (0, None))[1] == start}
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def start_process(args: Sequence[str], health_url: str | None, log_path: Path | None = None,
                   env: dict | None = None, timeout: float = 120.0) -> Iterator[subprocess.Popen]:
-    """Start a subprocess (own process group), wait for `health_url`, stop it on exit."""
+    """Start a subprocess (`popen_group`: own process group, dies with us), wait for `health_url`,
+    stop it on exit."""
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    proc = popen_group(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     try:
         if health_url:
             wait_http(health_url, timeout, proc)
@@ -119,8 +192,7 @@ class RedisServer:
                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
                 "--save", "", "--daemonize", "no", "--protected-mode", "yes",
                 "--logfile", str(self.dir / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = popen_group(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -206,8 +278,7 @@ class VLLMServer:
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         env = {**os.environ, **self.env}
         env.pop("CUDA_VISIBLE_DEVICES", None)
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=env)
+        self.proc = popen_group(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         try:
             wait_http(self.base_url + "/health", self.timeout, self.proc)
         except BaseException as e:

@@ -108,27 +108,19 @@ def last_row(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def _stop_with_parent(parent_pid: int) -> None:
-    """A worker must not outlive its parent (kill -9 of the parent alone would leave it running
-    beside the restarted parent's new worker on the same state file): on Linux the kernel sends
-    it SIGTERM (serve's clean stop: flush, save the watermark) when the parent dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:  # it died before the line above
-        sys.exit(0)
-
-
 def _worker_main(cfg_json: str, parent_pid: int) -> None:
     """Child process entry: one ordinary serve with its slice of the tasks."""
+    from ..testing import die_with_parent
+
+    # a worker must not outlive its parent (kill -9 of the parent alone would leave it running beside
+    # the restarted parent's new worker on the same state file): the kernel sends it SIGTERM (serve's
+    # clean stop: flush, save the watermark) when the parent dies
+    die_with_parent(parent_pid)
+
     import asyncio
 
-    from ..serve import ServeConfig, serve
-
-    _stop_with_parent(parent_pid)
-
     from ..queue_outage import QueueUnavailable
+    from ..serve import ServeConfig, serve
 
     cfg = ServeConfig.model_validate_json(cfg_json)
     try:
