@@ -69,10 +69,15 @@ def _prctl():
 def popen_group(args: Sequence[str], **kwargs) -> subprocess.Popen:
     """`subprocess.Popen` for a child that never outlives this process: it leads its own process
     group (`stop_process` stops it with its own children, and a terminal's Ctrl-C reaches only us,
-    who then stop it), and it gets SIGTERM when this process dies, crashes included (see
-    `die_with_parent`; the child's own children are its business: a process group or the same)."""
+    who then stop it), and, started from the main thread, it gets SIGTERM when this process dies,
+    crashes included (see `die_with_parent`; the child's own children are its business: a process
+    group or the same). From another thread only the process group applies."""
+    import threading
+
     preexec = None
-    if sys.platform.startswith("linux"):
+    # the kernel ties the parent-death signal to the starting *thread*: armed from a short-lived thread
+    # (e.g. a Timer that restarts redis-server) it would kill the child as soon as that thread ends
+    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
         import functools
 
         # looked up here, not in the child: dlopen / dlsym between fork and exec can deadlock

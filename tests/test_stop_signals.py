@@ -140,3 +140,22 @@ def test_recipe_stops_its_children(tmp_path, how):
     while set(started) & set(process_table()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not set(started) & set(process_table()), stub_log.read_text()
+
+
+def test_a_child_started_from_a_short_lived_thread_outlives_that_thread():
+    """The parent-death signal follows the starting thread: popen_group must not arm it off the main
+    thread, or a server restarted from a Timer (tests/test_queue_outage.py) dies with the Timer."""
+    import threading
+
+    from simkit.testing import popen_group, stop_process
+
+    box = []
+    t = threading.Thread(target=lambda: box.append(popen_group(["sleep", "30"])))
+    t.start()
+    t.join()
+    proc = box[0]
+    try:
+        time.sleep(0.5)
+        assert proc.poll() is None, "the child died with the thread that started it"
+    finally:
+        stop_process(proc)
