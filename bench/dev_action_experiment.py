@@ -83,7 +83,6 @@ if a.q_losers:
 if not a.unbalanced:
     ans = rng.sample(ans, min(len(ans), len(clar)))
 chosen = clar + ans
-steps = 0
 if not (root / "queue.sqlite").exists():
     out = []
     for e in range(a.epochs):
@@ -93,15 +92,20 @@ if not (root / "queue.sqlite").exists():
     open_queue(str(root / "queue.sqlite")).append(out)
     say(f"queue: {len(clar)} CLARIFY + {len(ans)} ANSWER pairs x {a.epochs} epochs = {len(out)}")
 steps = (len(chosen) * a.epochs) // a.batch_size
-adapters = root / "train" / "adapters"
-if not list(adapters.glob("*/v*")) and not list((root / "train" / "checkpoints").glob("checkpoint-*")):
+
+
+def trained() -> list[Path]:
+    """The published versions, else (the queue drained before --max-steps) the checkpoints, oldest first."""
+    return sorted((root / "train" / "adapters").glob("*/v*")) or sorted(
+        (root / "train" / "checkpoints").glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
+
+
+if not trained():
     run([sys.executable, "-m", "trainer.cli", "run", "--model", a.model, "--queue", str(root / "queue.sqlite"),
          "--out", str(root / "train"), "--adapter-name", a.name, "--max-steps", str(steps), "--publish-every",
          str(steps), "--idle-timeout-s", "20", "--seed", str(a.seed), "--no-tensorboard", "--batch-size",
          str(a.batch_size), *rest], root / "train.log")
-found = sorted(adapters.glob("*/v*")) or sorted((root / "train" / "checkpoints").glob("checkpoint-*"),
-                                                key=lambda d: int(d.name.split("-")[1]))
-ad = found[-1]  # the published version, else (the queue drained before --max-steps) the last checkpoint
+ad = trained()[-1]
 say(f"adapter {ad}")
 run([sys.executable, "bench/action_first_token.py", "--model", a.model, "--adapter",
      f"{a.name}={ad}", "--skip-base", "--split", "dev", "--limit", str(a.n_dev), "--seed", "0", "--json",
