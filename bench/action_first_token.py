@@ -10,7 +10,7 @@ exactly the ids of `--tasks-file FILE` (as `simkit eval --tasks-file`).
 
 Per-task evidence: `--rows PATH` (the last policy measured: the last --adapter, else the base) or
 `--rows NAME=PATH` (repeatable) writes each task's `p_question` (the first-token probability of a
-question opener) into a per-task rows file (simkit/results.py), merged by task_id: rows already
+question opener) into a per-task rows file (simkit/evaluation/results.py), merged by task_id: rows already
 there keep every other field; a missing file is created with only task_id, gold_action and
 p_question filled."""
 from __future__ import annotations
@@ -40,7 +40,7 @@ def when_numbers(clarify: list[tuple[float, float]], answer: list[tuple[float, f
 def merge_p_question(path: str | os.PathLike, p_by_task: dict[str, float], gold: dict[str, str],
                      meta: dict | None = None) -> tuple[int, int]:
     """Set `p_question` of each task's row in a rows file (created if missing); (updated, added)."""
-    from simkit.results import FIELDS, read_rows, write_rows
+    from simkit.evaluation.results import FIELDS, read_rows, write_rows
 
     path = Path(path)
     old_meta, rows = read_rows(path) if path.exists() else ({}, [])
@@ -66,7 +66,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from simkit.env import make
-    from simkit.eval import task_order
+    from simkit.evaluation.evaluate import task_order
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="base model directory")
@@ -84,7 +84,7 @@ def main() -> None:
     a = ap.parse_args()
     env = make("ambigsql")
     if a.tasks_file:
-        from simkit.eval import load_tasks_file
+        from simkit.evaluation.evaluate import load_tasks_file
 
         tasks = load_tasks_file(a.tasks_file, env.tasks(a.split))[: a.limit or None]
     else:

@@ -40,10 +40,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from simkit.env import make
-    from simkit.eval import task_order
+    from simkit.evaluation.evaluate import task_order
     from simkit.sampling import sample_conversations
-    from simkit.stats import macro_f1
-    from simkit.textclf import TextActionClassifier
+    from simkit.evaluation.stats import macro_f1
+    from simkit.evaluation.textclf import TextActionClassifier
     from simkit.types import CLARIFY
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

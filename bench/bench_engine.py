@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_engine.py                       # 100, 1000, 5000 in flight
     .venv/bin/python bench/bench_engine.py --concurrency 1000 --duration 8 --json out.json
 
-The fake server (`simkit.fakeserver`, fixed 50 ms latency) runs in its own process pinned to
+The fake server (`simkit.loadtools.fakeserver`, fixed 50 ms latency) runs in its own process pinned to
 the last CPU; every client runs in a fresh subprocess pinned to CPU 0, so each measures one
 client core. Client modes:
 - engine:     full simkit episodes (toy env; Policy + LLMClassifier + LLMSimulator over
@@ -124,7 +124,6 @@ async def mode_sequential(url: str, n: int, win: Window) -> None:
 
     import simkit
     from simkit import prompts
-
     client = OpenAI(base_url=url, api_key="EMPTY", max_retries=0)
     env = simkit.make("toy", size=1000)
     tasks = env.tasks("train")
@@ -165,7 +164,7 @@ async def mode_engine(url: str, n: int, win: Window, transport: str | None = Non
     import contextlib
 
     import simkit
-    from simkit.agents import LLMClassifier, LLMSimulator
+    from simkit.roles.agents import LLMClassifier, LLMSimulator
 
     cfg = simkit.RoleConfig(base_urls=[url], model="fake-model", max_in_flight=n, timeout_s=60)
     if transport:
@@ -267,7 +266,7 @@ def main() -> None:
     client_cpu, server_cpu = (cpus[0], cpus[-1]) if ncpu >= 2 else (None, None)
     levels = [int(x) for x in a.concurrency.split(",")]
     modes = [m.strip() for m in a.modes.split(",")]
-    from simkit.fakeserver import FakeConfig, start_fake_server
+    from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
 
     print(f"# fake server: fixed {a.latency_ms:g} ms; server CPU {server_cpu}, client CPU {client_cpu}; "
           f"window {a.duration:g}s after {a.warmup:g}s warm-up", flush=True)

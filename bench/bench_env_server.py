@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import simkit  # noqa: E402
-from simkit.fakeserver import FakeConfig, start_fake_server  # noqa: E402
-from simkit.roles import RolesConfig, build_roles  # noqa: E402
-from simkit.testing import free_port, start_process  # noqa: E402
+from simkit.loadtools.fakeserver import FakeConfig, start_fake_server  # noqa: E402
+from simkit.roles.build import RolesConfig, build_roles  # noqa: E402
+from simkit.loadtools.testing import free_port, start_process  # noqa: E402
 
 
 class Timed:
@@ -130,7 +130,7 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with start_fake_server(FakeConfig(latency_ms=args.latency_ms)) as fake, \
-            start_process([sys.executable, "-m", "simkit.env_server", "--env", args.env, "--port", str(port)],
+            start_process([sys.executable, "-m", "simkit.envserver.server", "--env", args.env, "--port", str(port)],
                           url + "/health", timeout=180):
         res = asyncio.run(bench(args, fake.url, url))
         import urllib.request

@@ -75,7 +75,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results_model_server.json", help="JSON results file")
     args = ap.parse_args()
 
-    from simkit.testing import free_port, start_model_server
+    from simkit.loadtools.testing import free_port, start_model_server
 
     chats = prompts(args.env, args.batch)
     with start_model_server(args.model, port=free_port(), extra_args=["--max-batch", str(args.batch)]) as srv:

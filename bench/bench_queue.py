@@ -185,7 +185,7 @@ def run_once(pairs: list[PreferencePair], bodies: list[str], batch: int, tmp: st
 
     # ---- the Redis backend, same loops; a fresh stream per run
     if redis_url is not None:
-        from simkit.queue_redis import RedisQueue
+        from simkit.queue.redis import RedisQueue
 
         stream = f"bench-{os.path.basename(tmp)}-{time.time_ns()}"
         rq = RedisQueue(redis_url, stream=stream)
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             contextlib.ExitStack() as stack:
         redis_url = None if args.no_redis else args.redis_url
         if not args.no_redis and redis_url is None:
-            from simkit.testing import RedisServer
+            from simkit.loadtools.testing import RedisServer
 
             redis_url = stack.enter_context(RedisServer(os.path.join(tmp, "redis"))).url()
         for r in range(args.repeat):  # interleaved, so a busy spell on a shared box hits every size

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from simkit.fakeserver import FakeConfig, start_fake_server  # noqa: E402
+from simkit.loadtools.fakeserver import FakeConfig, start_fake_server  # noqa: E402
 from simkit.serving.workers import last_row  # noqa: E402
 
 

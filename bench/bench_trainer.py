@@ -80,7 +80,7 @@ def hot_reload(model_dir: str, adapter_src: Path, work: Path, n: int) -> dict:
     import httpx
 
     from simkit.queue import open_queue
-    from simkit.testing import start_model_server
+    from simkit.loadtools.testing import start_model_server
     from trainer.publish import Publisher
 
     q = open_queue(work / "reload.db")
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.model:
         model_dir = a.model
     else:
-        from simkit.tiny_model import init_tiny
+        from simkit.modelserver.tiny import init_tiny
 
         model_dir = str(init_tiny(work / "tiny"))
     pairs = toy_pairs(a.steps * a.batch_size)

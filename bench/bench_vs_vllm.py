@@ -73,7 +73,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results_vs_vllm.json", help="JSON results file")
     args = ap.parse_args()
 
-    from simkit.testing import VLLMServer, free_port, start_model_server
+    from simkit.loadtools.testing import VLLMServer, free_port, start_model_server
 
     tmp = Path(tempfile.mkdtemp(prefix="vs_vllm_"))
     extra = shlex.split(args.embedded_args)

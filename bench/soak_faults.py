@@ -8,7 +8,7 @@ simulator and classifier failing, and afterwards every count must reconcile.
 Processes (all real subprocesses, in a scratch directory):
 - the embedded model server (tiny random Llama): the policy, loads each published adapter;
 - a fake OpenAI server for the simulator and the classifier with 10% HTTP 500s and 1% requests
-  that never answer (`simkit.fakeserver`; the one process never killed: it *is* the fault);
+  that never answer (`simkit.loadtools.fakeserver`; the one process never killed: it *is* the fault);
 - `simkit serve --env toy --workers 2` (async schedule; the trainer leases with --max-staleness 2);
 - `trainer run --publish-every 3` (batch 2, never-ending --max-steps).
 A chaos loop kills one target every few seconds and restarts it: the model server, serve (the
@@ -17,7 +17,7 @@ the middle of a publish (as soon as a new adapter directory appears). With `--qu
 redis` the queue is a real redis-server (AOF on, `appendfsync always`, in the scratch directory)
 and redis-server is one more target: SIGKILLed, down for 0.2-3 s, restarted on the same AOF
 (always once, past half the duration). Serve's workers and the trainer ride through it (their
-queue calls are retried: simkit/queue_outage.py); none of them may exit. The model server's
+queue calls are retried: simkit/queue/outage.py); none of them may exit. The model server's
 restarts start it without adapters: serve's follower loads the current one again. For a process kill `everysec` would lose nothing either (the AOF
 write() precedes each reply; only the fsync differs); `always` also covers a power loss. At the end serve and the
 trainer get SIGTERM (clean stop), and the checks below run on the queue, the trainer's ledger
@@ -66,7 +66,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from simkit.testing import RedisServer, free_port, wait_http  # noqa: E402
+from simkit.loadtools.testing import RedisServer, free_port, wait_http  # noqa: E402
 
 PY = sys.executable
 WORKERS, CONCURRENCY = 2, 8  # serve's --workers and --concurrency (per worker)
@@ -167,7 +167,7 @@ def _counters(queue: str) -> dict:
 
 def soak(work: Path, duration: float, seed: int, kill_every: tuple[float, float], max_staleness: int = 2,
          backend: str = "sqlite", failure_window: float = 45.0) -> dict:
-    from simkit.tiny_model import init_tiny
+    from simkit.modelserver.tiny import init_tiny
 
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def _soak(work: Path, duration: float, rng: random.Random, kill_every: tuple[flo
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
 
-    fake = Proc("fake", lambda: [PY, "-m", "simkit.fakeserver", "--port", str(fake_port), "--latency-ms", "5",
+    fake = Proc("fake", lambda: [PY, "-m", "simkit.loadtools.fakeserver", "--port", str(fake_port), "--latency-ms", "5",
                                  "--error-rate", "0.1", "--stall-rate", "0.01"], logs / "fake.log")
     model = Proc("model-server", lambda: [PY, "-m", "simkit.cli", "model-server", "--model", str(tiny),
                                           "--port", str(ms_port)], logs / "model_server.log")

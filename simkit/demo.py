@@ -44,7 +44,7 @@ def _adopt(proc: subprocess.Popen) -> subprocess.Popen:
 
 def _stop_children(grace: float = 10.0) -> None:
     """SIGTERM each child's process group (the trainer commits and exits), SIGKILL after `grace`."""
-    from .testing import stop_process
+    from simkit.loadtools.testing import stop_process
 
     while _CHILDREN:
         _, proc = _CHILDREN.popitem()
@@ -99,8 +99,8 @@ def _count_steps(run_dir: Path) -> Callable[[], int]:
 def _run(cmd: list[str], log: Path, timeout: float,
          progress: tuple[int | None, Callable[[], int], str] | None = None) -> None:
     """Run one stage; a progress bar follows `progress = (total, count(), unit)` while it runs."""
-    from .engine import progress_bar
-    from .testing import popen_group, stop_process
+    from simkit.engine import progress_bar
+    from simkit.loadtools.testing import popen_group, stop_process
 
     t0 = time.monotonic()
     with open(log, "ab") as f:
@@ -288,8 +288,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .eval import compare
-    from .testing import start_process
+    from simkit.evaluation.evaluate import compare
+    from simkit.loadtools.testing import start_process
 
     py = sys.executable
     out = Path(args.out).resolve()
@@ -363,7 +363,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             _CHILDREN.pop(serve.pid, None)
 
         stages.run("act", [act, out / "serve", queue, Path(f"{queue}-wal"), Path(f"{queue}-shm")], act_stage)
-        from .queue import open_queue
+        from simkit.queue import open_queue
 
         q = open_queue(str(queue))
         v = q.current_version()
@@ -409,7 +409,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 def policy_server(kind: str, base: Path, logs: Path) -> Iterator[Any]:
     """The demo's policy server: the embedded one, or real vLLM's CPU build (LoRA on, rank as the
     trainer's default) when `--policy-server vllm`; either is stopped when the demo ends."""
-    from .testing import VLLMServer, free_port, start_model_server, vllm_venv
+    from simkit.loadtools.testing import VLLMServer, free_port, start_model_server, vllm_venv
 
     if kind == "embedded":
         with start_model_server(base, port=free_port(), log_path=logs / "model_server.log") as srv:
@@ -438,7 +438,7 @@ def load_adapter(policy_url: str, name: str, path: Path) -> None:
 
 def write_corpus(env_name: str, path: Path, n: int) -> None:
     """Task text (prompts and references of the training split) for the tiny tokenizer."""
-    from .env import make
+    from simkit.env import make
 
     env = make(env_name)
     with open(path, "w", encoding="utf-8") as f:
@@ -455,7 +455,7 @@ def plot_side_by_side(run_dirs: list[Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .metrics import COLUMNS
+    from simkit.evaluation.metrics import COLUMNS
 
     runs = [json.loads((d / "metrics.json").read_text()) for d in run_dirs]
     keys = [(k, label) for k, label in COLUMNS]

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, Sequence, TypeVar,
                     runtime_checkable)
 
-from .client import RoleError
-from .types import Message, Reply, Task, Trajectory
+from simkit.roles.client import RoleError
+from simkit.types import Message, Reply, Task, Trajectory
 
 if TYPE_CHECKING:
-    from .env import Env, Episode
+    from simkit.env import Env, Episode
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -21,9 +21,9 @@ from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import prompts
-from .agents import ActionClassifier, GroundedSimulator, RuleClassifier, UserSimulator
-from .types import CLARIFY, Message, Reply, Task, Trajectory, Turn
+from simkit import prompts
+from simkit.roles.agents import ActionClassifier, GroundedSimulator, RuleClassifier, UserSimulator
+from simkit.types import CLARIFY, Message, Reply, Task, Trajectory, Turn
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from .types import CLARIFY, Task
+from simkit.types import CLARIFY, Task
 
 T = TypeVar("T")
 FILE = "conversations.json"

@@ -21,7 +21,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Llama + offline tokenizer, made once per test session."""
-    from simkit.tiny_model import init_tiny
+    from simkit.modelserver.tiny import init_tiny
 
     return init_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
@@ -29,7 +29,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def model_server(tiny_model, tmp_path_factory):
     """The embedded model server as a real subprocess on loopback (shared by tests)."""
-    from simkit.testing import start_model_server
+    from simkit.loadtools.testing import start_model_server
 
     log = tmp_path_factory.mktemp("logs") / "model_server.log"
     with start_model_server(tiny_model, log_path=log) as srv:
@@ -52,7 +52,7 @@ def one_torch_thread():
 def redis_server(tmp_path_factory):
     """A real redis-server (AOF on) on a free loopback port, one per test. Fails, never skips,
     when redis-server is not installed: `apt-get install -y redis-server` (CI's .ci/run does)."""
-    from simkit.testing import RedisServer
+    from simkit.loadtools.testing import RedisServer
 
     with RedisServer(tmp_path_factory.mktemp("redis")) as srv:
         yield srv

@@ -5,9 +5,9 @@ import pytest
 
 import simkit
 from simkit import prompts
-from simkit.act import phase1_pair, phase2_rollout
-from simkit.agents import RuleClassifier
-from simkit.toyenv import token_f1
+from simkit.act.contrast import phase1_pair, phase2_rollout
+from simkit.roles.agents import RuleClassifier
+from environments.toy.env import token_f1
 from simkit.types import ANSWER, CLARIFY, Message, Reply, goal_text
 
 
@@ -138,7 +138,7 @@ async def test_forced_losers_are_checked_retried_then_fall_back_and_counted(env,
     assert RuleClassifier.classify_sync(p.rejected[0].content) == CLARIFY
 
     # build_pairs counts every path and drops pairs whose two sides are identical
-    from simkit.pairs import build_pairs, new_phase1_stats, stats_path
+    from simkit.act.pairs import build_pairs, new_phase1_stats, stats_path
 
     class Mixed:
         async def respond(self, messages, instruction=None, task=None, **kw):
@@ -181,7 +181,7 @@ async def test_random_actions_ablation_flips_winners():
     env = simkit.make("toy", size=40)
     tasks = env.tasks("train")
     pol = ScriptedPolicy({"clarifying question": "Which one do you mean?"}, "It is 20 meters.")
-    from simkit.pairs import build_pairs, new_phase1_stats
+    from simkit.act.pairs import build_pairs, new_phase1_stats
 
     stats = new_phase1_stats()
     pairs, _ = await build_pairs(env, tasks, pol, random_actions=True, seed=3, stats=stats, contrast="forced")
@@ -206,7 +206,7 @@ async def test_random_actions_ablation_flips_winners():
 
 
 async def test_irpo_pairs_best_success_against_worst_failure(env):
-    from simkit.act import irpo_rollout
+    from simkit.act.contrast import irpo_rollout
 
     clarify_task = env.tasks("train")[0]
 

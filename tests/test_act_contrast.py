@@ -8,11 +8,11 @@ from aiohttp import web
 
 import simkit
 from simkit import prompts
-from simkit.act import TurnIndex, irpo_rollout, phase1_pair, phase1_pairs, phase2_rollout, turn1_task
-from simkit.agents import CutFirstNewline, LoserGenerator
-from simkit.pairs import build_pairs, new_phase1_stats, read_pairs
-from simkit.roles import RolesConfig, build_loser_generator, build_roles, set_rollout_sampling
-from simkit.testing import free_port
+from simkit.act.contrast import TurnIndex, irpo_rollout, phase1_pair, phase1_pairs, phase2_rollout, turn1_task
+from simkit.roles.agents import CutFirstNewline, LoserGenerator
+from simkit.act.pairs import build_pairs, new_phase1_stats, read_pairs
+from simkit.roles.build import RolesConfig, build_loser_generator, build_roles, set_rollout_sampling
+from simkit.loadtools.testing import free_port
 from simkit.types import ANSWER, CLARIFY, Message, PreferencePair, Reply
 
 
@@ -300,7 +300,7 @@ async def test_serve_wires_the_options_and_reports_the_mix(tmp_path):
     import asyncio
 
     from simkit.queue import open_queue
-    from simkit.serve import ServeConfig, serve
+    from simkit.serving.serve import ServeConfig, serve
 
     async with stub_server(lambda body: "Which one do you mean?\nAssistant: more") as (url, seen):
         cfg = ServeConfig(env="toy", queue=str(tmp_path / "q.db"), run_dir=str(tmp_path / "run"), n_conversations=6,

@@ -9,7 +9,7 @@ import time
 import aiohttp
 
 from simkit.queue import open_queue
-from simkit.testing import start_process
+from simkit.loadtools.testing import start_process
 
 
 async def test_serve_and_trainer_close_the_loop(model_server, tiny_model, tmp_path):

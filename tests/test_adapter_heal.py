@@ -10,9 +10,9 @@ import urllib.request
 
 import pytest
 
-from simkit.fakeserver import FakeConfig, start_fake_server
+from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
 from simkit.queue import open_queue
-from simkit.testing import free_port, start_process, wait_http
+from simkit.loadtools.testing import free_port, start_process, wait_http
 from trainer.publish import Publisher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

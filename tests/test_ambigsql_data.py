@@ -237,7 +237,7 @@ def test_dev_split_is_database_disjoint_and_carved_from_train(env, examples):
 
 
 def test_sealed_test_sample_names_test_tasks(env):
-    from simkit.eval import load_tasks_file
+    from simkit.evaluation.evaluate import load_tasks_file
 
     path = os.path.join(os.path.dirname(__file__), "..", "bench", "results", "sealed_test_ambigsql.json")
     doc = json.load(open(path))

@@ -3,7 +3,7 @@ fault soak, where a publish timing out wedged the model server for good."""
 import threading
 import time
 
-from simkit.batcher import ContinuousBatcher
+from simkit.modelserver.batcher import ContinuousBatcher
 
 
 def test_cancelled_control_calls_never_kill_the_model_thread():

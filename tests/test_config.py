@@ -4,12 +4,12 @@ import argparse
 
 import pytest
 
-from simkit.client import ClientSettings, RoleConfig
+from simkit.roles.client import ClientSettings, RoleConfig
 from simkit.config import add_config_args, config_from_args
-from simkit.loadtest import LoadConfig
-from simkit.loadtest import config_from_args as load_config_from_args
-from simkit.roles import RolesConfig, add_role_args, build_roles
-from simkit.serve import ServeConfig
+from simkit.loadtools.loadtest import LoadConfig
+from simkit.loadtools.loadtest import config_from_args as load_config_from_args
+from simkit.roles.build import RolesConfig, add_role_args, build_roles
+from simkit.serving.serve import ServeConfig
 
 
 def _parse(cls, argv):

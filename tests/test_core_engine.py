@@ -10,17 +10,17 @@ import json
 import pytest
 
 import simkit
-from simkit.act import phase1_pair, phase2_rollout
-from simkit.client import RoleError
+from simkit.act.contrast import phase1_pair, phase2_rollout
+from simkit.roles.client import RoleError
 from simkit.engine import PolicyLike, amap, run_episodes
 from simkit.env import EnvConfigError
-from simkit.fakeserver import FakeServer
-from simkit.pairs import build_pairs
+from simkit.loadtools.fakeserver import FakeServer
+from simkit.act.pairs import build_pairs
 from simkit.queue import AsyncPairQueue, open_queue
-from simkit.roles import Roles
-from simkit.serve import Server, ServeConfig, serve
+from simkit.roles.build import Roles
+from simkit.serving.serve import Server, ServeConfig, serve
 from simkit.serving import VersionFollower
-from simkit.toyenv import ToyEnv
+from environments.toy.env import ToyEnv
 from simkit.types import ANSWER, CLARIFY, Reply
 
 

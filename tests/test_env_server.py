@@ -20,9 +20,9 @@ import aiohttp
 import pytest
 
 import simkit
-from simkit.fakeserver import FakeConfig, start_fake_server
-from simkit.roles import RolesConfig, build_roles
-from simkit.testing import free_port, start_process
+from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
+from simkit.roles.build import RolesConfig, build_roles
+from simkit.loadtools.testing import free_port, start_process
 
 REPO = Path(__file__).resolve().parent.parent
 ENVS = ("toy", "ambigsql", "pacific", "abgcoqa")
@@ -37,7 +37,7 @@ def fake():
 
 def env_server(*flags: str, env: dict | None = None):
     port = free_port()
-    args = [sys.executable, "-m", "simkit.env_server", "--port", str(port), *flags]
+    args = [sys.executable, "-m", "simkit.envserver.server", "--port", str(port), *flags]
     cm = start_process(args, f"http://127.0.0.1:{port}/health", env=env, timeout=120)
     return cm, f"http://127.0.0.1:{port}"
 

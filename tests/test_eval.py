@@ -9,7 +9,7 @@ import time
 import pytest
 
 import simkit
-from simkit.eval import ShotSelector, compare, read_episodes
+from simkit.evaluation.evaluate import ShotSelector, compare, read_episodes
 
 ENVS = ["ambigsql", "pacific", "abgcoqa"]
 
@@ -73,7 +73,7 @@ def test_icl_shot_selection_is_seeded_and_similarity_ranked():
 def test_eval_defaults_greedy_and_names_its_roles(tmp_path):
     """Greedy decoding with 128 new tokens by default; metrics and tables name the simulator and the
     classifier (with its precision/recall on the references); n counts conversations."""
-    from simkit.fakeserver import FakeConfig, start_fake_server
+    from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
 
     train = tmp_path / "conversations.json"
     train.write_text(json.dumps({"conversation_ids": ["a", "b", "c"]}))
@@ -98,7 +98,7 @@ def test_eval_defaults_greedy_and_names_its_roles(tmp_path):
 
 
 def test_compare_plots_one_line_per_method(tmp_path):
-    from simkit.eval import method_of
+    from simkit.evaluation.evaluate import method_of
 
     assert method_of("ACT (sync) n=50") == "ACT (sync)" and method_of("SFT n=100") == "SFT"
     runs = []
@@ -115,8 +115,8 @@ def test_compare_plots_one_line_per_method(tmp_path):
 def test_eval_tasks_file_rows_when_columns_and_test_log(tmp_path):
     """--tasks-file evaluates exactly its ids in order; per_task.jsonl and the "when" keys are written;
     an eval on the test split is logged to OUT/test_evals.jsonl and the project log; unknown ids fail."""
-    from simkit.fakeserver import FakeConfig, start_fake_server
-    from simkit.results import ids_sha, read_rows
+    from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
+    from simkit.evaluation.results import ids_sha, read_rows
 
     ids = ["toy-test-7", "toy-test-2", "toy-test-11", "toy-test-4", "toy-test-0", "toy-test-9"]
     tasks_file = tmp_path / "sealed.json"
@@ -152,7 +152,7 @@ def test_eval_tasks_file_rows_when_columns_and_test_log(tmp_path):
 
 
 def test_eval_on_train_split_is_not_logged(tmp_path):
-    from simkit.fakeserver import FakeConfig, start_fake_server
+    from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
 
     out = tmp_path / "run"
     with start_fake_server(FakeConfig(latency_ms=0)) as srv:

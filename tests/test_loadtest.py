@@ -10,8 +10,8 @@ import time
 import aiohttp
 import pytest
 
-from simkit.fakeserver import FakeConfig, FakeServer
-from simkit.loadtest import LoadConfig, check_targets, is_loopback, run_loadtest, write_outputs
+from simkit.loadtools.fakeserver import FakeConfig, FakeServer
+from simkit.loadtools.loadtest import LoadConfig, check_targets, is_loopback, run_loadtest, write_outputs
 
 ROLES = ("policy", "classifier", "simulator")
 
@@ -184,7 +184,6 @@ async def test_fake_server_replies_like_vllm():
                 return await r.json()
 
         from simkit import prompts
-
         clf = prompts.render("classifier_fewshot", response="Do you mean the oak or the tower?")
         assert (await chat(clf, max_tokens=4))["choices"][0]["message"]["content"] == "Yes"
         clf = prompts.render("classifier_fewshot", response="It is 20 meters tall.")
@@ -210,7 +209,6 @@ async def test_engine_never_starves_on_episodes_that_finish_without_waiting():
 
     import simkit
     from simkit import engine
-
     env = simkit.make("toy", size=10)
     before = gc.get_threshold()
     n = 0

@@ -3,8 +3,8 @@ counted failures with their reason, over every transport; episodes end `failed`,
 import pytest
 
 import simkit
-from simkit.client import RoleClient, RoleConfig, RoleError
-from simkit.fakeserver import FakeConfig, FakeServer
+from simkit.roles.client import RoleClient, RoleConfig, RoleError
+from simkit.loadtools.fakeserver import FakeConfig, FakeServer
 
 KINDS = {  # fault kind -> the reason the client counts it under
     "empty": "empty_content",

@@ -1,7 +1,7 @@
 """Metric tests with hand-computed expected values."""
 import pytest
 
-from simkit.metrics import confusion, macro_f1, markdown_table, prf, summarize
+from simkit.evaluation.metrics import confusion, macro_f1, markdown_table, prf, summarize
 from simkit.types import ANSWER, CLARIFY, Trajectory, Turn
 
 
@@ -72,8 +72,8 @@ def test_turn_both_ways_and_post_clarify_both_ways():
 
 async def test_classifier_check_on_reference_responses():
     import simkit
-    from simkit.agents import RuleClassifier
-    from simkit.eval import classifier_check
+    from simkit.roles.agents import RuleClassifier
+    from simkit.evaluation.evaluate import classifier_check
 
     tasks = list(simkit.make("toy", size=8).tasks("train"))
     tasks[0] = tasks[0].model_copy(update={"reference": "Name the object, please."})  # a CLARIFY the rule misses

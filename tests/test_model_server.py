@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 
 import simkit
-from simkit.client import RoleClient
+from simkit.roles.client import RoleClient
 from simkit.types import ACTIONS, Trajectory
 
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import aiohttp
 import pytest
 
-from simkit import server_info
-from simkit.model_server import ModelServer, generation_defaults, register_cli
+from simkit.modelserver import info as server_info
+from simkit.modelserver.server import ModelServer, generation_defaults, register_cli
 
 
 def _make_adapter(base_dir, out_dir, r=4, seed=1):

@@ -131,7 +131,7 @@ async def test_score_is_the_authors_metric_with_their_threshold(data_dir):
 
 
 def test_envs_command_lists_sizes(capsys, data_dir):
-    from simkit.envs_cli import run
+    from simkit.envserver.listing import run
 
     assert run(argparse.Namespace(data_dir=None)) == 0
     out = capsys.readouterr().out

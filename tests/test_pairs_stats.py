@@ -4,8 +4,8 @@ from collections import Counter
 from types import SimpleNamespace
 
 import simkit
-from simkit.pairs import build_pairs, register_cli
-from simkit.pairstats import format_stats, load_pairs, margins_by_kind, pair_stats
+from simkit.act.pairs import build_pairs, register_cli
+from simkit.act.pairstats import format_stats, load_pairs, margins_by_kind, pair_stats
 from simkit.queue import open_queue
 from simkit.serving.status import MIX_KEYS, count_mix, status_line
 from simkit.types import Reply
@@ -110,7 +110,7 @@ async def test_trainer_logs_the_kind_mix_next_to_the_batch_margin(tmp_path):
 def test_pairs_build_cli_options_then_stats(tmp_path, capsys):
     import argparse
 
-    from simkit.fakeserver import FakeConfig, start_fake_server
+    from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
 
     p = argparse.ArgumentParser()
     register_cli(p.add_subparsers())

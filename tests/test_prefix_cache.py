@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from simkit.batcher import ContinuousBatcher, GenRequest, GenResult
-from simkit.kvcache import PrefixCache, RowKV
+from simkit.modelserver.batcher import ContinuousBatcher, GenRequest, GenResult
+from simkit.modelserver.kvcache import PrefixCache, RowKV
 
 SYSTEM = "You are a careful assistant who answers questions about tables. " * 3
 
@@ -30,7 +30,7 @@ def lively_model(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(lively_model, one_torch_thread):
-    from simkit.model_server import ModelRunner
+    from simkit.modelserver.server import ModelRunner
 
     return ModelRunner(str(lively_model), "base")
 

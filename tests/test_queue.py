@@ -555,7 +555,7 @@ def test_pairs_are_stored_as_json(sq):
 
 # --------------------------------------------------------------------------- Redis specifics
 def test_open_queue_redis_url_and_streams_are_separate(redis_server):
-    from simkit.queue_redis import RedisQueue
+    from simkit.queue.redis import RedisQueue
 
     with open_queue(redis_server.url("a")) as a, open_queue(redis_server.url("b")) as b:
         assert isinstance(a, RedisQueue) and (a.stream, b.stream) == ("a", "b")
@@ -593,14 +593,14 @@ def test_redis_kill_9_with_aof_loses_nothing_appended_or_acked(redis_server):
 
 
 def test_redis_server_helper_says_how_to_install(tmp_path):
-    from simkit.testing import RedisServer
+    from simkit.loadtools.testing import RedisServer
 
     with pytest.raises(RuntimeError, match="apt-get install -y redis-server"):
         RedisServer(tmp_path / "r", exe="redis-server-not-installed")
 
 
 def test_redis_without_aof_is_warned_about(tmp_path, caplog):
-    from simkit.testing import RedisServer
+    from simkit.loadtools.testing import RedisServer
 
     with RedisServer(tmp_path / "r", appendonly=False) as srv, caplog.at_level("WARNING", logger="simkit.queue"):
         open_queue(srv.url()).close()

@@ -10,8 +10,8 @@ import pytest
 import redis
 
 from simkit.queue import SQLiteQueue, open_queue
-from simkit.queue_outage import Outage, QueueUnavailable
-from simkit.testing import free_port
+from simkit.queue.outage import Outage, QueueUnavailable
+from simkit.loadtools.testing import free_port
 from trainer.synthetic import toy_pairs
 
 
@@ -121,7 +121,7 @@ def test_busy_loading_is_waited_out_and_the_window_ends_with_what_to_do(caplog):
 def test_past_the_window_cleanup_never_raises(tmp_path, monkeypatch):
     """A queue gone for good: calls stop with QueueUnavailable; release (the trainer's cleanup after
     that very error) logs and returns 0; close is quiet."""
-    from simkit.testing import RedisServer
+    from simkit.loadtools.testing import RedisServer
 
     monkeypatch.setenv("SIMKIT_QUEUE_OUTAGE_S", "0.3")
     srv = RedisServer(tmp_path / "r").start()

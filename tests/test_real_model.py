@@ -11,12 +11,12 @@ import time
 import httpx
 import pytest
 
-from simkit.testing import free_port, start_model_server
+from simkit.loadtools.testing import free_port, start_model_server
 
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
-    from simkit.model_fetch import fetch
+    from simkit.modelserver.fetch import fetch
 
     return fetch("smollm2", tmp_path_factory.mktemp("models") / "smollm2")
 
@@ -38,14 +38,14 @@ def test_fetch_writes_a_plain_checkpoint_with_provenance(smollm2):
     info = json.loads((smollm2 / "simkit_model.json").read_text())
     assert info["source"] == "smollm2" and "Apache-2.0" in info["license"] and info["params"] > 100e6
     assert (smollm2 / "model.safetensors").stat().st_size > 400e6
-    from simkit.model_fetch import fetch
+    from simkit.modelserver.fetch import fetch
 
     t0 = time.monotonic()
     assert fetch("smollm2", smollm2) == smollm2 and time.monotonic() - t0 < 5  # already there: a no-op
 
 
 def test_fetch_of_a_missing_source_says_what_to_do(tmp_path):
-    from simkit.model_fetch import FetchError, fetch
+    from simkit.modelserver.fetch import FetchError, fetch
 
     with pytest.raises(FetchError, match="local checkpoint folder"):
         fetch(str(tmp_path / "nowhere"), tmp_path / "out")
@@ -117,7 +117,7 @@ async def test_overload_is_shed_with_retry_after_not_timeouts(small_server):
 async def test_role_client_honours_retry_after_and_gets_everything_through(small_server):
     """The role client waits the server's Retry-After and retries: a burst 3x the server's
     capacity completes with zero failures."""
-    from simkit.client import RoleClient
+    from simkit.roles.client import RoleClient
 
     client = RoleClient("policy", base_urls=[small_server.url], max_retries=30, sampling={"temperature": 0})
     try:

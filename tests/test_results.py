@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from simkit.datafile import DataError
-from simkit.metrics import summarize
-from simkit.results import export_run, read_rows, rows_from_episodes, run_rows, write_rows
+from simkit.evaluation.metrics import summarize
+from simkit.evaluation.results import export_run, read_rows, rows_from_episodes, run_rows, write_rows
 from simkit.types import ANSWER, CLARIFY, Trajectory
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def test_export_old_run_dir_and_cli(tmp_path):
 
 def test_compare_pools_seeds_pairs_runs_and_writes_json(tmp_path, capsys):
     from simkit.cli import main
-    from simkit.compare import compare
+    from simkit.evaluation.compare import compare
 
     base = _run_dir(tmp_path, "base", _trajs(10, 0.55), label="SFT")
     act = [_run_dir(tmp_path, f"act{s}", _trajs(20 + s, 0.9), label="ACT") for s in range(3)]
@@ -116,7 +116,7 @@ def test_compare_pools_seeds_pairs_runs_and_writes_json(tmp_path, capsys):
 
 
 def test_compare_requires_the_same_tasks(tmp_path):
-    from simkit.compare import compare
+    from simkit.evaluation.compare import compare
 
     a = _run_dir(tmp_path, "a", _trajs(1, 0.6))
     b = _run_dir(tmp_path, "b", _trajs(2, 0.6, offset=5))  # 5 ids differ each way
@@ -125,7 +125,7 @@ def test_compare_requires_the_same_tasks(tmp_path):
 
 
 def test_compare_reads_per_task_rows_written_by_eval_and_plots(tmp_path):
-    from simkit.compare import compare
+    from simkit.evaluation.compare import compare
 
     dirs = []
     for label, n_train, skill in (("SFT n=50", 50, 0.6), ("ACT n=50", 50, 0.8), ("SFT n=100", 100, 0.7),

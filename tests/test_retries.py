@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 import simkit
-from simkit.client import RoleClient
+from simkit.roles.client import RoleClient
 from simkit.types import ANSWER, Message, Task
 
 
@@ -102,7 +102,7 @@ async def test_retry_after_is_honoured(fault_server, transport):
     """A 503 with Retry-After: 1 is retried after at least a second (not after the 50 ms backoff),
     and then succeeds: shed load comes back when the server said, not in a storm."""
     url, attempts = fault_server
-    from simkit.client import RoleConfig
+    from simkit.roles.client import RoleConfig
 
     client = RoleClient("policy", RoleConfig(base_urls=[url], model="m", transport=transport, max_retries=3))
     t0 = time.monotonic()

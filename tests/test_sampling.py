@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import simkit
-from simkit.fakeserver import FakeConfig, start_fake_server
+from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
 from simkit.sampling import TooFewConversations, sample_conversations
 from simkit.types import CLARIFY
 

@@ -112,7 +112,7 @@ async def test_resume_reappends_pairs_a_truncated_wal_lost(tmp_path, caplog):
     assert 10 <= len(lost) <= 20 and not set(lost) & set(ids[:10])
     async with AsyncPairQueue(open_queue(db)) as aq:
         sink = PairSink(aq, journal=journal)
-        with caplog.at_level("WARNING", logger="simkit.serve"):
+        with caplog.at_level("WARNING", logger="simkit.serving.serve"):
             assert await sink.recover() == len(lost)
         assert f"lost {len(lost)} of the 30 pairs" in caplog.text
         assert await aq.missing(ids) == [] and (await aq.stats())["appended"] == 30

@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-from simkit.fakeserver import FakeConfig, start_fake_server
-from simkit.pairs import read_pairs
+from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
+from simkit.act.pairs import read_pairs
 from simkit.queue import open_queue
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from simkit.fakeserver import FakeConfig, start_fake_server
+from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
 from simkit.queue import open_queue
 from simkit.serving.workers import aggregate, parse_shard, shard_of, split_budget
 

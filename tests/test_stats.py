@@ -1,9 +1,9 @@
-"""simkit.stats against known cases: bootstrap coverage, paired tests, McNemar, the random asker."""
+"""simkit.evaluation.stats against known cases: bootstrap coverage, paired tests, McNemar, the random asker."""
 import numpy as np
 import pytest
 
-from simkit import stats
-from simkit.metrics import confusion, macro_f1 as metrics_macro_f1
+from simkit.evaluation import stats
+from simkit.evaluation.metrics import confusion, macro_f1 as metrics_macro_f1
 
 
 def test_bootstrap_ci_of_a_constant_is_exact_and_seeded():

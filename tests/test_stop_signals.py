@@ -1,6 +1,6 @@
 """Process hygiene: a command that starts child processes stops them all when it gets SIGINT or
 SIGTERM, fails, or is killed outright (SIGKILL: its children get SIGTERM from the kernel, see
-`simkit.testing.popen_group`). Checked on `simkit serve --workers 2`, `simkit loadtest` with its
+`simkit.loadtools.testing.popen_group`). Checked on `simkit serve --workers 2`, `simkit loadtest` with its
 fake server process (2 forked workers) and recipes/act_recipe.sh (with a stub for Python)."""
 import os
 import signal
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from simkit.fakeserver import FakeConfig, start_fake_server
-from simkit.testing import descendants, process_table, still_running
+from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
+from simkit.loadtools.testing import descendants, process_table, still_running
 
 REPO = Path(__file__).resolve().parent.parent
 STOPS = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
@@ -85,7 +85,7 @@ def test_loadtest_stops_its_fake_server(tmp_path, sig):
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
 
     def fake_up() -> bool:  # the fake server and its two forked workers
-        return sum("simkit.fakeserver" in _cmdline(p) for p, _ in descendants(proc.pid)) == 3
+        return sum("simkit.loadtools.fakeserver" in _cmdline(p) for p, _ in descendants(proc.pid)) == 3
 
     _wait_for(fake_up, proc, log, "fake server")
     time.sleep(1.5)  # past its health check: in the episodes loop
@@ -147,7 +147,7 @@ def test_a_child_started_from_a_short_lived_thread_outlives_that_thread():
     thread, or a server restarted from a Timer (tests/test_queue_outage.py) dies with the Timer."""
     import threading
 
-    from simkit.testing import popen_group, stop_process
+    from simkit.loadtools.testing import popen_group, stop_process
 
     box = []
     t = threading.Thread(target=lambda: box.append(popen_group(["sleep", "30"])))

@@ -2,9 +2,9 @@
 import json
 
 import simkit
-from simkit.results import read_rows
+from simkit.evaluation.results import read_rows
 from simkit.sampling import sample_conversations
-from simkit.textclf import TextActionClassifier, text_of
+from simkit.evaluation.textclf import TextActionClassifier, text_of
 from simkit.types import ANSWER, CLARIFY, Message, Task
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from simkit import server_info
+from simkit.modelserver import info as server_info
 from simkit.queue import open_queue
 from trainer.config import RunConfig
 from trainer.dpo import DPORun, run_id

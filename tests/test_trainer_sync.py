@@ -74,7 +74,7 @@ def test_sync_rejects_a_conflicting_async_setting():
 
 
 def test_serve_sync_preset():
-    from simkit.serve import ServeConfig
+    from simkit.serving.serve import ServeConfig
 
     s = ServeConfig(env="toy", queue="q", sync=True, concurrency=8)
     assert s.max_pending == 8

@@ -12,9 +12,9 @@ import json
 import pytest
 
 import simkit
-from simkit.client import RoleClient, RoleConfig
-from simkit.fakeserver import FakeConfig, FakeServer
-from simkit.transport import FastHTTPTransport, TransportError, make_transport
+from simkit.roles.client import RoleClient, RoleConfig
+from simkit.loadtools.fakeserver import FakeConfig, FakeServer
+from simkit.roles.transport import FastHTTPTransport, TransportError, make_transport
 
 BODY = {"id": "x", "object": "chat.completion", "model": "m",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "20 meters"}, "finish_reason": "stop"}],
@@ -150,7 +150,7 @@ async def test_failures_become_transport_errors(mode, status, retryable):
 
 
 async def test_connection_refused_is_retryable():
-    from simkit.testing import free_port
+    from simkit.loadtools.testing import free_port
 
     tr = make_transport("fast")
     try:
@@ -187,8 +187,8 @@ async def test_role_client_on_fast_transport_retries_and_counts():
 
 async def test_control_calls_share_the_transport(tmp_path):
     """GET /models and POST JSON go through the same transport as completions: one HTTP stack."""
-    from simkit.fakeserver import FakeServer
-    from simkit.transport import TransportError, make_transport
+    from simkit.loadtools.fakeserver import FakeServer
+    from simkit.roles.transport import TransportError, make_transport
 
     async with FakeServer(latency_ms=0) as srv:
         for kind in ("fast", "aiohttp"):
@@ -206,7 +206,7 @@ async def test_control_calls_share_the_transport(tmp_path):
 
 
 def test_publisher_uses_the_transport_and_stops_on_a_refusal(tmp_path):
-    from simkit.fakeserver import start_fake_server
+    from simkit.loadtools.fakeserver import start_fake_server
     from simkit.queue import open_queue
     from trainer.publish import Publisher, PublishRefused
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from simkit.testing import vllm_venv
+from simkit.loadtools.testing import vllm_venv
 
 pytestmark = pytest.mark.vllm
 

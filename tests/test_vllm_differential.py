@@ -19,8 +19,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from simkit.openai_protocol import sanitize_message
-from simkit.testing import VLLMServer, start_model_server, vllm_venv
+from simkit.modelserver.protocol import sanitize_message
+from simkit.loadtools.testing import VLLMServer, start_model_server, vllm_venv
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +51,7 @@ def smollm2_dir() -> Path:
     for d in (os.environ.get("SIMKIT_SMOLLM2_DIR"), REPO / "runs" / "models" / "smollm2"):
         if d and (Path(d) / "simkit_model.json").is_file():
             return Path(d).resolve()
-    from simkit.model_fetch import fetch
+    from simkit.modelserver.fetch import fetch
 
     cache = Path(os.environ.get("SIMKIT_CACHE_DIR") or Path.home() / ".cache" / "simkit")
     return fetch("smollm2", cache / "models" / "smollm2").resolve()
@@ -343,7 +343,7 @@ def test_act_loop_against_real_vllm(servers, smollm2_dir, tmp_path):
     import time
 
     from simkit.queue import open_queue
-    from simkit.testing import start_process
+    from simkit.loadtools.testing import start_process
 
     vllm, _ = servers
     queue, serve_dir, act_dir = tmp_path / "q.sqlite", tmp_path / "serve", tmp_path / "act"

@@ -9,8 +9,7 @@ import json
 import aiohttp
 import pytest
 
-from simkit import openai_protocol as proto
-
+from simkit.modelserver import protocol as proto
 M = [{"role": "user", "content": "How tall is the oak?"}]
 
 

@@ -19,7 +19,7 @@ EPISODE = r'''
 import asyncio, json, sys
 import simkit
 from simkit import prompts
-from simkit.fakeserver import FakeServer
+from simkit.loadtools.fakeserver import FakeServer
 
 async def main():
     async with FakeServer(latency_ms=0, clarify_rate=1.0) as srv:

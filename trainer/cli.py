@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def queue_down(e: BaseException) -> BaseException | None:
     """The QueueUnavailable behind `e` (the feeder thread wraps its errors), if any."""
-    from simkit.queue_outage import QueueUnavailable
+    from simkit.queue.outage import QueueUnavailable
 
     seen: BaseException | None = e
     while seen is not None:
@@ -117,7 +117,7 @@ def queue_down(e: BaseException) -> BaseException | None:
 def _run(args: argparse.Namespace) -> int:
     import os
 
-    from simkit.queue_outage import OUTAGE_ENV, QueueUnavailable
+    from simkit.queue.outage import OUTAGE_ENV, QueueUnavailable
 
     from .lock import RunDirLocked, RunLock
 

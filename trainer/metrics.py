@@ -5,7 +5,7 @@ step lines also have `step` and whatever the trainer logged (loss, rewards/*, lo
 the step's pair mix: `pairs/action` and `pairs/content` (pairs whose sides take different actions
 / the same one) with `rewards/margins_action` or `rewards/margins_content` when the step trained
 only that kind. TRL logs one margin per step (the batch mean, from `DPOTrainer.get_batch_loss_metrics`),
-so per-kind margins of mixed steps are estimated later (`simkit.pairstats.margins_by_kind`); exact
+so per-kind margins of mixed steps are estimated later (`simkit.act.pairstats.margins_by_kind`); exact
 per-pair margins would need a hook in trainer/dpo.py (see `kind_logs`).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Publisher: adapter version → every policy server → verified → announced on the queue.
 
-    check : before step 1, each server's /version and LoRA limits (`simkit.server_info`): a LoRA
+    check : before step 1, each server's /version and LoRA limits (`simkit.modelserver.info`): a LoRA
             config it would refuse stops the run before any training; then `reload_current`: a
             server that lost the queue's current version (restarted: it starts without adapters)
             gets it again from the path the version was published with
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simkit import server_info
-from simkit.transport import ChatTransport, TransportError, make_transport
+from simkit.modelserver import info as server_info
+from simkit.roles.transport import ChatTransport, TransportError, make_transport
 
 log = logging.getLogger("trainer")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")

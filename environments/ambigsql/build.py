@@ -954,7 +954,6 @@ async def rewrite_with_llm(examples: list[Example], client: Any, model: str | No
     import asyncio
 
     from simkit import prompts
-
     sem = asyncio.Semaphore(concurrency)
     kept = 0
 

@@ -76,7 +76,7 @@ def run_build(args: argparse.Namespace) -> int:
     if args.rewrite_url:
         import asyncio
 
-        from simkit.client import RoleClient, RoleConfig
+        from simkit.roles.client import RoleClient, RoleConfig
 
         async def polish() -> int:
             client = RoleClient("rewriter", RoleConfig(base_urls=[args.rewrite_url], model=args.rewrite_model))

@@ -36,7 +36,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from simkit import prompts
-from simkit.agents import RuleClassifier
+from simkit.roles.agents import RuleClassifier
 from simkit.datafile import DataError, each
 from simkit.env import Env, EnvConfig, register
 from simkit.types import ANSWER, CLARIFY, Message, Task

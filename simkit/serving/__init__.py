@@ -8,9 +8,9 @@
   the policy stamps each turn with the version that wrote it;
 - `status.StatusReporter`: the live status line and `metrics.jsonl`.
 """
-from .cursor import Slot, TaskCursor
-from .follower import VersionFollower
-from .sink import PairSink
-from .status import StatusReporter
+from simkit.serving.cursor import Slot, TaskCursor
+from simkit.serving.follower import VersionFollower
+from simkit.serving.sink import PairSink
+from simkit.serving.status import StatusReporter
 
 __all__ = ["PairSink", "Slot", "StatusReporter", "TaskCursor", "VersionFollower"]

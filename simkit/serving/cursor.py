@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Iterator, Sequence
 
-from ..act import Rollout
-from ..types import PreferencePair, Task
+from simkit.act.contrast import Rollout
+from simkit.types import PreferencePair, Task
 
 
 @dataclass(frozen=True)

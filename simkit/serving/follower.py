@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Any, Sequence
 
-log = logging.getLogger("simkit.serve")
+log = logging.getLogger("simkit.serving.serve")
 
 
 def model_missing(e: BaseException) -> bool:
@@ -77,7 +77,7 @@ class VersionFollower:
             return ok
 
     async def _heal_one(self, transport: Any, url: str) -> bool:
-        from ..transport import TransportError
+        from simkit.roles.transport import TransportError
 
         name = self.adapter
         try:

@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..act import Rollout
-from ..types import PreferencePair
+from simkit.act.contrast import Rollout
+from simkit.types import PreferencePair
 
-log = logging.getLogger("simkit.serve")
+log = logging.getLogger("simkit.serving.serve")
 
 
 def journal_lines(data: bytes) -> list[str]:

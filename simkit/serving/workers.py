@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from .status import StatusReporter
+from simkit.serving.status import StatusReporter
 
 T = TypeVar("T")
 # per-worker counters: each worker counts its own work, so the host's figure is their sum
@@ -110,7 +110,7 @@ def last_row(path: Path) -> dict[str, Any] | None:
 
 def _worker_main(cfg_json: str, parent_pid: int) -> None:
     """Child process entry: one ordinary serve with its slice of the tasks."""
-    from ..testing import die_with_parent
+    from simkit.loadtools.testing import die_with_parent
 
     # a worker must not outlive its parent (kill -9 of the parent alone would leave it running beside
     # the restarted parent's new worker on the same state file): the kernel sends it SIGTERM (serve's
@@ -119,8 +119,8 @@ def _worker_main(cfg_json: str, parent_pid: int) -> None:
 
     import asyncio
 
-    from ..queue_outage import QueueUnavailable
-    from ..serve import ServeConfig, serve
+    from simkit.queue.outage import QueueUnavailable
+    from simkit.serving.serve import ServeConfig, serve
 
     cfg = ServeConfig.model_validate_json(cfg_json)
     try:

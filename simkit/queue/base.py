@@ -1,0 +1,294 @@
+"""The queue's contract: `PairQueue` (what serve and the trainer call), its `Lease` and
+`VersionInfo`, the outage-riding decorator, and `AsyncPairQueue`, derived from `PairQueue`
+for asyncio code. Backends: `sqlite.SQLiteQueue`, `redis.RedisQueue`; `open.open_queue` picks one."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import gc
+import logging
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from simkit.queue.outage import Outage, QueueUnavailable
+from simkit.types import PreferencePair
+
+log = logging.getLogger("simkit.queue")
+
+# a pair's state, in SQLite: available  done IS NULL AND lease_until IS NULL
+#                             leased     done IS NULL AND lease_until IS NOT NULL (expired: <= now)
+#                             acked      done = 2,  dropped (stale)  done = 3
+ACKED, DROPPED = 2, 3
+
+
+@dataclass
+class Lease:
+    """A batch handed to one consumer. Ack it (or its ids) when trained on; otherwise the pairs
+    come back at `expires_at`, on `release(consumer)`, or on `nack(lease)`."""
+
+    id: str
+    consumer: str
+    pairs: list[PreferencePair]
+    expires_at: float
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.id for p in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self) -> Iterator[PreferencePair]:
+        return iter(self.pairs)
+
+    def __bool__(self) -> bool:  # an empty lease is falsy even though the object exists
+        return bool(self.pairs)
+
+
+@dataclass
+class VersionInfo:
+    """One published policy version: the adapter name servers know it by, where it was saved."""
+
+    version: int
+    adapter: str
+    path: str | None
+    published_at: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _ids_of(lease_or_ids: "Lease | Sequence[str]") -> list[str]:
+    if isinstance(lease_or_ids, Lease):
+        return lease_or_ids.ids
+    if isinstance(lease_or_ids, str):  # a lone id is a common slip; treat it as one id
+        return [lease_or_ids]
+    return [getattr(x, "id", x) for x in lease_or_ids]  # ids, or pairs themselves
+
+
+def riding(op: str, cleanup: bool = False) -> Any:
+    """Method decorator: run the call through the queue's `Outage` (retried while the backend is
+    out). `cleanup` calls (release) log and return 0 when the outage outlasts the window, so they
+    never raise over the error that made the caller clean up; the leases come back when they
+    expire or when the consumer starts again."""
+    def deco(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(self: "PairQueue", *args: Any, **kw: Any) -> Any:
+            try:
+                return self._outage.call(op, lambda: fn(self, *args, **kw))
+            except QueueUnavailable as e:
+                if not cleanup:
+                    raise
+                log.warning("%s(%s) skipped: %s", op, ", ".join(map(repr, args)), e)
+                return 0
+        return wrapper
+    return deco
+
+
+class PairQueue(ABC):
+    """The typed seam between producers and consumers: SQLiteQueue and RedisQueue implement it."""
+
+    _outage: Outage = Outage("(none)", lambda e: False, 0.0)  # each backend sets its own
+
+    def outage_stats(self) -> dict:
+        """This client's outages: queue_outages, queue_outage_s, queue_down (see queue_outage.py)."""
+        return self._outage.stats()
+
+    @abstractmethod
+    def append(self, pairs: Sequence[PreferencePair]) -> int:
+        """Add pairs; returns how many were new (a known id, even an acked one, is a no-op)."""
+
+    @abstractmethod
+    def lease(self, n: int, consumer: str = "trainer", lease_s: float = 600.0,
+              min_version: int | None = None) -> Lease:
+        """Up to n oldest available pairs, hidden from other leases until acked or expired.
+        With `min_version`, unacked pairs older than it are dropped first (as `drop_stale`)."""
+
+    @abstractmethod
+    def ack(self, lease_or_ids: "Lease | Sequence[str]") -> int:
+        """Mark pairs trained; they never come back. Returns how many were newly acked."""
+
+    @abstractmethod
+    def release(self, consumer: str) -> int:
+        """Return every unacked lease of `consumer` at once (a restarted consumer calls this)."""
+
+    @abstractmethod
+    def depth(self) -> int:
+        """Pairs not yet acked or dropped (available + leased). Cheap: safe to poll."""
+
+    @abstractmethod
+    def publish_version(self, version: int, adapter: str, path: str | None = None,
+                        meta: dict | None = None) -> None:
+        """Announce a policy version (trainer side). Re-publishing the current one replaces it;
+        a lower version than the current one raises ValueError."""
+
+    @abstractmethod
+    def current_version(self) -> VersionInfo | None:
+        """The latest published version, or None before the first publish."""
+
+    @abstractmethod
+    def versions(self) -> list[VersionInfo]:
+        """Every published version, oldest first."""
+
+    @abstractmethod
+    def drop_stale(self, min_version: int) -> int:
+        """Drop available (not leased) pairs with policy_version < min_version; returns how many."""
+
+    @abstractmethod
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        """The ids among `ids` this queue never saw (acked and dropped ones count as seen)."""
+
+    @abstractmethod
+    def states(self, ids: Sequence[str]) -> dict[str, str]:
+        """Per id: "live" (available or leased), "acked" or "dropped"; ids never seen are left out.
+        For audits (the fault soak): counters alone cannot tell a trained pair acked from one
+        dropped stale whose ack was then a no-op."""
+
+    @abstractmethod
+    def stats(self) -> dict:
+        """Counters: appended, duplicates, leased, acked, dropped_stale, depth, version, …"""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the backend's resources. Idempotent."""
+
+    # ---- optional extras with safe defaults; backends override when they can do better
+    def nack(self, lease_or_ids: "Lease | Sequence[str]") -> int:
+        """Give specific leased pairs back now (not trained). Default: not supported."""
+        raise NotImplementedError(f"{type(self).__name__} does not support nack()")
+
+    def renew(self, lease: Lease, lease_s: float = 600.0) -> int:
+        """Extend a lease still held (heartbeat for long steps). Default: not supported."""
+        raise NotImplementedError(f"{type(self).__name__} does not support renew()")
+
+    def __enter__(self) -> "PairQueue":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def decode_pairs(bodies: Sequence[str | bytes]) -> list[PreferencePair]:
+    """PreferencePair.model_validate_json over a batch, with the cyclic GC paused meanwhile.
+
+    Validating a pair allocates a few dozen small objects, so a batch sets off many young-generation
+    collections, each of which costs more the bigger the process heap (a trainer's is big): this
+    halves decode time or better. The objects are still collected afterwards as usual.
+    """
+    was_enabled = gc.isenabled()
+    if was_enabled:
+        gc.disable()
+    try:
+        return [PreferencePair.model_validate_json(b) for b in bodies]
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+
+
+# --------------------------------------------------------------------------- asyncio wrapper
+class AsyncPairQueue:
+    """A PairQueue for asyncio code: the same calls as coroutines, all run on one dedicated
+    worker thread (one SQLite connection, one thread), so the event loop never blocks.
+
+    If a `lease` coroutine is cancelled after the worker took the lease, the pairs are given back
+    at once (nack) rather than waiting for the lease to expire.
+    """
+
+    def __init__(self, queue: "PairQueue | str | os.PathLike") -> None:
+        self.sync: PairQueue = queue if isinstance(queue, PairQueue) else _open(queue)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                           thread_name_prefix="simkit-queue")
+
+    async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+
+    async def append(self, pairs: Sequence[PreferencePair]) -> int:
+        return await self._call(self.sync.append, list(pairs))
+
+    async def lease(self, n: int, consumer: str = "trainer", lease_s: float = 600.0,
+                    min_version: int | None = None) -> Lease:
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._pool, functools.partial(
+            self.sync.lease, n, consumer=consumer, lease_s=lease_s, min_version=min_version))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            def give_back(f: asyncio.Future) -> None:
+                if not f.cancelled() and f.exception() is None and f.result().pairs:
+                    try:
+                        self._pool.submit(self.sync.nack, f.result())
+                    except RuntimeError:  # pool already shut down: the lease will expire
+                        pass
+            fut.add_done_callback(give_back)
+            raise
+
+    async def ack(self, lease_or_ids: "Lease | Sequence[str]") -> int:
+        return await self._call(self.sync.ack, lease_or_ids)
+
+    async def nack(self, lease_or_ids: "Lease | Sequence[str]") -> int:
+        return await self._call(self.sync.nack, lease_or_ids)
+
+    async def renew(self, lease: Lease, lease_s: float = 600.0) -> int:
+        return await self._call(self.sync.renew, lease, lease_s)
+
+    async def release(self, consumer: str) -> int:
+        return await self._call(self.sync.release, consumer)
+
+    async def depth(self) -> int:
+        return await self._call(self.sync.depth)
+
+    async def publish_version(self, version: int, adapter: str, path: str | None = None,
+                              meta: dict | None = None) -> None:
+        await self._call(self.sync.publish_version, version, adapter, path, meta)
+
+    async def current_version(self) -> VersionInfo | None:
+        return await self._call(self.sync.current_version)
+
+    async def drop_stale(self, min_version: int) -> int:
+        return await self._call(self.sync.drop_stale, min_version)
+
+    async def missing(self, ids: Sequence[str]) -> list[str]:
+        return await self._call(self.sync.missing, list(ids))
+
+    async def stats(self) -> dict:
+        return await self._call(self.sync.stats)
+
+    def outage_stats(self) -> dict:
+        """The client's outage counters (no I/O: safe from the event loop)."""
+        return self.sync.outage_stats()
+
+    async def wait_below(self, max_depth: int, poll_s: float = 0.5,
+                         timeout: float | None = None) -> int:
+        """Back-pressure for producers: wait until depth() < max_depth; returns the depth.
+        Raises asyncio.TimeoutError after `timeout` seconds."""
+        async def _wait() -> int:
+            while True:
+                d = await self.depth()
+                if d < max_depth:
+                    return d
+                await asyncio.sleep(poll_s)
+        return await asyncio.wait_for(_wait(), timeout)
+
+    async def close(self) -> None:
+        try:
+            await self._call(self.sync.close)
+        finally:
+            self._pool.shutdown(wait=False)
+
+    async def __aenter__(self) -> "AsyncPairQueue":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+
+
+def _open(url_or_path: "str | os.PathLike") -> PairQueue:
+    from simkit.queue.open import open_queue
+
+    return open_queue(url_or_path)
