@@ -44,7 +44,7 @@ def _adopt(proc: subprocess.Popen) -> subprocess.Popen:
 
 def _stop_children(grace: float = 10.0) -> None:
     """SIGTERM each child's process group (the trainer commits and exits), SIGKILL after `grace`."""
-    from simkit.loadtools.testing import stop_process
+    from simkit.procs import stop_process
 
     while _CHILDREN:
         _, proc = _CHILDREN.popitem()
@@ -100,7 +100,7 @@ def _run(cmd: list[str], log: Path, timeout: float,
          progress: tuple[int | None, Callable[[], int], str] | None = None) -> None:
     """Run one stage; a progress bar follows `progress = (total, count(), unit)` while it runs."""
     from simkit.engine import progress_bar
-    from simkit.loadtools.testing import popen_group, stop_process
+    from simkit.procs import popen_group, stop_process
 
     t0 = time.monotonic()
     with open(log, "ab") as f:
@@ -289,7 +289,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from simkit.evaluation.evaluate import compare
-    from simkit.loadtools.testing import start_process
+    from simkit.procs import start_process
 
     py = sys.executable
     out = Path(args.out).resolve()

@@ -453,7 +453,7 @@ def serve(cfg: FakeConfig, host: str = "127.0.0.1", port: int = 8100, workers: i
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    from simkit.loadtools.testing import die_with_parent
+    from simkit.procs import die_with_parent
 
     children, parent = [], os.getpid()
     for i in range(workers):
@@ -588,7 +588,7 @@ def start_fake_server(cfg: FakeConfig | None = None, port: int | None = None, wo
     """Context manager: the fake server as its own process on loopback; yields FakeServerProcess."""
     import contextlib
 
-    from simkit.loadtools.testing import free_port, start_process
+    from simkit.procs import free_port, start_process
 
     @contextlib.contextmanager
     def cm() -> Iterator[FakeServerProcess]:

@@ -36,7 +36,8 @@ file stays small, and state changes (lease, ack) rewrite ~100-byte rows, never t
 Streams, for processes on several machines. `AsyncPairQueue` wraps any backend for asyncio code:
 every call runs on one dedicated worker thread, so the event loop never blocks on I/O.
 """
-from simkit.queue.base import AsyncPairQueue, Lease, PairQueue, VersionInfo, decode_pairs
+from simkit.queue.aio import AsyncPairQueue
+from simkit.queue.base import Lease, PairQueue, VersionInfo, decode_pairs
 from simkit.queue.open import open_queue
 from simkit.queue.outage import QueueUnavailable
 from simkit.queue.sqlite import SQLiteQueue

@@ -110,7 +110,7 @@ def last_row(path: Path) -> dict[str, Any] | None:
 
 def _worker_main(cfg_json: str, parent_pid: int) -> None:
     """Child process entry: one ordinary serve with its slice of the tasks."""
-    from simkit.loadtools.testing import die_with_parent
+    from simkit.procs import die_with_parent
 
     # a worker must not outlive its parent (kill -9 of the parent alone would leave it running beside
     # the restarted parent's new worker on the same state file): the kernel sends it SIGTERM (serve's
