@@ -54,7 +54,19 @@ class Query:
 
 
 def parse(sql: str, schema: Schema) -> Query:
+    """Tokens, their depth, the outer clauses, then tables and aliases, then the column references
+    (resolving a column needs every table and alias of the query first)."""
     toks = tokenize(sql)
+    q = Query(sql=sql, toks=toks, depth=_paren_depth(toks), compound=False, clauses={})
+    sig = q.sig()
+    _outer_clauses(q, sig)
+    _tables(q, sig, schema)
+    _colrefs(q, sig, schema)
+    return q
+
+
+def _paren_depth(toks: list[Tok]) -> list[int]:
+    """Parenthesis nesting of each token; a ")" counts at the depth it closes back to."""
     depth, d = [], 0
     for t in toks:
         if t.text == ")" and t.kind == "punct":
@@ -62,9 +74,13 @@ def parse(sql: str, schema: Schema) -> Query:
         depth.append(d)
         if t.text == "(" and t.kind == "punct":
             d += 1
-    q = Query(sql=sql, toks=toks, depth=depth, compound=False, clauses={})
-    sig = q.sig()
-    # outer clauses
+    return depth
+
+
+def _outer_clauses(q: Query, sig: list[int]) -> None:
+    """Fills q.clauses and q.compound: the [start, end) token range of each outer-query clause; in a
+    compound query, those of its first SELECT only (up to the first set operator)."""
+    toks, depth = q.toks, q.depth
     starts: list[tuple[str, int]] = []
     for k, i in enumerate(sig):
         t = toks[i]
@@ -83,7 +99,12 @@ def parse(sql: str, schema: Schema) -> Query:
     for n, (name, i) in enumerate(starts):
         hi = starts[n + 1][1] if n + 1 < len(starts) else end_outer
         q.clauses.setdefault(name, (i, hi))
-    # tables and aliases (any depth): a name after FROM / JOIN / a comma inside FROM
+
+
+def _tables(q: Query, sig: list[int], schema: Schema) -> None:
+    """Fills q.tables and q.aliases (any depth): a schema table named after FROM / JOIN / a comma
+    inside FROM, and the alias that follows it, if any."""
+    toks, depth = q.toks, q.depth
     context: dict[int, str] = {}
     for k, i in enumerate(sig):
         t = toks[i]
@@ -110,7 +131,12 @@ def parse(sql: str, schema: Schema) -> Query:
             a = toks[sig[j]]
             if a.kind in ("word", "qid") and a.upper not in SQLITE_KEYWORDS:
                 q.aliases[ident_name(a).lower()] = table
-    # column references
+
+
+def _colrefs(q: Query, sig: list[int], schema: Schema) -> None:
+    """Fills q.colrefs: each identifier that is not a keyword, table, function, qualifier or alias
+    definition, resolved by its qualifier, else against the tables of the query in order."""
+    toks, depth = q.toks, q.depth
     table_tok = {i for i, _ in q.tables}
     in_query = [t for _, t in q.tables]
     for k, i in enumerate(sig):
@@ -143,7 +169,6 @@ def parse(sql: str, schema: Schema) -> Query:
             if col is not None:
                 q.colrefs.append(ColRef(i, i, None, col, depth[i]))
                 break
-    return q
 
 
 def colref_text(ref: ColRef, column_name: str) -> dict[int, str]:

@@ -320,15 +320,10 @@ async def phase2_rollout(env: Env, base: PreferencePair, task: Task, policy: Pol
     one stamped on its turns.
 
     `replace_rule="paper"`: Algorithm 2 — a wrong action always loses, a right one is judged by
-    the simulated outcome. `"authors"`: trainer/act_trainer.py `concatenated_forward` (l.199-210 at
-    commit 4c42994) — the outcome alone:
-    `conditon_checker` (pacific_metrics.py: DROP F1 of the final answer vs the gold target below the
-    threshold) makes the sample the rejected side against the base chosen, else the chosen side
-    against the base rejected, whatever its action; the final answer of an unsimulated reply is
-    the reply itself (simulator.py `generate_trajectory`). A sample equal to the side it faces
-    (case and whitespace aside) gives back the base pair (`post_process_features`, l.132-168),
-    whose sides are never equal (Phase 1 drops those, so their "Could you clarify ...?" last resort
-    is never needed)."""
+    the simulated outcome (`_paper_sides`). `"authors"`: trainer/act_trainer.py
+    `concatenated_forward` (l.199-210 at commit 4c42994) — the outcome alone (`_authors_sides`);
+    the final answer of an unsimulated reply is the reply itself (simulator.py
+    `generate_trajectory`)."""
     ep = env.episode(task)
 
     def judged_by_action(e: Episode) -> bool:
@@ -341,7 +336,6 @@ async def phase2_rollout(env: Env, base: PreferencePair, task: Task, policy: Pol
 
     right = ep.first_action == base.gold_action
     traj = _stamp(ep.trajectory(), version)
-    sampled = traj.continuation()
     sample_side = (ep.first_action, "on-policy")
     if replace_rule == "authors":
         try:
@@ -349,47 +343,71 @@ async def phase2_rollout(env: Env, base: PreferencePair, task: Task, policy: Pol
         except Exception as e:  # an env hook raised: a counted failure
             return _failed(traj, e)
         success = env.success(score)
-        if success:
-            chosen, rejected, source = sampled, base.rejected, "outcome-success"
-            sides = (sample_side, base_side(base, "rejected"))
-        else:
-            chosen, rejected, source = base.chosen, sampled, "outcome-failure"
-            sides = (base_side(base, "chosen"), sample_side)
-        if _same(chosen, rejected):
-            chosen, rejected, source = base.chosen, base.rejected, "outcome-reverted"
-            sides = (base_side(base, "chosen"), base_side(base, "rejected"))
+        chosen, rejected, source, sides = _authors_sides(base, traj.continuation(), sample_side, success)
         traj.info.update(outcome_score=score)
     else:
         success = bool(ep.terminated and env.success(ep.reward))
-    if replace_rule == "authors":
-        pass
-    elif not right:
-        chosen, rejected, source = base.chosen, sampled[:1], "wrong-action"
-        sides = (base_side(base, "chosen"), sample_side)
-    elif not simulate:
-        chosen, rejected, source = sampled[:1], base.rejected, "right-action"
-        sides = (sample_side, base_side(base, "rejected"))
-    elif ep.terminated and env.success(ep.reward):
-        chosen, rejected, source = sampled, base.rejected, "trajectory-success"
-        sides = (sample_side, base_side(base, "rejected"))
-    else:
-        chosen, rejected, source = base.chosen, sampled, "trajectory-failure"
-        sides = (base_side(base, "chosen"), sample_side)
+        chosen, rejected, source, sides = _paper_sides(base, traj.continuation(), sample_side, right=right,
+                                                       simulate=simulate, success=success)
     traj.info.update(right_action=right, source=source, success=success)
-    (chosen_action, chosen_source), (rejected_action, rejected_source) = sides
-    pair = PreferencePair(
+    pair = _phase2_pair(env, base, task, traj, (chosen, rejected, source, sides), terminated=ep.terminated,
+                        epoch=epoch, replace_rule=replace_rule)
+    if identical_sides(pair):
+        return _drop(traj)
+    return Rollout(traj, pair)
+
+
+_Side = tuple[str | None, str]  # (action, source) of one side of a pair
+_Sides = tuple[list[Message], list[Message], str, tuple[_Side, _Side]]  # chosen, rejected, source, their sides
+
+
+def _phase2_pair(env: Env, base: PreferencePair, task: Task, traj: Trajectory, picked: _Sides, *,
+                 terminated: bool, epoch: int, replace_rule: ReplaceRule) -> PreferencePair:
+    """The Phase 2 pair with its provenance: the base pair's prompt, gold action and turn, the
+    sample's version and adapter, its score when the episode ended."""
+    chosen, rejected, source, ((chosen_action, chosen_source), (rejected_action, rejected_source)) = picked
+    return PreferencePair(
         id=stable_id("p2", env.name, task.id, epoch), prompt=base.prompt, chosen=chosen, rejected=rejected,
         gold_action=base.gold_action, rejected_action=rejected_action, policy_version=traj.policy_version,
         adapter=traj.turns[0].model if traj.turns else "", env=env.name, task_id=task.id, phase=2,
-        source=source, score=traj.reward if ep.terminated else None,
+        source=source, score=traj.reward if terminated else None,
         chosen_action=chosen_action, chosen_source=chosen_source, rejected_source=rejected_source,
         contrast=contrast_of(chosen_action, rejected_action), turn=base.turn,
         meta={"epoch": epoch, "replace_rule": replace_rule,
               "base_task_id": base.meta.get("base_task_id", base.task_id)},
     )
-    if identical_sides(pair):
-        return _drop(traj)
-    return Rollout(traj, pair)
+
+
+def _paper_sides(base: PreferencePair, sampled: list[Message], sample_side: _Side, *, right: bool,
+                 simulate: bool, success: bool) -> _Sides:
+    """Algorithm 2: a wrong action loses (its first reply against the base chosen); with no
+    simulation a right action wins by its first reply; else the simulated outcome decides."""
+    if not right:
+        return base.chosen, sampled[:1], "wrong-action", (base_side(base, "chosen"), sample_side)
+    if not simulate:
+        return sampled[:1], base.rejected, "right-action", (sample_side, base_side(base, "rejected"))
+    if success:
+        return sampled, base.rejected, "trajectory-success", (sample_side, base_side(base, "rejected"))
+    return base.chosen, sampled, "trajectory-failure", (base_side(base, "chosen"), sample_side)
+
+
+def _authors_sides(base: PreferencePair, sampled: list[Message], sample_side: _Side, success: bool) -> _Sides:
+    """The authors' rule, by outcome alone, whatever the sample's action: `conditon_checker`
+    (pacific_metrics.py: DROP F1 of the final answer vs the gold target below the threshold) makes
+    the sample the rejected side against the base chosen, else the chosen side against the base
+    rejected. A sample equal to the side it faces (case and whitespace aside) gives back the base
+    pair (`post_process_features`, l.132-168), whose sides are never equal (Phase 1 drops those, so
+    their "Could you clarify ...?" last resort is never needed)."""
+    if success:
+        chosen, rejected, source = sampled, base.rejected, "outcome-success"
+        sides = (sample_side, base_side(base, "rejected"))
+    else:
+        chosen, rejected, source = base.chosen, sampled, "outcome-failure"
+        sides = (base_side(base, "chosen"), sample_side)
+    if _same(chosen, rejected):
+        chosen, rejected, source = base.chosen, base.rejected, "outcome-reverted"
+        sides = (base_side(base, "chosen"), base_side(base, "rejected"))
+    return chosen, rejected, source, sides
 
 
 async def _simulate(env: Env, task: Task, policy: PolicyLike) -> Trajectory:

@@ -35,7 +35,7 @@ from aiohttp import web
 from simkit.modelserver import adapter_check
 from simkit.modelserver import protocol as proto
 if TYPE_CHECKING:  # batcher/kvcache import torch: loaded when a server starts, not by every `simkit` command
-    from simkit.modelserver.batcher import ContinuousBatcher, GenResult
+    from simkit.modelserver.batcher import ContinuousBatcher, GenRequest, GenResult
 
 log = logging.getLogger("simkit.modelserver.server")
 SERVER_VERSION = "simkit-model-server 0.1.0"  # GET /version; vLLM answers {"version": "<vllm version>"}
@@ -442,16 +442,41 @@ class ModelServer:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions, validated as vLLM validates it (simkit.modelserver.protocol), in vLLM's
-        order: the request model, the model name (404), the chat template, the length rules, then the
-        sampling parameters (vllm/sampling_params.py _verify_args)."""
-        from simkit.modelserver.batcher import GenRequest  # already loaded by on_startup
+        order (`_check_chat`); then shed when the waiting list is full, else generate and answer."""
         body = await self._json(request)
         if isinstance(body, dict):  # kept stricter than vLLM (a bool seed is a client bug; param "seed"):
             self.seed(body)         # tests/test_model_server.py holds this; docs/VLLM_DIFFERENCES.md
         req = proto.parse(proto.ChatCompletionRequest, body)
+        model, prompt_ids, sp, max_tokens = self._check_chat(req)
+        n = req.n or 1
+        self.stats["requests"] += 1
+        if self.batcher.waiting + n > self.max_waiting:
+            return self._overloaded()
+        reqs, futs = self._gen_requests(req, model, prompt_ids, sp, max_tokens)
+        results = await self._generate(model, reqs, futs)
+        self.stats["completed"] += 1
+        self._done_times.append(time.monotonic())
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        usage = {"prompt_tokens": results[0].prompt_tokens,
+                 "total_tokens": results[0].prompt_tokens + sum(x.completion_tokens for x in results),
+                 "completion_tokens": sum(x.completion_tokens for x in results)}
+        if req.stream:
+            return await self._stream(request, rid, created, model, results, usage,
+                                      bool(req.stream_options and req.stream_options.include_usage))
+        return web.json_response({
+            "id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": x.text, "tool_calls": []},
+                         "logprobs": None, "finish_reason": x.finish_reason, "stop_reason": x.stop_reason}
+                        for i, x in enumerate(results)],
+            "usage": usage,
+        })
+
+    def _check_chat(self, req: proto.ChatCompletionRequest) -> tuple[str, list[int], dict[str, Any], int]:
+        """The checks after the request model, in vLLM's order: the model name (404), the chat template,
+        the length rules, then the sampling parameters (vllm/sampling_params.py _verify_args).
+        Returns (model, prompt_ids, sampling parameters, max_tokens)."""
         model = req.model or self.served_name
-        r = self.runner
-        if model != self.served_name and model not in r.adapters:
+        if model != self.served_name and model not in self.runner.adapters:
             raise APIError(404, f"The model `{model}` does not exist. Valid aliases: {self.served_name}.",
                            "NotFoundError", "model")
         if req.tools and req.tool_choice == "auto":  # vLLM without --enable-auto-tool-choice (no tool parser here)
@@ -465,19 +490,26 @@ class ModelServer:
                               max_tokens, req.min_tokens, req.stop_list())
         if (unsupported := req.unsupported_features()) is not None:  # valid for vLLM, not doable here
             raise unsupported
-        stop = req.stop_list()
-        n = req.n or 1
-        self.stats["requests"] += 1
-        if self.batcher.waiting + n > self.max_waiting:
-            self.stats["shed"] += 1
-            wait = self._retry_after()
-            body = {"error": {"message": f"server overloaded: {self.batcher.waiting} requests waiting (limit "
-                                         f"--max-waiting {self.max_waiting}); retry after {wait}s",
-                              "type": "ServiceUnavailableError", "param": None, "code": 503}}
-            return web.json_response(body, status=503, headers={"Retry-After": str(wait)})
+        return model, prompt_ids, sp, max_tokens
+
+    def _overloaded(self) -> web.Response:
+        """503 + Retry-After: the waiting list is full, so the request is shed rather than queued."""
+        self.stats["shed"] += 1
+        wait = self._retry_after()
+        body = {"error": {"message": f"server overloaded: {self.batcher.waiting} requests waiting (limit "
+                                     f"--max-waiting {self.max_waiting}); retry after {wait}s",
+                          "type": "ServiceUnavailableError", "param": None, "code": 503}}
+        return web.json_response(body, status=503, headers={"Retry-After": str(wait)})
+
+    def _gen_requests(self, req: proto.ChatCompletionRequest, model: str, prompt_ids: list[int],
+                      sp: dict[str, Any], max_tokens: int) -> tuple[list[GenRequest], list[asyncio.Future]]:
+        """One GenRequest per sample, each with a future that the model thread resolves. n > 1: n
+        independent samples (seed + i each, so seeded samples still differ)."""
+        from simkit.modelserver.batcher import GenRequest  # already loaded by on_startup
         loop = asyncio.get_running_loop()
+        stop = req.stop_list()
         futs, reqs = [], []
-        for i in range(n):  # n > 1: n independent samples (seed + i each, so seeded samples still differ)
+        for i in range(req.n or 1):
             fut = loop.create_future()
 
             def done(res, fut=fut):  # on the model thread
@@ -489,6 +521,12 @@ class ModelServer:
                                    ignore_eos=req.ignore_eos, top_k=sp["top_k"], min_p=sp["min_p"],
                                    repetition_penalty=sp["repetition_penalty"]))
             futs.append(fut)
+        return reqs, futs
+
+    async def _generate(self, model: str, reqs: list[GenRequest], futs: list[asyncio.Future]) -> list[GenResult]:
+        """Submits the requests and awaits their results, counted in flight for `model` meanwhile (an
+        adapter is unloaded only once idle). A client gone away or a model failure cancels them all."""
+        n = len(reqs)
         self._inflight[model] += n
         try:
             for g in reqs:
@@ -509,24 +547,9 @@ class ModelServer:
             self._inflight[model] -= n
             if self._inflight[model] <= 0:
                 del self._inflight[model]
-                if model in r._draining:  # an unloaded adapter's last request is done: free its weights
-                    asyncio.ensure_future(self._call(r.reap, set(self._inflight)))
-        self.stats["completed"] += 1
-        self._done_times.append(time.monotonic())
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        usage = {"prompt_tokens": results[0].prompt_tokens,
-                 "total_tokens": results[0].prompt_tokens + sum(x.completion_tokens for x in results),
-                 "completion_tokens": sum(x.completion_tokens for x in results)}
-        if req.stream:
-            return await self._stream(request, rid, created, model, results, usage,
-                                      bool(req.stream_options and req.stream_options.include_usage))
-        return web.json_response({
-            "id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": x.text, "tool_calls": []},
-                         "logprobs": None, "finish_reason": x.finish_reason, "stop_reason": x.stop_reason}
-                        for i, x in enumerate(results)],
-            "usage": usage,
-        })
+                if model in self.runner._draining:  # an unloaded adapter's last request is done: free its weights
+                    asyncio.ensure_future(self._call(self.runner.reap, set(self._inflight)))
+        return results
 
     @staticmethod
     async def _stream(request: web.Request, rid: str, created: int, model: str, results: list[GenResult],
