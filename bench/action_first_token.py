@@ -5,7 +5,7 @@ which side wins; this shows how far training moved each side (bench/RESULTS.md, 
     python bench/action_first_token.py --model runs/models/smollm2 \
         --adapter sft=runs/demo/sft/adapter --adapter act=RUN/adapters/.../v000001 --limit 48 --seed 0
 
-Turns: the same seeded test sample `simkit eval --split test --limit N --seed S` evaluates, or
+Turns: the same seeded test sample `simkit eval --split test --n-tasks N --seed S` evaluates, or
 exactly the ids of `--tasks-file FILE` (as `simkit eval --tasks-file`).
 
 Per-task evidence: `--rows PATH` (the last policy measured: the last --adapter, else the base) or
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="base model directory")
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="LoRA adapters to compare")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--limit", type=int, default=48, help="tasks, chosen as `simkit eval --limit` chooses them")
+    ap.add_argument("--limit", type=int, default=48, help="tasks, chosen as `simkit eval --n-tasks` chooses them")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tasks-file", help="measure exactly these task ids ({\"task_ids\": [...]}, order kept)")
     ap.add_argument("--rows", action="append", default=[], metavar="[NAME=]PATH",

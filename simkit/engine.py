@@ -26,6 +26,8 @@ from typing import (TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iter
 from simkit.roles.client import RoleError
 from simkit.types import Message, Reply, Task, Trajectory
 
+DEFAULT_CONCURRENCY = 64  # episodes in flight: the one default every command (eval, pairs, serve, loadtest) takes
+
 if TYPE_CHECKING:
     from simkit.env import Env, Episode
 
@@ -162,7 +164,7 @@ async def run_episode(env: "Env", task: Task, policy: PolicyLike, **extra: Any) 
     return ep.trajectory(**extra)
 
 
-async def run_episodes(env: "Env", tasks: Iterable[Task], policy: PolicyLike, concurrency: int = 256,
+async def run_episodes(env: "Env", tasks: Iterable[Task], policy: PolicyLike, concurrency: int = DEFAULT_CONCURRENCY,
                        progress: bool | None = None, stats: EngineStats | None = None,
                        episode_fn: Callable[..., Awaitable[Trajectory]] = run_episode, total: int | None = None,
                        **extra: Any) -> AsyncIterator[Trajectory]:

@@ -39,9 +39,11 @@ def test_demo_runs_every_step_and_writes_tables_and_plots(tmp_path):
     assert served["conversation_ids"] == sample["conversation_ids"]
 
 
-def test_train_dtype_follows_the_cpus_bfloat16_flags(tmp_path):
-    from simkit.demo import train_dtype
-    from trainer.models import cpu_has_bf16, use_cuda
+def test_train_dtype_auto_follows_the_cpus_bfloat16_flags(tmp_path):
+    """The demo passes `--dtype auto` (it imports nothing from trainer): the trainer autocasts to bf16
+    exactly where the CPU multiplies bfloat16 natively."""
+    from simkit.demo import DemoConfig
+    from trainer.models import cpu_autocasts, cpu_has_bf16, use_cuda
 
     with_bf16, without, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     with_bf16.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
@@ -49,5 +51,5 @@ def test_train_dtype_follows_the_cpus_bfloat16_flags(tmp_path):
     other.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n")
     assert cpu_has_bf16(str(with_bf16)) and cpu_has_bf16(str(other))
     assert not cpu_has_bf16(str(without)) and not cpu_has_bf16(str(tmp_path / "missing"))
-    assert train_dtype("float32") == "float32"  # an explicit choice wins
-    assert train_dtype(None) == ("bf16-mixed" if cpu_has_bf16() and not use_cuda() else "auto")
+    assert DemoConfig().train_dtype == "auto"
+    assert cpu_autocasts("auto") == (cpu_has_bf16() and not use_cuda()) and not cpu_autocasts("float32")

@@ -9,7 +9,9 @@ import time
 import pytest
 
 import simkit
-from simkit.evaluation.evaluate import ShotSelector, compare, read_episodes
+from simkit.evaluation.compare import compare
+from simkit.evaluation.icl import ShotSelector
+from simkit.evaluation.results import read_episodes
 
 ENVS = ["ambigsql", "pacific", "abgcoqa"]
 
@@ -22,7 +24,7 @@ def _eval_cmd(model_server, env, out, *extra):
 @pytest.mark.parametrize("env", ENVS)
 def test_eval_each_env_writes_every_artefact(model_server, tmp_path, env):
     out = tmp_path / env
-    res = subprocess.run(_eval_cmd(model_server, env, out, "--limit", "12", "--icl-shots", "1"),
+    res = subprocess.run(_eval_cmd(model_server, env, out, "--n-tasks", "12", "--icl-shots", "1"),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("episodes.jsonl", "metrics.json", "table.md", "confusion.png", "usage.json", "config.json"):
@@ -37,7 +39,7 @@ def test_eval_each_env_writes_every_artefact(model_server, tmp_path, env):
 
 def test_interrupted_eval_resumes_to_the_same_table(model_server, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    args = ("--limit", "16", "--concurrency", "1", "--seed", "3")
+    args = ("--n-tasks", "16", "--concurrency", "1", "--seed", "3")
     assert subprocess.run(_eval_cmd(model_server, "toy", full, *args), capture_output=True, timeout=300).returncode == 0
     proc = subprocess.Popen(_eval_cmd(model_server, "toy", part, *args), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -98,7 +100,7 @@ def test_eval_defaults_greedy_and_names_its_roles(tmp_path):
 
 
 def test_compare_plots_one_line_per_method(tmp_path):
-    from simkit.evaluation.evaluate import method_of
+    from simkit.evaluation.plots import method_of
 
     assert method_of("ACT (sync) n=50") == "ACT (sync)" and method_of("SFT n=100") == "SFT"
     runs = []
@@ -157,7 +159,7 @@ def test_eval_on_train_split_is_not_logged(tmp_path):
     out = tmp_path / "run"
     with start_fake_server(FakeConfig(latency_ms=0)) as srv:
         res = subprocess.run([sys.executable, "-m", "simkit.cli", "eval", "--env", "toy", "--split", "train",
-                              "--limit", "4", "--out", str(out), "--policy", srv.url, "--no-classifier-check"],
+                              "--n-tasks", "4", "--out", str(out), "--policy", srv.url, "--no-classifier-check"],
                              capture_output=True, text=True, timeout=300, env={**os.environ, "SIMKIT_TEST_LOG": ""})
     assert res.returncode == 0, res.stderr[-3000:]
     assert not (out / "test_evals.jsonl").exists() and "logged" not in res.stdout

@@ -39,7 +39,7 @@ def test_cli_on_toy_trains_on_the_sft_sample_and_writes_rows(tmp_path, capsys):
 
     out = tmp_path / "clf"
     assert main(["textclf", "--env", "toy", "--n-conversations", "40", "--seed", "3", "--split", "train",
-                 "--limit", "30", "--out", str(out)]) == 0
+                 "--n-tasks", "30", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| textclf n=40 |" in printed and "Macro F1" in printed
     env = simkit.make("toy")

@@ -379,7 +379,7 @@ def test_act_loop_against_real_vllm(servers, smollm2_dir, tmp_path):
 
     with urllib.request.urlopen(vllm.url + "/models") as r:
         assert newest in {m["id"] for m in json.loads(r.read())["data"]}
-    ev = subprocess.run([sys.executable, "-m", "simkit.cli", "eval", "--env", "toy", "--limit", "4",
+    ev = subprocess.run([sys.executable, "-m", "simkit.cli", "eval", "--env", "toy", "--n-tasks", "4",
                          "--out", str(tmp_path / "eval"), "--policy", vllm.url, "--policy-model", newest,
                          "--max-tokens", "16"], capture_output=True, text=True, timeout=300, env=env)
     assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-3000:]

@@ -29,48 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from simkit.modelserver import info as server_info
+from simkit.modelserver.info import (AdapterLoadError, AdapterRefused, AdapterRejected, is_rejection,  # noqa: F401
+                                    load_adapter, rejection_hint)
 from simkit.roles.transport import ChatTransport, TransportError, make_transport
 
 log = logging.getLogger("trainer")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
-class PublishError(RuntimeError):
-    pass
-
-
-class PublishRefused(PublishError):
-    """The server answered 4xx: retrying the same request cannot help."""
-
-
-class PublishRejected(PublishRefused):
-    """The server will not serve this adapter (4xx, or vLLM's 500 with its validation message):
-    training on cannot help either, so `trainer run` stops with what to change."""
-
-
-# vLLM's load_lora_adapter messages (vllm/lora/peft_helper.py, lora_model.py, exceptions.py) → the fix
-_FIXES = (
-    ("max_lora_rank", "lower --lora-r, or restart the server with a larger --max-lora-rank"),
-    ("DoRA", "train without DoRA (use_dora)"),
-    ("modules_to_save", "train without modules_to_save"),
-    ("bias", "train with bias='none'"),
-    ("expected target modules", "change --lora-target-modules to modules the server's model has"),
-    ("No adapter found", "the server cannot read the adapter directory: it must see the trainer's --out path "
-                         "(same machine or a shared filesystem)"),
-)
-
-
-def rejection_hint(message: str) -> str:
-    for needle, fix in _FIXES:
-        if needle in message:
-            return fix
-    return "fix the adapter or the server's LoRA settings, then resume the run"
-
-
-def is_rejection(status: int | None) -> bool:
-    """4xx but 408/409/425/429 (timing, not content), or 500: vLLM answers an adapter it cannot
-    load with 500 InternalServerError (vllm/entrypoints/openai/models/serving.py)."""
-    return status is not None and (status == 500 or (400 <= status < 500 and status not in (408, 409, 425, 429)))
+# the load itself and its errors live with the server's client side (simkit.modelserver.info), so
+# every caller (this publisher, serve's follower, the demo) loads an adapter the same way
+PublishError, PublishRefused, PublishRejected = AdapterLoadError, AdapterRefused, AdapterRejected
 
 
 @dataclass
@@ -199,34 +168,18 @@ class Publisher:
         return dst.resolve()
 
     def listed(self, url: str) -> dict[str, dict]:
-        body = self._get(url, "/models")
-        if not isinstance(body, dict):
-            raise PublishError(f"{url}/models answered {str(body)[:200]!r}, not a model list")
-        return {m["id"]: m for m in body.get("data", [])}
+        return self._loop.run(server_info.listed_adapters(self.transport, url, self.timeout_s))
 
     def load(self, url: str, name: str, path: Path) -> None:
-        """Load (or reload in place) `name` from `path` on one server and verify it is listed."""
+        """Load (or reload in place) `name` from `path` on one server and verify it is listed,
+        retrying transient failures; a refusal is raised at once."""
         err: Exception | None = None
         for attempt in range(1, self.retries + 1):
             try:
-                inplace = name in self.listed(url)
-                try:
-                    self._post(url, "/load_lora_adapter",
-                               {"lora_name": name, "lora_path": str(path), "load_inplace": inplace})
-                except TransportError as e:
-                    if is_rejection(e.status):  # the adapter itself: the same request fails again
-                        raise PublishRejected(f"{url} rejected adapter {name} from {path}: {e}. To fix: "
-                                              f"{rejection_hint(str(e))}") from e
-                    raise
-                entry = self.listed(url).get(name)
-                if entry is None or (entry.get("root") not in (None, str(path))):
-                    raise PublishError(f"{url} does not list {name} at {path} after loading it (got {entry})")
-                return
+                return self._loop.run(load_adapter(self.transport, url, name, path, self.timeout_s))
             except PublishRefused:
                 raise
-            except PublishError as e:
-                err = e
-            except (TransportError, ValueError, KeyError) as e:
+            except (PublishError, TransportError, ValueError, KeyError) as e:
                 err = e
             log.warning("loading %s into %s failed (attempt %d/%d): %s", name, url, attempt, self.retries, err)
             if attempt < self.retries:

@@ -17,9 +17,15 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from simkit.act.pairstats import read_pairs
+from simkit.engine import DEFAULT_CONCURRENCY
+from simkit.roles.build import RolesConfig
 from simkit.roles.client import RoleError
+from simkit.sampling import conversations_help
 from simkit.types import PreferencePair
 
 log = logging.getLogger(__name__)
@@ -34,19 +40,6 @@ class Phase1Result:
     @property
     def status(self) -> str:
         return "failed" if self.pair is None else "ok"
-
-
-def read_pairs(path: str | Path) -> list[PreferencePair]:
-    """Load a pairs JSONL, failing with the line number on a corrupt row."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(PreferencePair.model_validate_json(line))
-                except ValueError as e:
-                    raise ValueError(f"{path}:{n}: not a valid preference pair ({str(e).splitlines()[0]})") from e
-    return out
 
 
 def new_phase1_stats() -> dict[str, int]:
@@ -86,8 +79,45 @@ def base_task_id(p: PreferencePair) -> str:
     return str(p.meta.get("base_task_id") or p.task_id)
 
 
+class Phase1Log:
+    """A pairs file's Phase 1 record beside it (`stats_path`): the counters and the dropped task ids,
+    so a resume neither redoes nor forgets them. `stats` also takes the caller's counters."""
+
+    def __init__(self, out: Path | None, stats: dict[str, int]):
+        self.path, self.stats = (stats_path(out) if out else None), stats
+        saved: dict[str, Any] = json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
+        for k, v in saved.get("counts", {}).items():
+            stats[k] = stats.get(k, 0) + v
+        self.dropped_ids: list[str] = list(saved.get("dropped_task_ids", []))
+        self.counts = {k: saved.get("counts", {}).get(k, 0) for k in new_phase1_stats()}
+        self.done = ({base_task_id(p) for p in read_pairs(out)} if out and out.exists() else set()) | set(self.dropped_ids)
+
+    def keep(self, task_id: str, pairs: list[PreferencePair]) -> list[PreferencePair]:
+        """Count a task's pairs; the ones worth training on (identical sides dropped)."""
+        from simkit.act.contrast import identical_sides
+
+        kept = []
+        for p in pairs:
+            for d in (self.stats, self.counts):
+                _count(d, p)
+            if identical_sides(p):
+                for d in (self.stats, self.counts):
+                    d["identical_dropped"] += 1
+                continue
+            for d in (self.stats, self.counts):
+                _count_kept(d, p)
+            kept.append(p)
+        if not kept:
+            self.dropped_ids.append(task_id)
+        return kept
+
+    def save(self) -> None:
+        if self.path:
+            self.path.write_text(json.dumps({"counts": self.counts, "dropped_task_ids": self.dropped_ids}, indent=1))
+
+
 async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, annotator=None,
-                      random_actions: bool = False, seed: int = 0, concurrency: int = 64,
+                      random_actions: bool = False, seed: int = 0, concurrency: int = DEFAULT_CONCURRENCY,
                       progress: bool | None = None, classifier=None,
                       stats: dict[str, int] | None = None, contrast: str = "authors", generator=None,
                       per_conversation: str | None = None) -> tuple[list[PreferencePair], int]:
@@ -95,26 +125,15 @@ async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, a
 
     `contrast` / `generator` / `per_conversation`: see `simkit.act.contrast` (the generator defaults to the
     policy itself, with shots from `tasks`). `stats` (see `new_phase1_stats`) is updated in place.
-    With `out`, the counters and the dropped task ids are kept in `stats_path(out)` so a resume
-    neither redoes nor forgets them (the counters then cover the whole file, not only this call).
+    With `out`, the counters and the dropped task ids are kept in `stats_path(out)` (`Phase1Log`).
     A task's pairs (both turns) are written together, so a resume redoes a task or skips it whole."""
-    from simkit.act.contrast import TurnIndex, identical_sides, phase1_pairs
-    from simkit.roles.agents import LoserGenerator
+    from simkit.act.contrast import TurnIndex, phase1_pairs
     from simkit.engine import amap, progress_bar
+    from simkit.roles.agents import LoserGenerator
 
     tasks = list(tasks)
-    stats = stats if stats is not None else new_phase1_stats()
-    saved: dict[str, Any] = {}
-    spath = stats_path(out) if out else None
-    if spath and spath.exists():
-        saved = json.loads(spath.read_text())
-        for k, v in saved.get("counts", {}).items():
-            stats[k] = stats.get(k, 0) + v
-    dropped_ids: list[str] = list(saved.get("dropped_task_ids", []))
-    done = {base_task_id(p) for p in read_pairs(out)} if out and out.exists() else set()
-    done |= set(dropped_ids)
-    todo = [t for t in tasks if t.id not in done]
-    counts = {k: saved.get("counts", {}).get(k, 0) for k in new_phase1_stats()}
+    record = Phase1Log(out, stats if stats is not None else new_phase1_stats())
+    todo = [t for t in tasks if t.id not in record.done]
     if contrast == "authors" and generator is None:
         generator = LoserGenerator(policy, tasks, env=env.name, seed=seed)
     index = TurnIndex.of(tasks)
@@ -128,10 +147,6 @@ async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, a
     def failed(task, e: Exception) -> Phase1Result:  # a role gave up or an env hook raised: counted
         return Phase1Result(None, task.id, str(e) if isinstance(e, RoleError) else f"{type(e).__name__}: {e}")
 
-    def save_stats() -> None:
-        if spath:
-            spath.write_text(json.dumps({"counts": counts, "dropped_task_ids": dropped_ids}, indent=1))
-
     pairs, failures = [], 0
     fh = open(out, "a", encoding="utf-8") if out else None
     bar = progress_bar(len(todo), progress, unit="task", desc="phase 1")
@@ -144,40 +159,67 @@ async def build_pairs(env, tasks, policy, out: Path | None = None, queue=None, a
                 if failures <= 3:  # say why, not only how many
                     log.warning("phase 1 failed on %s: %s", r.task_id, r.error)
                 continue
-            kept = []
-            for p in r.pair:
-                for d in (stats, counts):
-                    _count(d, p)
-                if identical_sides(p):
-                    for d in (stats, counts):
-                        d["identical_dropped"] += 1
-                    continue
-                for d in (stats, counts):
-                    _count_kept(d, p)
-                kept.append(p)
-            if not kept:
-                dropped_ids.append(r.task_id)
-                save_stats()
-                continue
+            kept = record.keep(r.task_id, r.pair)
             pairs.extend(kept)
-            if fh:
+            if kept and fh:
                 fh.write("".join(p.model_dump_json() + "\n" for p in kept))
                 fh.flush()
-                save_stats()
-            if queue is not None:
+            record.save()
+            if kept and queue is not None:
                 await queue.append(kept)
     finally:
         if bar is not None:
             bar.close()
         if fh:
             fh.close()
-        save_stats()
+        record.save()
     return pairs, failures
 
 
+class Phase1Options(BaseModel):
+    """Phase 1 losers (the same fields as `simkit serve`'s)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    contrast: Literal["authors", "forced"] = Field(
+        "authors", description="loser of each turn: authors (the authors' code: a CLARIFY turn's loser is the gold "
+                               "answer, an ANSWER turn's a question from the few-shot --loser-generator) or forced "
+                               "(the policy forced to take the other action, checked, retried, then the fallback)")
+    pairs_per_conversation: Literal["turn", "one"] | None = Field(
+        None, description="turn: one pair per user turn (a gold-CLARIFY task also gives the turn after the "
+                          "clarification); one: a pair per task. Default: turn under --contrast authors, else one")
+    loser_generator: str | None = Field(
+        None, json_schema_extra={"metavar": "URL"},
+        description="OpenAI-compatible URL of the model that writes the clarifying-question losers (10 shots, "
+                    "temperature 0.1, 64 tokens, cut at the first '?'; default: the policy's own server)")
+    loser_generator_model: str | None = Field(None, description="model name at --loser-generator "
+                                                                 "(default: the server's first model)")
+
+
+class PairsBuildConfig(Phase1Options):
+    """`simkit pairs build`: D_pref for one env split."""
+
+    env: str = Field(..., description="environment name (see `simkit envs`)")
+    out: Path = Field(..., description="output JSONL path (appended to; resumable)")
+    split: str | None = Field(None, description="task split (default: the env's first split)")
+    queue: str | None = Field(None, description="also append the pairs to this queue: a SQLite path or "
+                                                "redis://host:6379/0?stream=act")
+    n_conversations: int | None = Field(None, ge=1, json_schema_extra={"flags": ["--n-conversations", "--n"],
+                                                                        "metavar": "N"},
+                                        description=conversations_help())
+    pseudo_label: bool = Field(False, description="label gold actions with the LLM classifier (--classifier URL) "
+                                                  "instead of the data")
+    random_actions: bool = Field(False, description="ablation: a random label replaces the gold action; where it "
+                                                    "differs from the reference's action the policy forced to take "
+                                                    "the random action wins over the reference")
+    concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="episodes in flight")
+    seed: int = Field(0, description="seed of the conversation sample and of the random-actions labels")
+    data_dir: str | None = Field(None, description="task data folder (default $SIMKIT_DATA_DIR)")
+    roles: RolesConfig = Field(default_factory=RolesConfig)
+
+
 def register_cli(sub: argparse._SubParsersAction) -> None:
-    from simkit.roles.build import add_role_args
-    from simkit.sampling import conversations_help
+    from simkit.config import add_config_args
 
     p = sub.add_parser("pairs", help="ACT Phase 1: build contrastive action pairs (D_pref)",
                        description="Preference-pair datasets for ACT.")
@@ -198,24 +240,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                     "prompt/chosen/rejected + metadata), OUT's .stats.json (forced-ok / retried-ok / fallback / "
                     "identical-dropped counts) and .conversations.json (the conversations used); resumable "
                     "(tasks already in --out are skipped).")
-    b.add_argument("--env", required=True, help="environment name (see `simkit envs`)")
-    b.add_argument("--split", default=None, help="task split (default: the env's first split)")
-    b.add_argument("--out", required=True, help="output JSONL path (appended to; resumable)")
-    b.add_argument("--queue", help="also append the pairs to this queue: a SQLite path or "
-                                   "redis://host:6379/0?stream=act")
-    b.add_argument("--n-conversations", "--n", "--limit", dest="n_conversations", type=int, metavar="N",
-                   help=conversations_help() + " (--limit is the old name of this option)")
-    b.add_argument("--pseudo-label", action="store_true",
-                   help="label gold actions with the LLM classifier (--classifier URL) instead of the data")
-    b.add_argument("--random-actions", action="store_true",
-                   help="ablation: a random label replaces the gold action; where it differs from the reference's "
-                        "action the policy forced to take the random action wins over the reference")
-    b.add_argument("--concurrency", type=int, default=64, help="episodes in flight (default 64)")
-    b.add_argument("--seed", type=int, default=0,
-                   help="seed of the conversation sample and of the random-actions labels (default 0)")
-    b.add_argument("--data-dir", help="task data folder (default $SIMKIT_DATA_DIR)")
-    add_contrast_args(b)
-    add_role_args(b)
+    add_config_args(b, PairsBuildConfig)
     b.set_defaults(func=_run_build)
 
     st = psub.add_parser(
@@ -228,23 +253,6 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--train-run", metavar="DIR", help="a `trainer run` directory: margins by contrast kind")
     st.add_argument("--json", action="store_true", help="print the tables as one JSON object")
     st.set_defaults(func=_run_stats)
-
-
-def add_contrast_args(p: argparse.ArgumentParser) -> None:
-    """The Phase 1 loser options `pairs build` shares with `serve` (ServeConfig has the same fields)."""
-    p.add_argument("--contrast", choices=("authors", "forced"), default="authors",
-                   help="loser of each turn: authors (default, the authors' code: a CLARIFY turn's loser is the "
-                        "gold answer, an ANSWER turn's a question from the few-shot --loser-generator) or forced "
-                        "(the policy forced to take the other action, checked, retried, then the fallback)")
-    p.add_argument("--pairs-per-conversation", choices=("turn", "one"), default=None,
-                   help="turn: one pair per user turn, so a gold-CLARIFY task also gives the turn after the "
-                        "clarification (gold answer vs a generated question); one: a pair per task. Default: turn "
-                        "under --contrast authors, one under forced")
-    p.add_argument("--loser-generator", metavar="URL", default=None,
-                   help="OpenAI-compatible URL of the model that writes the clarifying-question losers (10 shots, "
-                        "temperature 0.1, 64 tokens, cut at the first '?'; default: the policy's own server)")
-    p.add_argument("--loser-generator-model", default=None,
-                   help="model name at --loser-generator (default: the server's first model)")
 
 
 async def open_act_run(command: str, env_name: str, env_kw: dict[str, Any], roles_cfg: Any, *,
@@ -272,47 +280,49 @@ async def open_act_run(command: str, env_name: str, env_kw: dict[str, Any], role
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    return asyncio.run(_build_main(args))
+    from simkit.config import config_from_args
+
+    try:
+        cfg = config_from_args(PairsBuildConfig, args)
+    except ValueError as e:
+        raise SystemExit(f"simkit pairs build: {e}")
+    if not cfg.roles.policy.url:
+        raise SystemExit("simkit pairs build: the policy needs a URL (--policy URL)")
+    return asyncio.run(build_main(cfg))
 
 
-async def _build_main(args: argparse.Namespace) -> int:
+async def build_main(cfg: PairsBuildConfig) -> int:
     from simkit.roles.agents import describe
-    from simkit.roles.build import roles_config
-
-    env_kw = {"data_dir": args.data_dir} if args.data_dir else {}
-    env, roles, sample = await open_act_run("simkit pairs build", args.env, env_kw, roles_config(args),
-                                            pseudo_label=args.pseudo_label, split=args.split,
-                                            n=args.n_conversations, seed=args.seed)
-    split = sample.split
-    tasks = sample.tasks
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sample.write(out.with_name(out.stem + ".conversations.json"))
-    stats = new_phase1_stats()
-    queue = None
-    if args.queue:
-        from simkit.queue import AsyncPairQueue, open_queue
-
-        queue = AsyncPairQueue(open_queue(args.queue))
     from simkit.roles.build import build_loser_generator
 
-    generator = build_loser_generator(roles, roles_config(args), args.loser_generator, args.loser_generator_model,
-                                      tasks, env.name, args.seed)
+    env_kw = {"data_dir": cfg.data_dir} if cfg.data_dir else {}
+    env, roles, sample = await open_act_run("simkit pairs build", cfg.env, env_kw, cfg.roles,
+                                            pseudo_label=cfg.pseudo_label, split=cfg.split,
+                                            n=cfg.n_conversations, seed=cfg.seed)
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    sample.write(cfg.out.with_name(cfg.out.stem + ".conversations.json"))
+    stats = new_phase1_stats()
+    queue = None
+    if cfg.queue:
+        from simkit.queue import AsyncPairQueue, open_queue
+
+        queue = AsyncPairQueue(open_queue(cfg.queue))
+    generator = build_loser_generator(roles, cfg.roles, cfg.loser_generator, cfg.loser_generator_model,
+                                      sample.tasks, env.name, cfg.seed)
     try:
         pairs, failures = await build_pairs(
-            env, tasks, roles.policy, out, queue, roles.classifier if args.pseudo_label else None,
-            args.random_actions, args.seed, args.concurrency, classifier=roles.classifier, stats=stats,
-            contrast=args.contrast, generator=generator, per_conversation=args.pairs_per_conversation,
+            env, sample.tasks, roles.policy, cfg.out, queue, roles.classifier if cfg.pseudo_label else None,
+            cfg.random_actions, cfg.seed, cfg.concurrency, classifier=roles.classifier, stats=stats,
+            contrast=cfg.contrast, generator=generator, per_conversation=cfg.pairs_per_conversation,
             progress=True)  # a bar on a terminal, plain lines in a log
     finally:
         await roles.aclose()
         if queue is not None:
             await queue.close()
-    summary: dict[str, Any] = {"env": env.name, "split": split, "conversations": len(sample.conversation_ids),
-                               "tasks": len(tasks), "new_pairs": len(pairs), "failures": failures,
-                               "phase1": stats, "classifier": describe(roles.classifier),
-                               "contrast": args.contrast, "loser_generator": describe(generator), "out": args.out}
-    print(json.dumps(summary))
+    print(json.dumps({"env": env.name, "split": sample.split, "conversations": len(sample.conversation_ids),
+                      "tasks": len(sample.tasks), "new_pairs": len(pairs), "failures": failures, "phase1": stats,
+                      "classifier": describe(roles.classifier), "contrast": cfg.contrast,
+                      "loser_generator": describe(generator), "out": str(cfg.out)}))
     return 1 if failures and not pairs else 0
 
 

@@ -19,6 +19,19 @@ from simkit.types import PreferencePair
 KINDS = ("action", "content", "unknown")
 
 
+def read_pairs(path: str | Path) -> list[PreferencePair]:
+    """Load a pairs JSONL, failing with the line number on a corrupt row."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(PreferencePair.model_validate_json(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n}: not a valid preference pair ({str(e).splitlines()[0]})") from e
+    return out
+
+
 def load_pairs(source: str) -> list[PreferencePair]:
     """Pairs from a JSONL file or a SQLite queue (read-only: its live pairs; acked ones have no
     body left). Redis is not read here: point it at serve's RUN_DIR/queued.jsonl instead."""
@@ -35,8 +48,6 @@ def load_pairs(source: str) -> list[PreferencePair]:
         finally:
             db.close()
         return [PreferencePair.model_validate_json(r[0]) for r in rows]
-    from simkit.act.pairs import read_pairs
-
     return read_pairs(path)
 
 

@@ -208,7 +208,7 @@ def render(summaries: Sequence[dict[str, Any]], paired: Sequence[dict[str, Any]]
 
 def _legacy(dirs: Sequence[str], plot: Path | None) -> str:
     """Run dirs with only metrics.json: the point-estimate table (no per-task rows, no CIs)."""
-    from simkit.evaluation.evaluate import plot_vs_n
+    from simkit.evaluation.plots import plot_vs_n
     from simkit.evaluation.metrics import markdown_table
 
     runs = [json.loads((Path(d) / "metrics.json").read_text()) for d in dirs]
@@ -249,7 +249,7 @@ def compare(inputs: Sequence[str | Path], plot: Path | None = None, groups: Sequ
     metrics = {r.meta.get("metric") for g in gs for r in g.runs} - {None}
     metric = metrics.pop() if len(metrics) == 1 else "score"
     if plot is not None:
-        from simkit.evaluation.evaluate import plot_vs_n
+        from simkit.evaluation.plots import plot_vs_n
 
         plot_vs_n(_plot_points(summaries), plot)
     if json_out is not None:

@@ -103,10 +103,20 @@ def read_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, A
 
 
 # --------------------------------------------------------------------------- run directories
+def read_episodes(path: Path) -> list[Trajectory]:
+    """Episodes of a run; a torn last line (killed mid-write) is ignored, not fatal."""
+    out = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(Trajectory.model_validate_json(line))
+            except ValueError:
+                continue
+    return out
+
+
 def _episodes_of(run_dir: Path) -> list[Trajectory]:
     """A run's episodes, one per task (the last written wins: resumed runs retry failed ones)."""
-    from simkit.evaluation.evaluate import read_episodes
-
     by_id: dict[str, Trajectory] = {}
     for t in read_episodes(run_dir / "episodes.jsonl"):
         by_id.pop(t.task_id, None)
@@ -131,13 +141,14 @@ def run_meta(run_dir: Path, trajs: Sequence[Trajectory] = ()) -> dict[str, Any]:
         except ValueError:
             return {}
     m, c = load("metrics.json"), load("config.json")
-    sample = c.get("tasks_file") or (str(run_dir / "eval_conversations.json")
+    sample = c.get("tasks_file") or (str(run_dir / "eval_conversations.json")  # older runs wrote one
                                      if (run_dir / "eval_conversations.json").exists() else None)
+    policy = (c.get("roles") or {}).get("policy") or {}
     return {"label": m.get("label") or c.get("label") or run_dir.name, "env": m.get("env") or c.get("env"),
-            "metric": m.get("metric"), "model": m.get("model") or c.get("policy_model"),
+            "metric": m.get("metric"), "model": m.get("model") or policy.get("model") or c.get("policy_model"),
             "adapter": m.get("adapter") or c.get("adapter"), "seed": c.get("seed"), "n_train": m.get("n_train"),
             "command": m.get("command") or c.get("command"), "split": m.get("split") or c.get("split"),
-            "sample_file": sample, "limit": c.get("limit"), "wall_s": wall_seconds(trajs),
+            "sample_file": sample, "n_tasks": c.get("n_tasks", c.get("limit")), "wall_s": wall_seconds(trajs),
             "classifier": m.get("classifier"), "simulator": m.get("simulator"), "run_dir": str(run_dir)}
 
 

@@ -15,7 +15,7 @@ conversations matches the policy's Macro F1 and J, the policy learnt a surface c
   class_weight="balanced", max_iter=2000)` (deterministic). A training sample with one action
   only predicts that action.
 * Eval tasks: `--tasks-file` (exact ids) or the split in `simkit eval`'s seeded order
-  (`task_order(tasks, --eval-seed, --limit)`), so rows pair with an eval run's rows.
+  (`task_order(tasks, --eval-seed, --n-tasks)`), so rows pair with an eval run's rows.
 * A run on a split named `test` is logged like `simkit eval`'s (OUT/test_evals.jsonl and
   $SIMKIT_TEST_LOG).
 * Output: OUT/per_task.jsonl (first_action = the prediction, content scores null, `p_clarify`
@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from simkit.types import ANSWER, CLARIFY, Task
 
@@ -89,7 +91,7 @@ def rows_of(tasks: Sequence[Task], probs: Sequence[float]) -> list[dict[str, Any
 
 
 def run(env_name: str, out: Path, n_conversations: int | None, seed: int = 0, train_split: str = "train",
-        split: str | None = None, tasks_file: str | None = None, limit: int | None = None, eval_seed: int = 0,
+        split: str | None = None, tasks_file: str | None = None, n_tasks: int | None = None, eval_seed: int = 0,
         label: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Fit on the training sample, predict the eval tasks, write the artefacts; the metrics dict."""
     from simkit.env import make
@@ -110,7 +112,7 @@ def run(env_name: str, out: Path, n_conversations: int | None, seed: int = 0, tr
     except TooFewConversations as e:
         raise SystemExit(f"simkit textclf: {e}")
     pool = env.tasks(split)
-    tasks = load_tasks_file(tasks_file, pool)[: limit or None] if tasks_file else task_order(pool, eval_seed, limit)
+    tasks = load_tasks_file(tasks_file, pool)[: n_tasks or None] if tasks_file else task_order(pool, eval_seed, n_tasks)
     clf = TextActionClassifier().fit(sample.tasks)
     probs = clf.p_clarify(tasks)
     rows = rows_of(tasks, probs)
@@ -126,7 +128,7 @@ def run(env_name: str, out: Path, n_conversations: int | None, seed: int = 0, tr
     meta = {"label": label, "env": env.name, "metric": getattr(env, "metric_name", "score"),
             "model": "tfidf-word-1-2gram+logreg", "adapter": None, "seed": seed, "n_train": len(sample.conversation_ids),
             "train_split": train_split, "command": shlex.join(sys.argv), "split": split,
-            "sample_file": tasks_file, "limit": limit, "eval_seed": eval_seed, "wall_s": round(time.time() - t0, 2),
+            "sample_file": tasks_file, "n_tasks": n_tasks, "eval_seed": eval_seed, "wall_s": round(time.time() - t0, 2),
             "classifier": "textclf (the prediction is the action)", "simulator": None,
             "text": "meta.question" if tasks and "question" in tasks[0].meta else "last user message"}
     metrics.update({k: v for k, v in meta.items() if k not in metrics})
@@ -147,32 +149,50 @@ def run(env_name: str, out: Path, n_conversations: int | None, seed: int = 0, tr
     return metrics
 
 
+class TextclfConfig(BaseModel):
+    """`simkit textclf`: the text-classifier row."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    env: str = Field(..., description="environment name (see `simkit envs`)")
+    out: Path = Field(..., description="output directory")
+    train_split: str = Field("train", description="split the training conversations come from")
+    n_conversations: int | None = Field(None, ge=1, json_schema_extra={"flags": ["--n-conversations", "--n"],
+                                                                        "metavar": "N"},
+                                        description="training conversations (default: all)")
+    seed: int = Field(0, description="conversation-sample seed, as `trainer sft --sample-seed`")
+    split: str | None = Field(None, description="evaluation split (default: the env's last split)")
+    tasks_file: str | None = Field(None, json_schema_extra={"metavar": "FILE"},
+                                   description="evaluate exactly these task ids ({\"task_ids\": [...]})")
+    n_tasks: int | None = Field(None, ge=1, json_schema_extra={"metavar": "N"},
+                                description="evaluate N tasks, chosen as `simkit eval --n-tasks N --seed EVAL_SEED` "
+                                            "chooses them (default: all)")
+    eval_seed: int = Field(0, description="eval task order seed for --n-tasks")
+    label: str | None = Field(None, description="row label (default 'textclf n=N')")
+    data_dir: str | None = Field(None, description="task data folder (default $SIMKIT_DATA_DIR)")
+
+
 def register_cli(sub: argparse._SubParsersAction) -> None:
+    from simkit.config import add_config_args
+
     p = sub.add_parser(
         "textclf", help="a text-classifier baseline row: TF-IDF word 1-2-grams + logistic regression",
         description="Train TF-IDF (word 1-2-grams) + logistic regression on the user's request of the same N "
                     "training conversations `trainer sft --n-conversations N --sample-seed S` uses (AmbigSQL: the "
                     "question only, not the schema) to predict the gold action; predict the eval tasks; write "
                     "OUT/per_task.jsonl (first_action = the prediction, content scores null) for `simkit compare`.")
-    p.add_argument("--env", required=True, help="environment name (see `simkit envs`)")
-    p.add_argument("--train-split", default="train", help="split the training conversations come from (default train)")
-    p.add_argument("--n-conversations", type=int, metavar="N", help="training conversations (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="conversation-sample seed, as `trainer sft --sample-seed`")
-    p.add_argument("--split", help="evaluation split (default: the env's last split)")
-    p.add_argument("--tasks-file", metavar="FILE", help="evaluate exactly these task ids ({\"task_ids\": [...]})")
-    p.add_argument("--limit", type=int, help="only N eval tasks, chosen as `simkit eval --limit N --seed EVAL_SEED`")
-    p.add_argument("--eval-seed", type=int, default=0, help="eval task order seed for --limit (default 0)")
-    p.add_argument("--label", help="row label (default 'textclf n=N')")
-    p.add_argument("--data-dir", help="task data folder (default $SIMKIT_DATA_DIR)")
-    p.add_argument("--out", required=True, help="output directory")
+    add_config_args(p, TextclfConfig)
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     from simkit.evaluation.compare import compare
 
-    m = run(args.env, Path(args.out), args.n_conversations, args.seed, args.train_split, args.split,
-            args.tasks_file, args.limit, args.eval_seed, args.label, args.data_dir)
-    print(compare([args.out]))
-    print(f"\n{m['n']} tasks; trained on {m['n_train']} conversations; rows in {args.out}/per_task.jsonl")
+    from simkit.config import config_from_args
+
+    c = config_from_args(TextclfConfig, args)
+    m = run(c.env, c.out, c.n_conversations, c.seed, c.train_split, c.split, c.tasks_file, c.n_tasks, c.eval_seed,
+            c.label, c.data_dir)
+    print(compare([str(c.out)]))
+    print(f"\n{m['n']} tasks; trained on {m['n_train']} conversations; rows in {c.out}/per_task.jsonl")
     return 0

@@ -12,6 +12,8 @@ adapter the server will refuse should stop a run before step 1, not after hours 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
 from simkit.modelserver.adapter_check import MAX_LORA_RANKS
 
@@ -72,3 +74,85 @@ def rank_hint(card: dict, rank: int) -> str | None:
     allowed = [r for r in MAX_LORA_RANKS if r >= rank]
     return (f"the server does not report its max LoRA rank; a vLLM server needs --max-lora-rank >= "
             f"{allowed[0]} for rank {rank} (vLLM's default is 16)") if allowed else None
+
+
+class AdapterLoadError(RuntimeError):
+    """A LoRA adapter could not be loaded into a policy server."""
+
+
+class AdapterRefused(AdapterLoadError):
+    """The server answered 4xx: retrying the same request cannot help."""
+
+
+class AdapterRejected(AdapterRefused):
+    """The server will not serve this adapter (4xx, or vLLM's 500 with its validation message):
+    training on cannot help either, so `trainer run` stops with what to change."""
+
+
+# vLLM's load_lora_adapter messages (vllm/lora/peft_helper.py, lora_model.py, exceptions.py) → the fix
+_FIXES = (
+    ("max_lora_rank", "lower --lora-r, or restart the server with a larger --max-lora-rank"),
+    ("DoRA", "train without DoRA (use_dora)"),
+    ("modules_to_save", "train without modules_to_save"),
+    ("bias", "train with bias='none'"),
+    ("expected target modules", "change --lora-target-modules to modules the server's model has"),
+    ("No adapter found", "the server cannot read the adapter directory: it must see the trainer's --out path "
+                         "(same machine or a shared filesystem)"),
+)
+
+
+def rejection_hint(message: str) -> str:
+    for needle, fix in _FIXES:
+        if needle in message:
+            return fix
+    return "fix the adapter or the server's LoRA settings, then resume the run"
+
+
+def is_rejection(status: int | None) -> bool:
+    """4xx but 408/409/425/429 (timing, not content), or 500: vLLM answers an adapter it cannot
+    load with 500 InternalServerError (vllm/entrypoints/openai/models/serving.py)."""
+    return status is not None and (status == 500 or (400 <= status < 500 and status not in (408, 409, 425, 429)))
+
+
+async def listed_adapters(transport: Any, url: str, timeout_s: float) -> dict[str, dict]:
+    """The server's /models entries by id (the base model and every adapter)."""
+    body = await transport.get_json(url, "/models", timeout_s)
+    if not isinstance(body, dict):
+        raise AdapterLoadError(f"{url}/models answered {str(body)[:200]!r}, not a model list")
+    return {m["id"]: m for m in body.get("data", [])}
+
+
+async def load_adapter(transport: Any, url: str, name: str, path: str | Path, timeout_s: float = 120.0) -> None:
+    """vLLM's runtime LoRA load: POST /load_lora_adapter (in place when `name` is already listed), then
+    check /models lists `name` at `path`. A refusal (see `is_rejection`) is `AdapterRejected` with the
+    fix; other failures are `AdapterLoadError` or the transport's error (the caller may retry them)."""
+    from simkit.roles.transport import TransportError
+
+    inplace = name in await listed_adapters(transport, url, timeout_s)
+    try:
+        await transport.post_json(url, "/load_lora_adapter",
+                                  {"lora_name": name, "lora_path": str(path), "load_inplace": inplace}, timeout_s)
+    except TransportError as e:
+        if is_rejection(e.status):  # the adapter itself: the same request fails again
+            raise AdapterRejected(f"{url} rejected adapter {name} from {path}: {e}. To fix: "
+                                  f"{rejection_hint(str(e))}") from e
+        raise
+    entry = (await listed_adapters(transport, url, timeout_s)).get(name)
+    if entry is None or (entry.get("root") not in (None, str(path))):
+        raise AdapterLoadError(f"{url} does not list {name} at {path} after loading it (got {entry})")
+
+
+def load_adapter_once(url: str, name: str, path: str | Path, timeout_s: float = 120.0) -> None:
+    """`load_adapter` from synchronous code, over a fresh transport (the demo's one-off loads)."""
+    import asyncio
+
+    from simkit.roles.transport import make_transport
+
+    async def go() -> None:
+        transport = make_transport("fast", None)
+        try:
+            await load_adapter(transport, url, name, path, timeout_s)
+        finally:
+            await transport.aclose()
+
+    asyncio.run(go())
