@@ -15,6 +15,7 @@ default. A YAML file may nest (`roles: {policy: {url: ...}}`) or use flag names 
 from __future__ import annotations
 
 import argparse
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -205,3 +206,16 @@ def config_from_args(cls: type[BaseModel], args: argparse.Namespace, parser: arg
         if parser is not None:
             parser.error(msg)
         raise ValueError(msg) from None
+
+
+def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse, run the chosen subcommand's `func`, map Ctrl-C to exit 130 (shared with `trainer`)."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

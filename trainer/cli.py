@@ -166,7 +166,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simkit.cli import dispatch
+    from simkit.config import dispatch
 
     return dispatch(build_parser(), argv)
 

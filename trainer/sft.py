@@ -33,10 +33,10 @@ def _msg(role: str, content: str) -> dict:
 
 def env_sample(env_name: str, split: str, n_conversations: int | None = None, seed: int = 0):
     """(env, the conversation sample): the same helper and draw as `simkit serve` / `pairs build`."""
-    import simkit
+    from simkit.env import make
     from simkit.sampling import sample_conversations
 
-    env = simkit.make(env_name)
+    env = make(env_name)
     return env, sample_conversations(env.tasks(split), n_conversations, seed, env=env.name, split=split)
 
 

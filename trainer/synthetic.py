@@ -6,9 +6,9 @@ from simkit.types import ANSWER, CLARIFY, Message, PreferencePair
 
 def toy_pairs(n: int, *, version: int = 0, offset: int = 0, size: int | None = None) -> list[PreferencePair]:
     """n ACT Phase-1-style pairs: chosen = the reference action's reply, rejected = the other action's."""
-    import simkit
+    from simkit.env import make
 
-    env = simkit.make("toy", size=size or max(2, n + offset))
+    env = make("toy", size=size or max(2, n + offset))
     tasks = env.tasks("train")[offset:offset + n]
     out = []
     for t in tasks:

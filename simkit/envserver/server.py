@@ -704,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     command's dependencies (torch), so a test or bench starts it in a second, not ten."""
     import sys
 
-    from simkit.cli import dispatch
+    from simkit.config import dispatch
 
     p = argparse.ArgumentParser(prog="simkit")
     register_cli(p.add_subparsers(dest="command"))

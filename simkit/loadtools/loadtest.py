@@ -297,7 +297,7 @@ class LoadTest:
                     "timeout_s": cfg.timeout, "max_retries": cfg.max_retries})
 
     def _build(self):
-        import simkit
+        from simkit.env import make
 
         cfg = self.cfg
 
@@ -311,7 +311,7 @@ class LoadTest:
             env_kw["size"] = cfg.env_size
         if cfg.max_turns:
             env_kw["max_turns"] = cfg.max_turns
-        env = simkit.make(cfg.env, classifier=roles.classifier, simulator=roles.simulator, **env_kw)
+        env = make(cfg.env, classifier=roles.classifier, simulator=roles.simulator, **env_kw)
         split = next(iter(env.splits()))
         tasks = env.tasks(split)
         if not tasks:
