@@ -141,13 +141,13 @@ async def mode_sequential(url: str, n: int, win: Window) -> None:
             msgs = [{"role": "system", "content": env.system_prompt}] + [m.model_dump() for m in task.prompt]
             for turn in range(env.max_turns):
                 text = chat(msgs, temperature=0.7, max_tokens=256)
-                label = chat([{"role": "user", "content": prompts.render("classifier_fewshot", response=text)}],
+                label = chat([{"role": "user", "content": prompts.render("classifier/fewshot", response=text)}],
                              temperature=0.0, max_tokens=4)
                 msgs.append({"role": "assistant", "content": text})
                 if "yes" not in label.lower() or turn == env.max_turns - 1:
                     break
                 dialogue = "\n".join(f"{m['role'].title()}: {m['content']}" for m in msgs[1:])
-                user = chat([{"role": "user", "content": prompts.render("simulator_reply", intent=task.goal,
+                user = chat([{"role": "user", "content": prompts.render("simulator/reply", intent=task.goal,
                                                                         dialogue=dialogue)}],
                             temperature=0.0, max_tokens=96)
                 msgs.append({"role": "user", "content": user})

@@ -1,11 +1,15 @@
 """`simkit` command line. Each subcommand lives in its own module, which exposes
 `register_cli(subparsers)`; modules keep heavy imports (torch, transformers) inside functions
-so `simkit --help` stays fast."""
+so `simkit --help` stays fast. Plug-ins (an env's own commands) add theirs through the
+`simkit.commands` entry-point group: the core names no env."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
+
+COMMANDS_GROUP = "simkit.commands"  # entry point -> register_cli(subparsers), e.g. ambigsql's `data`
 
 # module -> registers one or more subcommands (order = order in --help)
 COMMAND_MODULES = [
@@ -14,7 +18,6 @@ COMMAND_MODULES = [
     "simkit.modelserver.tiny",
     "simkit.envserver.listing",
     "simkit.envserver.server",
-    "environments.ambigsql.cli",
     "simkit.act.pairs",
     "simkit.serving.serve",
     "simkit.evaluation.evaluate",
@@ -42,7 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register_cli(sub)
+    for ep in entry_points(group=COMMANDS_GROUP):
+        _register_plugin(ep, sub)
     return p
+
+
+def _register_plugin(ep, sub: argparse._SubParsersAction) -> None:
+    """One plug-in's commands; a broken one is named on stderr and skipped, so the rest of the
+    command line keeps working."""
+    try:
+        ep.load()(sub)
+    except Exception as e:
+        print(f"simkit: command plug-in {ep.name!r} ({ep.value}) failed to load, skipped: "
+              f"{type(e).__name__}: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,10 +4,16 @@ Why: a corrupt record (bad JSON, a missing field, a wrong type) used to surface 
 TypeError in a prompt builder, with no hint of which file or row. Here every record keeps the line
 it starts on, and `each` turns any failure on a record into a `DataError` naming file, line and
 record index (the data sets are fixed benchmarks, so a bad row is an error, never a silent skip).
+
+The helpers every env loader needs live here too, so each env does not repeat them: where the
+data root is (`data_root`), a data file under it with a useful error when it is missing
+(`data_file`), and a cached records reader (`cached_records`).
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -107,3 +113,35 @@ def each(path: str | Path, records: list[tuple[int, Any]], fn: Callable[[dict], 
             msg = str(e).splitlines()
             raise DataError(f"{where}: wrong type or value: {' '.join(m.strip() for m in msg[:3])}") from None
     return out
+
+
+# --------------------------------------------------------------------------- env data helpers
+def data_root() -> Path:
+    """Where task data lives: $SIMKIT_DATA_DIR, else ../shared/data next to the checkout."""
+    env = os.environ.get("SIMKIT_DATA_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def data_file(data_dir: str | Path, relpath: str | Path, what: str = "data") -> Path:
+    """`data_dir/relpath`, resolved; missing -> FileNotFoundError that says what to set, since
+    the usual cause is a data root pointing at the wrong folder."""
+    path = Path(data_dir) / relpath
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found at {path}: set SIMKIT_DATA_DIR (or data_dir=) to the folder "
+                                f"holding {Path(relpath).as_posix()}")
+    return path.resolve()
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(path: str, key: str | None, mtime_ns: int, size: int) -> tuple[tuple[int, Any], ...]:
+    return tuple(read_records(path, key))
+
+
+def cached_records(path: str | Path, key: str | None = None) -> tuple[tuple[int, Any], ...]:
+    """`read_records`, parsed once per file version: several envs (and several configs of one
+    env) read the same large file. A file rewritten in place is read again (the key holds its
+    modification time and size)."""
+    st = Path(path).stat()
+    return _cached(str(Path(path).resolve()), key, st.st_mtime_ns, st.st_size)

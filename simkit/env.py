@@ -4,24 +4,26 @@
     obs = await env.reset(task)            # the messages the policy sees
     step = await env.step(policy_text)     # observation = simulated user's reply (or None)
 
-An `Env` subclass supplies data and scoring (`splits`, `tasks`, `score`); the episode
-mechanics (classify, simulate, turn cap, scoring) live here once. `env.episode(task)` gives
-an independent `Episode` so one env serves thousands of concurrent episodes.
-Environments register by name; the core imports no task (see `registry`).
+An `Env` subclass supplies data and scoring (`load_splits`, `score`); `splits`/`tasks` and the
+episode mechanics (classify, simulate, turn cap, scoring) live here once. `env.episode(task)`
+gives an independent `Episode` so one env serves thousands of concurrent episodes.
+Environments are plug-ins found through the `simkit.environments` entry-point group (or
+`@register` in-process): the core names no env (see `registry`).
 """
 from __future__ import annotations
 
 import difflib
-import importlib
-import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from simkit import prompts
+from simkit.datafile import data_root
 from simkit.roles.agents import ActionClassifier, GroundedSimulator, RuleClassifier, UserSimulator
 from simkit.types import CLARIFY, Message, Reply, Task, Trajectory, Turn
 
@@ -172,9 +174,9 @@ def validate_env_config(env_name: str, model: type[EnvConfig], values: dict[str,
 
 class Env:
     """Base class of every task environment. Subclasses set `name` and implement the data and
-    scoring hooks; they may override `turn_score` when the turn-level target differs. Their
-    settings are a `Config` (an `EnvConfig` subclass): `simkit.make(name, **cfg)` validates the
-    keywords against it, and `self.config` holds the typed values.
+    scoring hooks (`load_splits`, `score`); they may override `turn_score` when the turn-level
+    target differs. Their settings are a `Config` (an `EnvConfig` subclass): `simkit.make(name,
+    **cfg)` validates the keywords against it, and `self.config` holds the typed values.
 
     Simulation depth: `clarify_rounds` is how many times the simulated user answers a clarifying
     question before the episode must end. Default 1, as the authors simulate (question → user's
@@ -198,8 +200,9 @@ class Env:
                                          else c.clarify_rounds) + 1
         self.data_dir = c.data_dir or data_root()
         self.seed = c.seed
-        self.system_prompt = prompts.load("policy_system", env=self.name)
+        self.system_prompt = prompts.load("policy/system", env=self.name)
         self._episode: Episode | None = None
+        self._split_tasks: dict[str, list[Task]] | None = None
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -207,12 +210,26 @@ class Env:
         return self.config.model_dump(exclude_unset=True)
 
     # -------------------------------------------------------------- task hooks
-    def splits(self) -> dict[str, int]:
-        """Split name -> number of tasks."""
+    def load_splits(self) -> Mapping[str, Sequence[Task]]:
+        """Split name -> its tasks, in the env's split order. The one data hook: called once per
+        env, on first use (so building an env never reads its data), and cached."""
         raise NotImplementedError
 
+    def _splits(self) -> dict[str, list[Task]]:
+        if self._split_tasks is None:
+            self._split_tasks = {k: v if isinstance(v, list) else list(v) for k, v in self.load_splits().items()}
+        return self._split_tasks
+
+    def splits(self) -> dict[str, int]:
+        """Split name -> number of tasks."""
+        return {k: len(v) for k, v in self._splits().items()}
+
     def tasks(self, split: str) -> list[Task]:
-        raise NotImplementedError
+        """The tasks of one split; an unknown split is a KeyError naming the ones there are."""
+        splits = self._splits()
+        if split not in splits:
+            raise KeyError(f"{self.name or type(self).__name__} has splits {list(splits)}, not {split!r}")
+        return splits[split]
 
     async def score(self, prediction: str, target: Any, task: Task) -> float:
         """The task heuristic H(outcome, goal) in [0, 1]."""
@@ -258,20 +275,17 @@ class Env:
         return None
 
 
-def data_root() -> Path:
-    """Where task data lives: $SIMKIT_DATA_DIR, else ../shared/data next to the checkout."""
-    env = os.environ.get("SIMKIT_DATA_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
-
 # --------------------------------------------------------------------------- registry
+ENV_GROUP = "simkit.environments"  # entry point name -> Env subclass, e.g. toy = "environments.toy:ToyEnv"
 _REGISTRY: dict[str, Callable[..., Env]] = {}
-BUILTIN_PLUGINS = ("toy", "ambigsql", "pacific", "abgcoqa")
+
+
+class EnvPluginError(RuntimeError):
+    """An environment plug-in is installed but cannot be loaded (its import or object failed)."""
 
 
 def register(name: str) -> Callable[[type[Env]], type[Env]]:
+    """Register an env class under `name` in this process (plug-ins use entry points instead)."""
     def deco(cls: type[Env]) -> type[Env]:
         cls.name = name
         _REGISTRY[name] = cls
@@ -280,38 +294,34 @@ def register(name: str) -> Callable[[type[Env]], type[Env]]:
     return deco
 
 
-def _discover(name: str | None = None) -> None:
-    """Import plug-ins: `environments.<name>` folders and the `simkit.environments` entry points."""
-    names = [name] if name else list(BUILTIN_PLUGINS)
-    for n in names:
-        if n in _REGISTRY:
-            continue
-        for mod in (f"simkit.{n}env", f"environments.{n}"):
-            try:
-                importlib.import_module(mod)
-                break
-            except ModuleNotFoundError as e:
-                if e.name is None or not mod.startswith(e.name):  # a plug-in's own import failed: say so
-                    raise
-    try:
-        from importlib.metadata import entry_points
+def _plugins() -> dict[str, EntryPoint]:
+    """The installed plug-ins by name, not imported: listing never runs a plug-in's code."""
+    return {ep.name: ep for ep in entry_points(group=ENV_GROUP)}
 
-        for ep in entry_points(group="simkit.environments"):
-            if name is None or ep.name == name:
-                _REGISTRY.setdefault(ep.name, ep.load())
-    except Exception:  # pragma: no cover - broken third-party plug-in must not break the core
-        pass
+
+def _load_plugin(ep: EntryPoint) -> None:
+    """Import one plug-in; any failure is an `EnvPluginError` that names it and where it points."""
+    try:
+        obj = ep.load()
+    except Exception as e:
+        raise EnvPluginError(f"environment plug-in {ep.name!r} ({ep.value}, entry point group {ENV_GROUP!r}) "
+                             f"failed to load: {type(e).__name__}: {e}") from e
+    if isinstance(obj, type) and issubclass(obj, Env) and not obj.name:
+        obj.name = ep.name  # a plug-in class that did not use @register
+    _REGISTRY.setdefault(ep.name, obj)
 
 
 def registered() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
+    """Every env name: registered in this process or installed as a plug-in (loaded or not)."""
+    return sorted(set(_REGISTRY) | set(_plugins()))
 
 
 def make(name: str, **cfg: Any) -> Env:
     """Build a registered environment by name: `simkit.make("pacific", max_turns=3)`."""
     if name not in _REGISTRY:
-        _discover(name)
+        ep = _plugins().get(name)
+        if ep is not None:
+            _load_plugin(ep)
     if name not in _REGISTRY:
         raise KeyError(f"no environment named {name!r}; registered: {registered()}")
     return _REGISTRY[name](**cfg)

@@ -1,22 +1,36 @@
-"""Prompt templates ship inside the package, as files beside this module (named by role,
-optionally by task), so a wheel install has them (`[tool.setuptools.package-data]`).
+"""Prompt templates: text files kept out of the code, one per role and name, optionally per env.
 
-`$name` placeholders (string.Template) so SQL, JSON and braces in data never clash.
-Lookup order for `load("policy_system", env="pacific")`: simkit/prompts/pacific/policy_system.txt,
-then simkit/prompts/policy_system.txt. SIMKIT_PROMPTS_DIR points elsewhere.
+Why files: prompts are edited and reviewed as text, and one env can change a role's wording
+without touching the others. They live in the repository's top-level `prompts/` folder:
+
+    prompts/shared/<role>/<name>.txt       every env (roles: policy, simulator, classifier, loser_generator)
+    prompts/<env>/<role>/<name>.txt        one env's version, which wins over the shared one
+
+`load("policy/system", env="pacific")` reads prompts/pacific/policy/system.txt, else
+prompts/shared/policy/system.txt. `$name` placeholders (string.Template) so SQL, JSON and braces
+in data never clash. The folder is found as: $SIMKIT_PROMPTS_DIR; else the checkout's `prompts/`
+(source or editable install); else the copy a wheel ships as `simkit/_prompts/` (the build maps
+`prompts/` there: `[tool.setuptools.package-dir]` in pyproject.toml).
 """
 from __future__ import annotations
 
 import functools
 import os
+from importlib import resources
 from pathlib import Path
 from string import Template
 
-_DEFAULT_DIR = Path(__file__).resolve().parent
+SHARED = "shared"
+_CHECKOUT = Path(__file__).resolve().parents[1]  # the repository root when running from source
 
 
 def prompts_dir() -> Path:
-    return Path(os.environ.get("SIMKIT_PROMPTS_DIR", _DEFAULT_DIR))
+    """The template folder in use (see the module docstring for the order)."""
+    if os.environ.get("SIMKIT_PROMPTS_DIR"):
+        return Path(os.environ["SIMKIT_PROMPTS_DIR"])
+    if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "prompts" / SHARED).is_dir():
+        return _CHECKOUT / "prompts"
+    return Path(str(resources.files("simkit") / "_prompts"))
 
 
 @functools.lru_cache(maxsize=256)
@@ -25,14 +39,15 @@ def _read(path: str) -> str:
 
 
 def load(name: str, env: str | None = None) -> str:
-    """The raw template text for `name` (task-specific version first)."""
+    """The raw template text for `name` ("<role>/<name>"), the env's own version first."""
     root = prompts_dir()
-    candidates = ([root / env / f"{name}.txt"] if env else []) + [root / f"{name}.txt"]
+    candidates = ([root / env / f"{name}.txt"] if env else []) + [root / SHARED / f"{name}.txt"]
     for path in candidates:
         if path.is_file():
             return _read(str(path))
+    hint = "" if "/" in name else " (names are '<role>/<name>', e.g. 'policy/system')"
     raise FileNotFoundError(
-        f"prompt template {name!r} not found (looked in {', '.join(map(str, candidates))}); "
+        f"prompt template {name!r} not found{hint} (looked in {', '.join(map(str, candidates))}); "
         "set SIMKIT_PROMPTS_DIR to a folder of templates, or reinstall simkit (they ship in the package)"
     )
 

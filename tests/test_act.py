@@ -124,7 +124,7 @@ async def test_forced_losers_are_checked_retried_then_fall_back_and_counted(env,
     pol = ScriptedPolicy({"IMPORTANT": "It is 12 meters."}, "Which one do you mean?")
     p = await phase1_pair(env, clarify_task, pol, contrast="forced")
     assert p.meta["forced_path"] == "retried-ok" and p.rejected[0].content == "It is 12 meters."
-    assert pol.seen == [prompts.load("force_answer"), prompts.load("force_answer_strong")]
+    assert pol.seen == [prompts.load("policy/force_answer"), prompts.load("policy/force_answer_strong")]
     # forced ANSWER never answers: the gold answer (authors' fallback)
     p = await phase1_pair(env, clarify_task, ScriptedPolicy({}, "Which one do you mean?"), contrast="forced")
     assert p.meta["forced_path"] == "fallback" and p.meta["fallback"] == "gold-answer"
@@ -134,7 +134,7 @@ async def test_forced_losers_are_checked_retried_then_fall_back_and_counted(env,
     assert p.meta["forced_path"] == "fallback" and p.meta["fallback"] == "truncated"
     assert p.rejected[0].content == "Which tower?"
     p = await phase1_pair(env, answer_task, ScriptedPolicy({}, "It is 300 meters."), contrast="forced")
-    assert p.meta["fallback"] == "template" and p.rejected[0].content == prompts.render("fallback_clarify")
+    assert p.meta["fallback"] == "template" and p.rejected[0].content == prompts.render("policy/fallback_clarify")
     assert RuleClassifier.classify_sync(p.rejected[0].content) == CLARIFY
 
     # build_pairs counts every path and drops pairs whose two sides are identical

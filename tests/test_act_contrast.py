@@ -100,7 +100,7 @@ async def test_authors_answer_turn_loser_from_the_generator_or_the_template(env)
     assert q.rejected_source == "fallback" and q.meta["generator_text"] == ""
     empty = LoserGenerator(Scripted(default="It is 300 meters."), [], env="toy")  # no pool: the template
     r = await phase1_pair(env, answer, Scripted(), generator=empty)
-    assert r.rejected[0].content == prompts.render("fallback_clarify", env="toy")
+    assert r.rejected[0].content == prompts.render("policy/fallback_clarify", env="toy")
     assert r.meta["generator_path"] == "fallback" and r.rejected_source == "fallback"
 
 

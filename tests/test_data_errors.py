@@ -8,7 +8,7 @@ import pytest
 
 import simkit
 from environments.ambigsql import build as ambig_build
-from simkit.datafile import DataError, read_records
+from simkit.datafile import DataError, cached_records, data_file, read_records
 
 
 def _write_records(path, records, key=None):
@@ -29,6 +29,26 @@ def test_read_records_lines_and_bad_json(tmp_path):
     f.write_bytes(b'[{"a": "\xff"}]')
     with pytest.raises(DataError, match="not UTF-8"):
         read_records(f)
+
+
+def test_data_file_says_what_to_set(tmp_path):
+    (tmp_path / "pacific").mkdir()
+    (tmp_path / "pacific" / "validation.json").write_text("[]")
+    assert data_file(tmp_path, "pacific/validation.json") == (tmp_path / "pacific" / "validation.json").resolve()
+    with pytest.raises(FileNotFoundError, match=r"Abg-CoQA data not found at .*: set SIMKIT_DATA_DIR \(or data_dir=\) "
+                                                r"to the folder holding abgcoqa/coqa_abg_val\.json"):
+        data_file(tmp_path, "abgcoqa/coqa_abg_val.json", "Abg-CoQA data")
+    with pytest.raises(FileNotFoundError, match="PACIFIC data not found"):
+        simkit.make("pacific", data_dir=tmp_path / "nowhere").tasks("tune")
+
+
+def test_cached_records_reads_a_file_once_per_version(tmp_path):
+    f = tmp_path / "d.json"
+    _write_records(f, [{"a": 1}], key="data")
+    first = cached_records(f, key="data")
+    assert cached_records(f, key="data") is first and [r for _, r in first] == [{"a": 1}]
+    _write_records(f, [{"a": 1}, {"a": 2}], key="data")  # rewritten in place: read again
+    assert [r for _, r in cached_records(f, key="data")] == [{"a": 1}, {"a": 2}]
 
 
 # --------------------------------------------------------------------------- pacific

@@ -41,6 +41,14 @@ async def test_wrong_answer_scores_low():
     assert step.terminated and step.reward == 0.0 and not step.info["success"]
 
 
+def test_unknown_split_names_the_splits_and_data_loads_on_first_use():
+    env = simkit.make("toy", size=4)
+    assert env._split_tasks is None  # building an env reads no data
+    assert env.splits() == {"train": 4, "test": 1} and env.tasks("train") is env.tasks("train")
+    with pytest.raises(KeyError, match=r"toy has splits \['train', 'test'\], not 'dev'"):
+        env.tasks("dev")
+
+
 def test_unknown_env_lists_registered():
     with pytest.raises(KeyError, match="toy"):
         simkit.make("nope")

@@ -184,9 +184,9 @@ async def test_fake_server_replies_like_vllm():
                 return await r.json()
 
         from simkit import prompts
-        clf = prompts.render("classifier_fewshot", response="Do you mean the oak or the tower?")
+        clf = prompts.render("classifier/fewshot", response="Do you mean the oak or the tower?")
         assert (await chat(clf, max_tokens=4))["choices"][0]["message"]["content"] == "Yes"
-        clf = prompts.render("classifier_fewshot", response="It is 20 meters tall.")
+        clf = prompts.render("classifier/fewshot", response="It is 20 meters tall.")
         body = await chat(clf, max_tokens=4)
         assert body["choices"][0]["message"]["content"] == "No"
         assert body["object"] == "chat.completion" and body["model"] == "m" and body["id"].startswith("chatcmpl-")

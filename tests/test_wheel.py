@@ -1,5 +1,6 @@
 """A built wheel works on its own: installed non-editable into a fresh venv, run from a
-temporary folder (so the source tree is not importable), `simkit envs` lists the envs and an
+temporary folder (so the source tree is not importable), `simkit envs` lists the envs (found
+through the wheel's entry points), the ambigsql `data` command is there, and an
 episode runs with the LLM classifier and the LLM simulator, whose templates must come from the
 installed package. No network: the wheel is built without isolation and the roles talk to
 simkit's fake server on loopback."""
@@ -45,6 +46,24 @@ def _run(cmd, cwd, env, timeout=300):
     return res.stdout
 
 
+def _check_wheel_contents(wheel: Path) -> None:
+    """The templates ride inside simkit's namespace (mapped from the top-level prompts/ at build
+    time), never as a top-level `prompts` package that could clash with another distribution's;
+    the envs and the ambigsql commands are declared as entry points, the only way the core finds them."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    for template in ("shared/policy/system.txt", "shared/simulator/reply.txt", "shared/classifier/fewshot.txt",
+                     "shared/loser_generator/shot.txt", "ambigsql/policy/user_prompt.txt", "pacific/policy/system.txt"):
+        assert f"simkit/_prompts/{template}" in names, template
+    assert not [n for n in names if n.startswith("prompts/")], "a top-level prompts/ in the wheel"
+    assert "simkit/prompts.py" in names
+    assert "[simkit.environments]" in entry_points and "toy = environments.toy:ToyEnv" in entry_points
+    assert "[simkit.commands]" in entry_points and "ambigsql = environments.ambigsql.cli:register_cli" in entry_points
+
+
 def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     import json
 
@@ -55,6 +74,7 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
           "-w", str(tmp_path / "dist"), str(src)], cwd=tmp_path, env=env)
     (wheel,) = (tmp_path / "dist").glob("simkit-*.whl")
+    _check_wheel_contents(wheel)
 
     fresh = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(fresh)
@@ -71,11 +91,15 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     work.mkdir()
     out = _run([str(fresh / "bin" / "simkit"), "envs"], cwd=work, env=env)
     assert "toy" in out and "ambigsql" in out
+    out = _run([str(fresh / "bin" / "simkit"), "data", "build-ambigsql", "--help"], cwd=work, env=env)
+    assert "--spider" in out  # a command from the `simkit.commands` entry point
 
     (work / "episode.py").write_text(EPISODE)
     r = json.loads(_run([str(py), "episode.py"], cwd=work, env=env).strip().splitlines()[-1])
     assert Path(r["simkit"]).is_relative_to(fresh), r["simkit"]
-    assert Path(r["prompts"]).is_relative_to(fresh) and (Path(r["prompts"]) / "simulator_reply.txt").is_file()
+    prompts_dir = Path(r["prompts"])
+    assert prompts_dir.is_relative_to(fresh) and prompts_dir.parts[-2:] == ("simkit", "_prompts"), prompts_dir
+    assert (prompts_dir / "shared" / "simulator" / "reply.txt").is_file()
     assert r["status"] == "ok", r["error"]
     assert r["roles"] == ["assistant", "user", "assistant"] and r["actions"][0] == "CLARIFY"
     assert r["requests"]["classifier"] == 2 and r["requests"]["simulator"] == 2  # intent summary + reply

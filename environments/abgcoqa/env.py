@@ -18,7 +18,7 @@ from pydantic import Field
 from simkit.env import Env, EnvConfig, register
 from simkit.types import Task
 
-from .loader import SPLITS, load_tasks
+from .loader import load_tasks
 from .similarity import Embedder, get_embedder
 
 
@@ -37,7 +37,6 @@ class AbgCoqaEnv(Env):
     def __init__(self, **kw: Any):
         super().__init__(**kw)
         c = self.config
-        self._tasks = load_tasks(self.data_dir, c.tune_fraction)
         self._embedder: Embedder | None = c.embedder
         self._embedder_path = c.embedder_path
 
@@ -48,13 +47,8 @@ class AbgCoqaEnv(Env):
             self._embedder = get_embedder(self._embedder_path)
         return self._embedder
 
-    def splits(self) -> dict[str, int]:
-        return {s: len(self._tasks[s]) for s in SPLITS}
-
-    def tasks(self, split: str) -> list[Task]:
-        if split not in self._tasks:
-            raise KeyError(f"abgcoqa has splits {list(SPLITS)}, not {split!r}")
-        return self._tasks[split]
+    def load_splits(self) -> dict[str, list[Task]]:
+        return load_tasks(self.data_dir, self.config.tune_fraction)  # `tune`, `eval`
 
     async def score(self, prediction: str, target: Any, task: Task) -> float:
         return await self.embedder.similarity(prediction, str(target))

@@ -26,7 +26,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from simkit.datafile import each, read_records
+from simkit.datafile import cached_records, data_file, each
 from simkit.types import ANSWER, CLARIFY, Message, Task
 
 ENV = "abgcoqa"
@@ -34,22 +34,13 @@ FILE = Path("abgcoqa") / "coqa_abg_val.json"
 SPLITS = ("tune", "eval")
 
 
-@functools.lru_cache(maxsize=4)
-def _read(path: str) -> tuple[tuple[int, Any], ...]:
-    """(line, example) records of the file's "data" list; a corrupt file or row is a `DataError`."""
-    return tuple(read_records(path, key="data"))
-
-
 def _path(data_dir: str | Path) -> Path:
-    path = Path(data_dir) / FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"Abg-CoQA data not found at {path}: set SIMKIT_DATA_DIR to the folder "
-                                "holding abgcoqa/coqa_abg_val.json")
-    return path.resolve()
+    return data_file(data_dir, FILE, "Abg-CoQA data")
 
 
 def load_examples(data_dir: str | Path) -> list[dict[str, Any]]:
-    return [e for _, e in _read(str(_path(data_dir)))]
+    """The examples of the file's "data" list; a corrupt file is a `DataError` naming file and line."""
+    return [e for _, e in cached_records(_path(data_dir), key="data")]
 
 
 def story_id(example: dict[str, Any]) -> str:
@@ -113,7 +104,7 @@ def split_of(examples: list[dict[str, Any]], tune_fraction: float = 0.5) -> dict
 @functools.lru_cache(maxsize=8)
 def _load_tasks(path: str, tune_fraction: float) -> dict[str, tuple[Task, ...]]:
     file = _path(path)
-    records = list(_read(str(file)))
+    records = list(cached_records(file, key="data"))
     stories = each(file, records, story_id)
     which = split_of([{"id": s} for s in stories], tune_fraction)
     out: dict[str, list[Task]] = {s: [] for s in SPLITS}

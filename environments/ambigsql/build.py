@@ -949,7 +949,7 @@ def sample_examples(examples: list[dict[str, Any]], k: int, seed: int = 0) -> li
 async def rewrite_with_llm(examples: list[Example], client: Any, model: str | None = None,
                            concurrency: int = 16) -> int:
     """Optional: let an LLM polish the wording of ambiguous questions (prompt
-    `simkit/prompts/ambigsql/rewrite_question.txt`). A rewrite is kept only if it is a single short
+    `prompts/ambigsql/build/rewrite_question.txt`). A rewrite is kept only if it is a single short
     question that still hides every hidden term; returns how many were kept."""
     import asyncio
 
@@ -959,7 +959,7 @@ async def rewrite_with_llm(examples: list[Example], client: Any, model: str | No
 
     async def one(e: Example) -> None:
         nonlocal kept
-        prompt = prompts.render("rewrite_question", env="ambigsql", question=e.question,
+        prompt = prompts.render("build/rewrite_question", env="ambigsql", question=e.question,
                                 original=e.original_question, clarifying_question=e.clarifying_question or "")
         async with sem:
             try:

@@ -29,7 +29,6 @@ loop (`sqlexec.SQLRunner`).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +36,7 @@ from pydantic import Field
 
 from simkit import prompts
 from simkit.roles.agents import RuleClassifier
-from simkit.datafile import DataError, each
+from simkit.datafile import DataError, data_file, each
 from simkit.env import Env, EnvConfig, register
 from simkit.types import ANSWER, CLARIFY, Message, Task
 
@@ -82,7 +81,6 @@ class AmbigSQLEnv(Env):
         self.runner = SQLRunner(workers=c.sql_workers, timeout_s=c.timeout_s, max_rows=c.max_rows,
                                 isolation=c.isolation)
         self._doc: dict[str, Any] | None = None
-        self._tasks: dict[str, list[Task]] | None = None
 
     # -------------------------------------------------------------- data
     def dataset_path(self) -> Path:
@@ -92,8 +90,10 @@ class AmbigSQLEnv(Env):
                 fp = builder.input_fingerprint(self.spider_dir, self.seed)
                 builder.save(builder.build(self.spider_dir, self.seed), self.path, fp)
             return self.path
-        if not (self.spider_dir / "tables.json").is_file():
-            raise FileNotFoundError(f"Spider data not found in {self.spider_dir} (set SIMKIT_DATA_DIR or spider_dir=)")
+        if self.config.spider_dir is None:
+            data_file(self.data_dir, Path("spider") / "tables.json", "Spider data")
+        elif not (self.spider_dir / "tables.json").is_file():
+            raise FileNotFoundError(f"Spider data not found in {self.spider_dir} (spider_dir= must hold tables.json)")
         return builder.build_cached(self.spider_dir, self.seed)
 
     @property
@@ -104,24 +104,23 @@ class AmbigSQLEnv(Env):
             self._doc = builder.load(path)
         return self._doc
 
-    def _all_tasks(self) -> dict[str, list[Task]]:
-        if self._tasks is None:
-            doc = self.dataset
-            out: dict[str, list[Task]] = {s: [] for s in doc["stats"].get("splits", [])}
+    def load_splits(self) -> dict[str, list[Task]]:
+        """`train`, `dev` (carved from train), `test`; built or read on first use."""
+        doc = self.dataset
+        out: dict[str, list[Task]] = {s: [] for s in doc["stats"].get("splits", [])}
 
-            def task_of(e: dict[str, Any]) -> Task:
-                schema = doc["schemas"].get(e["db_id"])
-                if not isinstance(schema, str):
-                    raise DataError(f"db_id {e['db_id']!r} has no schema in the file")
-                if not isinstance(e["split"], str):
-                    raise DataError(f"split {e['split']!r} is not a name")
-                return self._task(e, schema)
+        def task_of(e: dict[str, Any]) -> Task:
+            schema = doc["schemas"].get(e["db_id"])
+            if not isinstance(schema, str):
+                raise DataError(f"db_id {e['db_id']!r} has no schema in the file")
+            if not isinstance(e["split"], str):
+                raise DataError(f"split {e['split']!r} is not a name")
+            return self._task(e, schema)
 
-            # the built file is one JSON line: a bad example is named by its index
-            for task in each(self._doc_path, [(1, e) for e in doc["examples"]], task_of):
-                out.setdefault(task.meta["split"], []).append(task)
-            self._tasks = self._carve_dev(out)
-        return self._tasks
+        # the built file is one JSON line: a bad example is named by its index
+        for task in each(self._doc_path, [(1, e) for e in doc["examples"]], task_of):
+            out.setdefault(task.meta["split"], []).append(task)
+        return self._carve_dev(out)
 
     def _carve_dev(self, out: dict[str, list[Task]]) -> dict[str, list[Task]]:
         """Move the train tasks of the dev databases to `dev`; split order train, dev, test, ..."""
@@ -135,7 +134,7 @@ class AmbigSQLEnv(Env):
         return {**carved, **{k: v for k, v in out.items() if k not in carved}}
 
     def _task(self, e: dict[str, Any], schema_text: str) -> Task:
-        content = prompts.render("user_prompt", env=self.name, schema=schema_text, question=e["question"])
+        content = prompts.render("policy/user_prompt", env=self.name, schema=schema_text, question=e["question"])
         clarify = e["gold_action"] == "CLARIFY"
         grounding: dict[str, Any] = {"intent": e["disambiguated_question"]}
         if clarify:
@@ -150,15 +149,6 @@ class AmbigSQLEnv(Env):
                   "alternatives": e["alternatives"], "question": e["question"],
                   "original_question": e["original_question"], "source": e["source"], "split": e["split"]},
         )
-
-    def splits(self) -> dict[str, int]:
-        return {k: len(v) for k, v in self._all_tasks().items()}
-
-    def tasks(self, split: str) -> list[Task]:
-        tasks = self._all_tasks()
-        if split not in tasks:
-            raise KeyError(f"ambigsql has splits {list(tasks)}, not {split!r}")
-        return tasks[split]
 
     def stats(self) -> dict[str, Any]:
         """The builder's stats report (counts per split and ambiguity type, skipped questions)."""

@@ -15,7 +15,7 @@ from pydantic import Field
 from simkit.env import Env, EnvConfig, register
 from simkit.types import Task
 
-from .loader import SPLITS, load_tasks
+from .loader import load_tasks
 from .tatqa_metric import pacific_f1
 
 
@@ -33,15 +33,9 @@ class PacificEnv(Env):
     def __init__(self, **kw: Any):
         super().__init__(**kw)
         self.scale_aware = self.config.scale_aware
-        self._tasks = load_tasks(self.data_dir, self.config.tune_fraction)
 
-    def splits(self) -> dict[str, int]:
-        return {s: len(self._tasks[s]) for s in SPLITS}
-
-    def tasks(self, split: str) -> list[Task]:
-        if split not in self._tasks:
-            raise KeyError(f"pacific has splits {list(SPLITS)}, not {split!r}")
-        return self._tasks[split]
+    def load_splits(self) -> dict[str, list[Task]]:
+        return load_tasks(self.data_dir, self.config.tune_fraction)  # `tune`, `eval`
 
     async def score(self, prediction: str, target: Any, task: Task) -> float:
         return pacific_f1(prediction, str(target), scale_aware=self.scale_aware)

@@ -36,7 +36,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from simkit.datafile import each, read_records
+from simkit.datafile import cached_records, data_file, each
 from simkit.types import ANSWER, CLARIFY, Message, Task
 
 from .tatqa_metric import is_number
@@ -46,22 +46,13 @@ FILE = Path("pacific") / "validation.json"
 SPLITS = ("tune", "eval")
 
 
-@functools.lru_cache(maxsize=4)
-def _read(path: str) -> tuple[tuple[int, Any], ...]:
-    """(line, dialogue) records; a corrupt file or row is a `DataError` naming file and line."""
-    return tuple(read_records(path))
-
-
 def _path(data_dir: str | Path) -> Path:
-    path = Path(data_dir) / FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"PACIFIC data not found at {path}: set SIMKIT_DATA_DIR to the folder "
-                                "holding pacific/validation.json")
-    return path.resolve()
+    return data_file(data_dir, FILE, "PACIFIC data")
 
 
 def load_dialogues(data_dir: str | Path) -> list[dict[str, Any]]:
-    return [d for _, d in _read(str(_path(data_dir)))]
+    """The raw dialogues; a corrupt file is a `DataError` naming file and line."""
+    return [d for _, d in cached_records(_path(data_dir))]
 
 
 def render_table(table: list[list[str]]) -> list[str]:
@@ -135,7 +126,7 @@ def dialogue_tasks(dialogue: dict[str, Any], split: str) -> list[Task]:
 @functools.lru_cache(maxsize=8)
 def _load_tasks(path: str, tune_fraction: float) -> dict[str, tuple[Task, ...]]:
     file = _path(path)
-    records = list(_read(str(file)))
+    records = list(cached_records(file))
     uids = each(file, records, lambda d: str(d["table"]["uid"]))
     which = split_of([{"table": {"uid": u}} for u in uids], tune_fraction)
     out: dict[str, list[Task]] = {s: [] for s in SPLITS}

@@ -44,8 +44,10 @@ class ToyEnv(Env):
 
     def __init__(self, size: int = 200, **kw: Any):
         super().__init__(size=size, **kw)
-        size = self.size = self.config.size
-        self._tasks = {split: self._make(split, n) for split, n in (("train", size), ("test", max(1, size // 4)))}
+        self.size = self.config.size
+
+    def load_splits(self) -> dict[str, list[Task]]:
+        return {split: self._make(split, n) for split, n in (("train", self.size), ("test", max(1, self.size // 4)))}
 
     def _make(self, split: str, n: int) -> list[Task]:
         rng = random.Random(f"{self.seed}-{split}")
@@ -65,14 +67,6 @@ class ToyEnv(Env):
                                 prompt=[Message(role="user", content=f"{context}\n{q}")],
                                 reference=b[1], goal=b[1]))
         return out
-
-    def splits(self) -> dict[str, int]:
-        return {k: len(v) for k, v in self._tasks.items()}
-
-    def tasks(self, split: str) -> list[Task]:
-        if split not in self._tasks:
-            raise KeyError(f"toy has splits {list(self._tasks)}, not {split!r}")
-        return self._tasks[split]
 
     async def score(self, prediction: str, target: Any, task: Task) -> float:
         return token_f1(prediction, target)

@@ -12,10 +12,10 @@ an ANSWER turn, the reference answer. The loser depends on `contrast`:
   (data/base_dataset.py: `rejected_response = gold_target`, a pure action contrast); the loser of
   an ANSWER turn is a clarifying question from a few-shot generator (`agents.LoserGenerator`:
   data/preference_generator.py, 10 shots, temperature 0.1, 64 tokens, cut at the first "?"),
-  checked by the classifier in use, else the template question (`fallback_clarify`).
+  checked by the classifier in use, else the template question (`policy/fallback_clarify`).
 * `forced` (the paper's wording): the policy *forced* to take the other action (`force_action`):
   the classifier labels it; a wrong action is asked again with a stronger few-shot instruction
-  (`simkit/prompts/force_*_strong.txt`), then the authors' fallback — a forced ANSWER becomes the
+  (`prompts/shared/policy/force_*_strong.txt`), then the authors' fallback — a forced ANSWER becomes the
   gold answer, a forced CLARIFY the reply cut at its first "?" or a template question.
 
 One pair per user turn (`phase1_pairs`, `per_conversation="turn"`, default under `authors`): a
@@ -105,7 +105,7 @@ async def force_action(env: Env, task: Task, policy: Any, action: str, prompt: l
     """The policy made to take `action`: instruction, checked; a stronger few-shot instruction,
     checked; then the authors' fallback (see the module docstring)."""
     clf = classifier or env.classifier
-    name = "force_clarify" if action == CLARIFY else "force_answer"
+    name = "policy/force_clarify" if action == CLARIFY else "policy/force_answer"
     texts, model = [], ""
     for attempt, template in enumerate((name, name + "_strong"), 1):
         reply = await policy.respond(prompt, instruction=prompts.load(template, env=env.name), task=task)
@@ -121,7 +121,7 @@ async def force_action(env: Env, task: Task, policy: Any, action: str, prompt: l
             cut = head + "?"
             if await clf.classify(cut, task) == CLARIFY:
                 return Forced(cut, "fallback", len(texts), model, "truncated")
-    return Forced(prompts.render("fallback_clarify", env=env.name), "fallback", len(texts), model, "template")
+    return Forced(prompts.render("policy/fallback_clarify", env=env.name), "fallback", len(texts), model, "template")
 
 
 Contrast = Literal["authors", "forced"]
@@ -186,7 +186,7 @@ async def other_side(env: Env, task: Task, policy: Any, action: str, prompt: lis
         if pooled:  # another training turn's real clarifying question: varied wording, not one template
             return Side(pooled, CLARIFY, "fallback", reply.model,
                         {"generator_path": "fallback-pool", "generator_text": reply.text})
-        return Side(prompts.render("fallback_clarify", env=env.name), CLARIFY, "fallback", reply.model,
+        return Side(prompts.render("policy/fallback_clarify", env=env.name), CLARIFY, "fallback", reply.model,
                     {"generator_path": "fallback", "generator_text": reply.text})
     forced = await force_action(env, task, policy, action, prompt, classifier)
     return Side(forced.text, action, _SIDE_OF_PATH[forced.path], forced.model,

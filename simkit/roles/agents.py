@@ -95,7 +95,7 @@ class LLMClassifier:
         return f"LLM few-shot Yes/No ({_endpoint(self.client, self.model)})"
 
     async def classify(self, text: str, task: Task | None = None) -> str:
-        prompt = _render(self._templates, "classifier_fewshot", self.env, response=text.strip())
+        prompt = _render(self._templates, "classifier/fewshot", self.env, response=text.strip())
         reply = await self.client.complete(
             [{"role": "user", "content": prompt}], model=self.model, temperature=0.0, max_tokens=self.max_tokens
         )
@@ -143,7 +143,7 @@ class LLMSimulator:
         if task.id not in self._intents:
             question = next((m.content for m in reversed(task.prompt) if m.role == "user"), "")
             grounding = "; ".join(f"{k}: {v}" for k, v in task.grounding.items()) or (task.user_reply or str(task.goal))
-            prompt = _render(self._templates, "simulator_intent", self.env, grounding=grounding, question=question)
+            prompt = _render(self._templates, "simulator/intent", self.env, grounding=grounding, question=question)
             r = await self.client.complete([{"role": "user", "content": prompt}], model=self.model,
                                            temperature=0.0, max_tokens=self.max_tokens)
             self._intents[task.id] = r.text.strip()
@@ -151,7 +151,7 @@ class LLMSimulator:
 
     async def reply(self, task: Task, dialogue: Sequence[Message]) -> str:
         intent = await self.intent(task)
-        prompt = _render(self._templates, "simulator_reply", self.env, intent=intent, dialogue=_render_dialogue(dialogue))
+        prompt = _render(self._templates, "simulator/reply", self.env, intent=intent, dialogue=_render_dialogue(dialogue))
         r = await self.client.complete([{"role": "user", "content": prompt}], model=self.model,
                                        temperature=0.0, max_tokens=self.max_tokens)
         return r.text.strip()
@@ -275,10 +275,10 @@ class LoserGenerator:
         others = [t for t in self.pool if t.conversation_id != task.conversation_id]  # never its own question
         rng = random.Random(f"{self.seed}-{task.id}-{turn}")
         chosen = rng.sample(others, min(self.shots, len(others)))
-        shots = "\n\n".join(_render(self._templates, "loser_generator_shot", self.env,
+        shots = "\n\n".join(_render(self._templates, "loser_generator/shot", self.env,
                                     dialogue=_render_dialogue(_shot_dialogue(t)), question=t.reference.strip())
                             for t in chosen)
-        return _render(self._templates, "loser_generator", self.env, shots=shots,
+        return _render(self._templates, "loser_generator/prompt", self.env, shots=shots,
                        dialogue=_render_dialogue(dialogue)).strip()
 
     def pool_question(self, task: Task, turn: int = 0) -> str | None:
