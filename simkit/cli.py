@@ -9,6 +9,8 @@ import importlib
 import sys
 from importlib.metadata import entry_points
 
+from simkit.config import dispatch  # noqa: F401  (trainer and env-server import it from config)
+
 COMMANDS_GROUP = "simkit.commands"  # entry point -> register_cli(subparsers), e.g. ambigsql's `data`
 
 # module -> registers one or more subcommands (order = order in --help)
@@ -20,7 +22,7 @@ COMMAND_MODULES = [
     "simkit.envserver.server",
     "simkit.act.pairs",
     "simkit.serving.serve",
-    "simkit.evaluation.evaluate",
+    "simkit.evaluation.cli",
     "simkit.evaluation.compare",
     "simkit.evaluation.results",
     "simkit.evaluation.textclf",
@@ -62,19 +64,6 @@ def _register_plugin(ep, sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     return dispatch(build_parser(), argv)
-
-
-def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Parse, run the chosen subcommand's `func`, map Ctrl-C to exit 130 (shared with `trainer`)."""
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":
