@@ -26,8 +26,13 @@ _CHECKOUT = Path(__file__).resolve().parents[1]  # the repository root when runn
 
 def prompts_dir() -> Path:
     """The template folder in use (see the module docstring for the order)."""
-    if os.environ.get("SIMKIT_PROMPTS_DIR"):
-        return Path(os.environ["SIMKIT_PROMPTS_DIR"])
+    return _folder(os.environ.get("SIMKIT_PROMPTS_DIR") or None)
+
+
+@functools.lru_cache(maxsize=8)
+def _folder(override: str | None) -> Path:
+    if override:
+        return Path(override)
     if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "prompts" / SHARED).is_dir():
         return _CHECKOUT / "prompts"
     return Path(str(resources.files("simkit") / "_prompts"))
@@ -40,7 +45,13 @@ def _read(path: str) -> str:
 
 def load(name: str, env: str | None = None) -> str:
     """The raw template text for `name` ("<role>/<name>"), the env's own version first."""
-    root = prompts_dir()
+    return _load(name, env, prompts_dir())
+
+
+@functools.lru_cache(maxsize=256)
+def _load(name: str, env: str | None, root: Path) -> str:
+    """Cached per (name, env, folder): a render runs on every role request, so no file-system
+    lookups on that path (an edited template is read by a new process)."""
     candidates = ([root / env / f"{name}.txt"] if env else []) + [root / SHARED / f"{name}.txt"]
     for path in candidates:
         if path.is_file():
