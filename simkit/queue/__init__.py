@@ -18,8 +18,8 @@ Guarantees (docs/DESIGN.md, "Seams", the queue):
   policy servers; serve reads `current_version()`. Versions never go backwards.
 * **Staleness, one rule, at consume.** `lease(n, min_version=v)` drops (and counts, in
   `stats()["dropped_stale"]`) available pairs made by a policy older than `v` and never hands
-  them out. A leased pair is never dropped under its consumer: `drop_stale(v)` only drops
-  available pairs, so an ack of a leased pair always counts.
+  them out. A leased pair is never dropped under its consumer: only available pairs are
+  dropped, so an ack of a leased pair always counts.
 * **Producer check.** `missing(ids)` lists the ids the queue has never seen, so a producer can
   re-append what a damaged store lost (serve does on resume).
 * **Back-pressure.** `depth()` (unacked pairs) reads one counter row: O(1) at any queue size.

@@ -1,15 +1,21 @@
-"""`AsyncPairQueue`: any `PairQueue` for asyncio code, every call on one worker thread."""
+"""`AsyncPairQueue`: any `PairQueue` for asyncio code, every call on one worker thread.
+
+Its coroutines are generated from `PairQueue`'s methods (`CALLS`), so the two cannot drift apart.
+Written out are only what differs: `lease` (a cancelled lease is given back), `close` (it also
+stops the thread) and `outage_stats` (a plain call: no I/O, safe from the event loop)."""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Callable
 
-from simkit.queue.base import Lease, PairQueue, VersionInfo
+from simkit.queue.base import Lease, PairQueue
 from simkit.queue.open import open_queue
-from simkit.types import PreferencePair
+
+# PairQueue's calls, all of them on AsyncPairQueue
+CALLS = tuple(name for name, f in vars(PairQueue).items() if callable(f) and not name.startswith("_"))
 
 
 class AsyncPairQueue:
@@ -29,9 +35,6 @@ class AsyncPairQueue:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
 
-    async def append(self, pairs: Sequence[PreferencePair]) -> int:
-        return await self._call(self.sync.append, list(pairs))
-
     async def lease(self, n: int, consumer: str = "trainer", lease_s: float = 600.0,
                     min_version: int | None = None) -> Lease:
         loop = asyncio.get_running_loop()
@@ -49,52 +52,9 @@ class AsyncPairQueue:
             fut.add_done_callback(give_back)
             raise
 
-    async def ack(self, lease_or_ids: "Lease | Sequence[str]") -> int:
-        return await self._call(self.sync.ack, lease_or_ids)
-
-    async def nack(self, lease_or_ids: "Lease | Sequence[str]") -> int:
-        return await self._call(self.sync.nack, lease_or_ids)
-
-    async def renew(self, lease: Lease, lease_s: float = 600.0) -> int:
-        return await self._call(self.sync.renew, lease, lease_s)
-
-    async def release(self, consumer: str) -> int:
-        return await self._call(self.sync.release, consumer)
-
-    async def depth(self) -> int:
-        return await self._call(self.sync.depth)
-
-    async def publish_version(self, version: int, adapter: str, path: str | None = None,
-                              meta: dict | None = None) -> None:
-        await self._call(self.sync.publish_version, version, adapter, path, meta)
-
-    async def current_version(self) -> VersionInfo | None:
-        return await self._call(self.sync.current_version)
-
-    async def drop_stale(self, min_version: int) -> int:
-        return await self._call(self.sync.drop_stale, min_version)
-
-    async def missing(self, ids: Sequence[str]) -> list[str]:
-        return await self._call(self.sync.missing, list(ids))
-
-    async def stats(self) -> dict:
-        return await self._call(self.sync.stats)
-
     def outage_stats(self) -> dict:
         """The client's outage counters (no I/O: safe from the event loop)."""
         return self.sync.outage_stats()
-
-    async def wait_below(self, max_depth: int, poll_s: float = 0.5,
-                         timeout: float | None = None) -> int:
-        """Back-pressure for producers: wait until depth() < max_depth; returns the depth.
-        Raises asyncio.TimeoutError after `timeout` seconds."""
-        async def _wait() -> int:
-            while True:
-                d = await self.depth()
-                if d < max_depth:
-                    return d
-                await asyncio.sleep(poll_s)
-        return await asyncio.wait_for(_wait(), timeout)
 
     async def close(self) -> None:
         try:
@@ -107,3 +67,18 @@ class AsyncPairQueue:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _on_worker(name: str) -> Callable[..., Any]:
+    """`PairQueue.<name>` as a coroutine that runs it on the queue's worker thread."""
+    @functools.wraps(getattr(PairQueue, name))
+    async def call(self: AsyncPairQueue, *args: Any, **kw: Any) -> Any:
+        return await self._call(getattr(self.sync, name), *args, **kw)
+
+    call.__qualname__ = f"AsyncPairQueue.{name}"
+    return call
+
+
+for _name in CALLS:
+    if _name not in vars(AsyncPairQueue):
+        setattr(AsyncPairQueue, _name, _on_worker(_name))

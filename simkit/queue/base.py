@@ -84,7 +84,10 @@ def riding(op: str, cleanup: bool = False) -> Any:
 
 
 class PairQueue(ABC):
-    """The typed seam between producers and consumers: SQLiteQueue and RedisQueue implement it."""
+    """The typed seam between producers and consumers: SQLiteQueue and RedisQueue implement it.
+
+    Only what serve and the trainer call (`AsyncPairQueue` is generated from these methods).
+    Audits and tests also use backend extras not part of it: `versions`, `drop_stale`, `states`."""
 
     _outage: Outage = Outage("(none)", lambda e: False, 0.0)  # each backend sets its own
 
@@ -100,7 +103,7 @@ class PairQueue(ABC):
     def lease(self, n: int, consumer: str = "trainer", lease_s: float = 600.0,
               min_version: int | None = None) -> Lease:
         """Up to n oldest available pairs, hidden from other leases until acked or expired.
-        With `min_version`, unacked pairs older than it are dropped first (as `drop_stale`)."""
+        With `min_version`, available pairs older than it are dropped first (and counted)."""
 
     @abstractmethod
     def ack(self, lease_or_ids: "Lease | Sequence[str]") -> int:
@@ -125,22 +128,8 @@ class PairQueue(ABC):
         """The latest published version, or None before the first publish."""
 
     @abstractmethod
-    def versions(self) -> list[VersionInfo]:
-        """Every published version, oldest first."""
-
-    @abstractmethod
-    def drop_stale(self, min_version: int) -> int:
-        """Drop available (not leased) pairs with policy_version < min_version; returns how many."""
-
-    @abstractmethod
     def missing(self, ids: Sequence[str]) -> list[str]:
         """The ids among `ids` this queue never saw (acked and dropped ones count as seen)."""
-
-    @abstractmethod
-    def states(self, ids: Sequence[str]) -> dict[str, str]:
-        """Per id: "live" (available or leased), "acked" or "dropped"; ids never seen are left out.
-        For audits (the fault soak): counters alone cannot tell a trained pair acked from one
-        dropped stale whose ack was then a no-op."""
 
     @abstractmethod
     def stats(self) -> dict:

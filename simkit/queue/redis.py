@@ -399,7 +399,8 @@ class RedisQueue(PairQueue):
 
     @riding('drop_stale')
     def drop_stale(self, min_version: int) -> int:
-        """Drop available (not leased) pairs older than `min_version`. Scans them: O(available)."""
+        """Drop available (not leased) pairs older than `min_version`. Scans them: O(available).
+        A backend extra for tests, not part of `PairQueue`."""
         self._check()
         return int(self._s["drop"](keys=self._keys(), args=[_GROUP, _H, int(min_version)]))
 
@@ -415,6 +416,7 @@ class RedisQueue(PairQueue):
 
     @riding('states')
     def states(self, ids: Sequence[str]) -> dict[str, str]:
+        """As `SQLiteQueue.states`: a backend extra for audits, not part of `PairQueue`."""
         self._check()
         ids, out = list(ids), {}
         names = {b"a": "acked", b"d": "dropped"}
@@ -451,6 +453,8 @@ class RedisQueue(PairQueue):
 
     @riding('versions')
     def versions(self) -> list[VersionInfo]:
+        """Every published version, oldest first. A backend extra for audits and tests, not
+        part of `PairQueue`."""
         self._check()
         items = self._r.hgetall(self.k_versions)
         return [self._info(v) for _, v in sorted(items.items(), key=lambda kv: int(kv[0]))]

@@ -299,6 +299,8 @@ class SQLiteQueue(PairQueue):
 
     @riding('drop_stale')
     def drop_stale(self, min_version: int) -> int:
+        """Drop available (not leased) pairs older than `min_version`, as `lease(min_version=…)`
+        does; returns how many. A backend extra for tests, not part of `PairQueue`."""
         with self._write() as db:
             n = self._drop(db, min_version)
             db.execute("UPDATE counters SET dropped_stale = dropped_stale + ? WHERE k = 0", (n,))
@@ -326,6 +328,9 @@ class SQLiteQueue(PairQueue):
 
     @riding('states')
     def states(self, ids: Sequence[str]) -> dict[str, str]:
+        """Per id: "live" (available or leased), "acked" or "dropped"; ids never seen are left out.
+        A backend extra for audits (the fault soak), not part of `PairQueue`: counters alone
+        cannot tell a trained pair acked from one dropped stale whose ack was then a no-op."""
         ids, out = list(ids), {}
         names = {None: "live", ACKED: "acked", DROPPED: "dropped"}
         with self._lock:
@@ -367,7 +372,8 @@ class SQLiteQueue(PairQueue):
 
     @riding('versions')
     def versions(self) -> list[VersionInfo]:
-        """Every published version, oldest first."""
+        """Every published version, oldest first. A backend extra for audits and tests, not
+        part of `PairQueue`."""
         with self._lock:
             rows = self._db().execute("SELECT version, adapter, path, published_at, meta FROM versions "
                                       "ORDER BY version").fetchall()
