@@ -12,7 +12,8 @@ import pytest
 
 from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
 from simkit.queue import open_queue
-from simkit.serving.workers import aggregate, parse_shard, shard_of, split_budget
+from simkit.serving.shard import parse_shard, shard_of, split_budget
+from simkit.serving.status import aggregate
 
 
 @pytest.fixture(scope="module")

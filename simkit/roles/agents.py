@@ -162,22 +162,30 @@ class Policy:
     """An endpoint plus what the policy sees besides the episode (extra system text, shots).
 
     `model` may be an adapter name (vLLM / the embedded server select adapters by `model`);
-    `set_model` switches it (and the version number) when the trainer publishes a new version.
-    Each reply carries the version that was asked (`Reply.policy_version`), read when the
-    request is sent, so a switch in the middle of an episode stamps each turn correctly.
+    `set_model` switches it when the trainer publishes a new version. The version number is not
+    kept here: its one owner (serve's `VersionFollower`, see `stamp_from`) is asked as each request
+    goes out, so each reply carries the version that was asked (`Reply.policy_version`) and a
+    switch in the middle of an episode stamps each turn correctly. No owner: replies unstamped.
     """
 
     def __init__(self, client: RoleClient, model: str | None = None, shots: Sequence[Message] = (),
-                 system_suffix: str = "", version: int | None = None, **sampling: Any):
-        self.client, self.model, self.version = client, model, version
+                 system_suffix: str = "", **sampling: Any):
+        self.client, self.model = client, model
         self.shots = list(shots)
         self.system_suffix = system_suffix
         self.sampling = sampling
+        self._versions: Any = None
 
-    def set_model(self, model: str, version: int | None = None) -> None:
+    def stamp_from(self, owner: Any) -> None:
+        """Stamp replies with `owner.version` (read per request; the owner switches `model` with it)."""
+        self._versions = owner
+
+    @property
+    def version(self) -> int | None:
+        return None if self._versions is None else self._versions.version
+
+    def set_model(self, model: str) -> None:
         self.model = model
-        if version is not None:
-            self.version = version
 
     def build(self, messages: Sequence[Message], instruction: str | None = None) -> list[Message]:
         msgs = list(messages)
@@ -194,8 +202,8 @@ class Policy:
     async def respond(self, messages: Sequence[Message], instruction: str | None = None,
                       task: Task | None = None, **sampling: Any) -> Reply:
         """Reply to the dialogue; `instruction` forces an action (ACT's losing responses)."""
-        version = self.version  # the version asked, before any switch while the request is out
-        reply = await self.client.complete(self.build(messages, instruction), model=self.model,
+        model, version = self.model, self.version  # the pair asked, before any switch while the request is out
+        reply = await self.client.complete(self.build(messages, instruction), model=model,
                                            **{**self.sampling, **sampling})
         reply.policy_version = version
         return reply

@@ -1,7 +1,8 @@
 """The version follower: reads the version the trainer published, switches the policy, and heals it.
 
-The policy (`simkit.Policy.set_model(adapter, version)`) stamps each reply with the version
-whose adapter it asked, so turns are stamped per request, not per episode: a switch in the
+The follower is the one holder of the policy version: it switches the policy's adapter
+(`Policy.set_model`) and the policy asks it for the version as each request goes out
+(`Policy.stamp_from`), so turns are stamped per request, not per episode: a switch in the
 middle of an episode gives its later turns the new version. Stale pairs are not serve's
 business: the trainer drops them when it leases (one staleness rule, at consume).
 
@@ -34,6 +35,8 @@ def model_missing(e: BaseException) -> bool:
 
 
 class VersionFollower:
+    """The current policy version, its adapter and where it was saved; serve asks it, nothing copies it."""
+
     def __init__(self, queue, policy: Any, timeout_s: float = 30.0):
         self.queue, self.policy = queue, policy
         self.version = 0
@@ -43,6 +46,8 @@ class VersionFollower:
         self.heals = 0  # adapter reloads into a server that had lost it
         self._lock: asyncio.Lock | None = None
         self._checked_at = -1e9  # monotonic start of the last check that left every server healthy
+        if hasattr(policy, "stamp_from"):
+            policy.stamp_from(self)
 
     async def follow(self) -> bool:
         """Switch to a newer published version, if any; True when it switched."""
@@ -51,10 +56,7 @@ class VersionFollower:
             return False
         self.version, self.adapter, self.path = v.version, v.adapter, v.path
         if hasattr(self.policy, "set_model"):
-            try:
-                self.policy.set_model(v.adapter, v.version)
-            except TypeError:  # a policy without version stamping
-                self.policy.set_model(v.adapter)
+            self.policy.set_model(v.adapter)
         return True
 
     async def heal(self, missing: str | None = None) -> bool:

@@ -1,4 +1,5 @@
-"""The pair sink: the one place serve appends pairs to the queue, and its resume check.
+"""The pair sink: the one place serve appends pairs to the queue, waits on its depth
+(back-pressure, `wait_below`), and its resume check.
 
 Serve does not judge staleness: the consumer does, at lease time (`lease(min_version=…)`,
 `trainer run --max-staleness`). Before each append the pairs go to a journal
@@ -10,6 +11,7 @@ can lose (SQLite checkpoints its WAL every ~16 MB; Redis AOF everysec loses <= ~
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -36,7 +38,7 @@ class PairSink:
         self.depth = 0  # unacked pairs in the queue, as last seen (back-pressure)
         self.appended = self.duplicates = self.dropped_stale = self.recovered = 0
 
-    async def write(self, rollouts: Sequence[Rollout], version: int | None = None) -> None:
+    async def write(self, rollouts: Sequence[Rollout]) -> None:
         """Append the pairs of `rollouts` (duplicates are dropped by the queue) and, if asked,
         every trajectory."""
         pairs = [r.pair for r in rollouts if r.pair is not None]
@@ -88,6 +90,14 @@ class PairSink:
 
     async def refresh_depth(self) -> int:
         self.depth = await self.queue.depth()
+        return self.depth
+
+    async def wait_below(self, max_depth: int, poll_s: float, stop: asyncio.Event | None = None) -> int:
+        """Back-pressure, serve's only wait on the queue: until fewer than `max_depth` pairs are
+        unacked (or `stop` is set). Starts from the depth last seen, so the common case costs no call."""
+        while self.depth >= max_depth and not (stop is not None and stop.is_set()):
+            await asyncio.sleep(poll_s)
+            await self.refresh_depth()
         return self.depth
 
     async def refresh_stats(self) -> dict:

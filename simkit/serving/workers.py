@@ -13,8 +13,8 @@ even a mistake would be caught by the queue's de-duplication. Every host must ru
 Each worker is an ordinary single-process serve with its own run directory RUN_DIR/worker-g
 (state.json watermark, dpref.jsonl, metrics.jsonl), so resume is per worker. The parent only
 supervises: it aggregates the workers' latest metrics rows into one status line and
-RUN_DIR/metrics.jsonl, and restarts a worker that dies (kill -9, OOM, crash) — it resumes from
-its own watermark — after a backoff (0.5 s, doubling) up to `max_restarts` times per worker;
+RUN_DIR/metrics.jsonl (`status.aggregate`, which makes each worker's own row too), and restarts
+a worker that dies (kill -9, OOM, crash) — it resumes from its own watermark — after a backoff (0.5 s, doubling) up to `max_restarts` times per worker;
 beyond that the parent stops the others and exits 1. A worker that exits 0 (its --max-episodes / --max-epochs reached) is done.
 A worker that exits 75 waited out a whole queue outage (--queue-outage-s): the queue is down for
 every worker alike, so the parent stops them all and exits 75 with what to do (run it again).
@@ -30,65 +30,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any
 
-from simkit.serving.status import StatusReporter
+from simkit.queue.outage import QueueUnavailable
+from simkit.serving.shard import parse_shard, split_budget
+from simkit.serving.status import StatusReporter, aggregate
 
-T = TypeVar("T")
-# per-worker counters: each worker counts its own work, so the host's figure is their sum
-SUM_KEYS = ("episodes", "pairs", "failures", "right_action", "successes", "terminated", "identical_dropped",
-            "no_contrast", "duplicates", "recovered", "retries", "adapter_heals", "queue_outages", "queue_outage_s",
-            "episodes_per_s", "pairs_per_s",
-            "pairs_action", "pairs_content", "pairs_action_clarify", "pairs_content_clarify", "pairs_action_answer",
-            "pairs_content_answer")  # the last six: status.MIX_KEYS
-# queue-wide figures: every worker reads the same queue counter, so summing would count it once per
-# worker; the host reports it once, from the newest row (dropped_stale only grows: the newest is the largest)
-QUEUE_KEYS = ("dropped_stale", "queue_depth")
-QUEUE_DOWN = 75  # a worker's exit code after a whole queue outage (queue_outage.QueueUnavailable.exit_code)
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'I/S' -> (I, S) with 0 <= I < S."""
-    try:
-        i, s = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ValueError(f"shard must look like I/S (e.g. 0/2), not {text!r}") from None
-    if not 0 <= i < s:
-        raise ValueError(f"shard {text!r}: need 0 <= I < S")
-    return i, s
-
-
-def shard_of(items: Sequence[T], index: int, count: int) -> list[T]:
-    """The items at indices index, index+count, ... (a partition over index = 0..count-1)."""
-    return list(items[index::count])
-
-
-def split_budget(total: int | None, index: int, count: int) -> int | None:
-    """An even share of a global episode budget (the first total % count shares get one more)."""
-    if total is None:
-        return None
-    return total // count + (index < total % count)
-
-
-def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One status row from the workers' latest metrics rows.
-
-    Per-worker counters and rates (SUM_KEYS: episodes, pairs, failures, duplicates, retries,
-    queue_outages, ...) are summed. Queue-wide figures (QUEUE_KEYS: dropped_stale, queue_depth),
-    which each worker reads from the shared queue, are reported once, from the newest row:
-    summing them would multiply them by the number of workers. Plus the version range."""
-    out: dict[str, Any] = {"time": time.time(), "workers_reporting": len(rows)}
-    for k in SUM_KEYS:
-        out[k] = round(sum(r.get(k) or 0 for r in rows), 3)
-    versions = [r.get("version", 0) for r in rows] or [0]
-    out["version"], out["version_min"] = max(versions), min(versions)
-    newest = max(rows, key=lambda r: r.get("time") or 0, default={})
-    for k in QUEUE_KEYS:
-        out[k] = newest.get(k) or 0
-    out["action_accuracy"] = round(out["right_action"] / out["episodes"], 4) if out["episodes"] else None
-    out["success_rate"] = round(out["successes"] / out["terminated"], 4) if out["terminated"] else None
-    out["elapsed_s"] = max((r.get("elapsed_s", 0) for r in rows), default=0)
-    return out
+QUEUE_DOWN = QueueUnavailable.exit_code  # a worker's exit code after a whole queue outage
 
 
 def last_row(path: Path) -> dict[str, Any] | None:
@@ -119,8 +67,8 @@ def _worker_main(cfg_json: str, parent_pid: int) -> None:
 
     import asyncio
 
-    from simkit.queue.outage import QueueUnavailable
-    from simkit.serving.serve import ServeConfig, serve
+    from simkit.serving.config import ServeConfig
+    from simkit.serving.serve import serve
 
     cfg = ServeConfig.model_validate_json(cfg_json)
     try:
