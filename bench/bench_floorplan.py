@@ -41,6 +41,10 @@ def main() -> int:
         before = Path(tmp) / "before"
         subprocess.run(["git", "worktree", "add", "--detach", str(before), a.before], cwd=ROOT, check=True,
                        capture_output=True)
+        # the old tree found its envs by module name and then loaded the installed entry points, which now
+        # name the new tree's env classes: keep the old tree to its own envs (discovery only, not speed)
+        env_py = before / "simkit" / "env.py"
+        env_py.write_text(env_py.read_text().replace('group="simkit.environments"', 'group="simkit.environments.old"'))
         try:
             rates: dict[str, list[float]] = {"before": [], "after": []}
             for i in range(a.repeats):

@@ -21,7 +21,7 @@ COMMAND_MODULES = [
     "simkit.envserver.listing",
     "simkit.envserver.server",
     "simkit.act.pairs",
-    "simkit.serving.serve",
+    "simkit.serving.cli",
     "simkit.evaluation.cli",
     "simkit.evaluation.compare",
     "simkit.evaluation.results",

@@ -278,10 +278,3 @@ async def _act(server: Server, roles_cfg: RolesConfig, sample: Any, tasks: list)
         return {"phase1_pairs": len(dpref), "appended": added, "phase1": server.phase1,
                 "conversations": len(sample.conversation_ids)}
     return await server.run(dpref)
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    """Transitional, until simkit/cli.py's COMMAND_MODULES names `simkit.serving.cli`: then delete it."""
-    from simkit.serving.cli import register_cli as register
-
-    register(sub)
