@@ -208,6 +208,15 @@ def config_from_args(cls: type[BaseModel], args: argparse.Namespace, parser: arg
         raise ValueError(msg) from None
 
 
+def config_or_exit(cls: type[BaseModel], args: argparse.Namespace, command: str):
+    """`config_from_args`, or exit naming the command and the flag at fault: a bad flag is the
+    user's to fix, not a traceback."""
+    try:
+        return config_from_args(cls, args)
+    except ValueError as e:
+        raise SystemExit(f"simkit {command}: {e}")
+
+
 def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse, run the chosen subcommand's `func`, map Ctrl-C to exit 130 (shared with `trainer`)."""
     args = parser.parse_args(argv)

@@ -271,12 +271,9 @@ def _prepare_out(cfg: DemoConfig) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The pipeline; SIGINT / SIGTERM / SIGHUP or an error stop every child process first."""
-    from simkit.config import config_from_args
+    from simkit.config import config_or_exit
 
-    try:
-        cfg = config_from_args(DemoConfig, args)
-    except ValueError as e:
-        raise SystemExit(f"simkit demo: {e}")
+    cfg = config_or_exit(DemoConfig, args, "demo")
     cfg.out = cfg.out.resolve()
     previous = _install_stop_handlers()
     try:

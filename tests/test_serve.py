@@ -16,7 +16,7 @@ ENV = os.environ.get("SIMKIT_SERVE_TEST_ENV", "ambigsql")
 
 
 def _serve_cmd(model_server, queue, run_dir, max_episodes):
-    return [sys.executable, "-m", "simkit.cli", "serve", "--env", ENV, "--limit", "40", "--queue", str(queue),
+    return [sys.executable, "-m", "simkit.cli", "serve", "--env", ENV, "--n-conversations", "40", "--queue", str(queue),
             "--run-dir", str(run_dir), "--policy", model_server.url, "--max-tokens", "12",
             "--concurrency", "16", "--max-episodes", str(max_episodes), "--poll-s", "0.2"]
 

@@ -155,7 +155,8 @@ class SFTRunConfig(CommonConfig):
                                 "`simkit serve` / `pairs build` draw for the same seed; ids written to "
                                 "RUN_DIR/conversations.json. An error if N exceeds the split's conversations. "
                                 "JSONL data: N lines (one conversation each), a seeded sample. Default: all")
-    limit: int | None = Field(None, ge=1, description="old name of n_conversations (same meaning)")
+    limit: int | None = Field(None, ge=1, json_schema_extra={"cli": False},
+                              description="old name of n_conversations in YAML files (same meaning); no flag")
     sample_seed: int | None = Field(None, description="seed of the conversation sample (default: seed); give the "
                                                       "ACT run's `simkit serve --seed` to train SFT on the same "
                                                       "conversations")

@@ -280,12 +280,9 @@ async def open_act_run(command: str, env_name: str, env_kw: dict[str, Any], role
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from simkit.config import config_from_args
+    from simkit.config import config_or_exit
 
-    try:
-        cfg = config_from_args(PairsBuildConfig, args)
-    except ValueError as e:
-        raise SystemExit(f"simkit pairs build: {e}")
+    cfg = config_or_exit(PairsBuildConfig, args, "pairs build")
     if not cfg.roles.policy.url:
         raise SystemExit("simkit pairs build: the policy needs a URL (--policy URL)")
     return asyncio.run(build_main(cfg))

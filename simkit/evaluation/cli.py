@@ -148,12 +148,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(cls: type[BaseModel], args: argparse.Namespace) -> Any:
-    from simkit.config import config_from_args
+    from simkit.config import config_or_exit
 
-    try:
-        return config_from_args(cls, args)
-    except ValueError as e:
-        raise SystemExit(f"simkit {args.command}: {e}")
+    return config_or_exit(cls, args, args.command)
 
 
 def _run_eval(args: argparse.Namespace) -> int:

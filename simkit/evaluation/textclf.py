@@ -188,9 +188,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     from simkit.evaluation.compare import compare
 
-    from simkit.config import config_from_args
+    from simkit.config import config_or_exit
 
-    c = config_from_args(TextclfConfig, args)
+    c = config_or_exit(TextclfConfig, args, "textclf")
     m = run(c.env, c.out, c.n_conversations, c.seed, c.train_split, c.split, c.tasks_file, c.n_tasks, c.eval_seed,
             c.label, c.data_dir)
     print(compare([str(c.out)]))

@@ -27,12 +27,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from simkit.config import config_from_args
+    from simkit.config import config_or_exit
 
-    try:
-        cfg = config_from_args(ServeConfig, args)
-    except ValueError as e:
-        raise SystemExit(f"simkit serve: bad configuration: {e}")
+    cfg = config_or_exit(ServeConfig, args, "serve")
     if not cfg.roles.policy.url:
         raise SystemExit("simkit serve: --policy URL is required (e.g. http://127.0.0.1:8000/v1)")
     if cfg.workers > 1:

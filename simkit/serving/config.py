@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from simkit.act.pairs import Phase1Options
+from simkit.engine import DEFAULT_CONCURRENCY
 from simkit.roles.build import RolesConfig
 from simkit.sampling import conversations_help
 from simkit.serving.shard import parse_shard
@@ -12,7 +14,7 @@ from simkit.serving.shard import parse_shard
 ASYNC_MAX_PENDING = 4096
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(Phase1Options):
     """Everything `simkit serve` needs; loadable from YAML (`--config`), overridden by flags
     (generated from these fields by `simkit.config`).
 
@@ -31,9 +33,9 @@ class ServeConfig(BaseModel):
     run_dir: str = Field("runs/serve", description="run directory: config, state, metrics.jsonl, dpref.jsonl")
     data_dir: str | None = Field(None, description="task data folder (default $SIMKIT_DATA_DIR)")
     n_conversations: int | None = Field(
-        None, ge=1, json_schema_extra={"flags": ["--n-conversations", "--n", "--limit"], "metavar": "N"},
-        description=conversations_help() + " (--limit is the old name of this option)")
-    concurrency: int = Field(64, ge=1, description="episodes in flight")
+        None, ge=1, json_schema_extra={"flags": ["--n-conversations", "--n"], "metavar": "N"},
+        description=conversations_help())
+    concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="episodes in flight")
     max_pending: int | None = Field(
         None, ge=1, description="back-pressure: pause while the queue holds this many unacked pairs (default "
                                 f"{ASYNC_MAX_PENDING}; with --sync: --concurrency; set it to the trainer's batch_size "
@@ -73,17 +75,6 @@ class ServeConfig(BaseModel):
     shard: str = Field("0/1", json_schema_extra={"metavar": "I/S"}, description="this host's shard I of S: hosts x workers partition the "
                                                         "tasks (worker g = I*workers+i takes task g mod S*workers); "
                                                         "every host needs the same --workers, --seed and --n")
-    contrast: Literal["authors", "forced"] = Field(
-        "authors", description="Phase 1 loser: authors (their code: a CLARIFY turn's loser is the gold answer, an "
-                               "ANSWER turn's a question from the few-shot --loser-generator) or forced (the policy "
-                               "forced to take the other action, checked, retried, then the fallback)")
-    pairs_per_conversation: Literal["turn", "one"] | None = Field(
-        None, description="turn: one pair per user turn (a gold-CLARIFY task also gives the turn after the "
-                          "clarification); one: a pair per task. Default: turn under --contrast authors, else one")
-    loser_generator: str | None = Field(None, json_schema_extra={"metavar": "URL"},
-                                        description="URL of the model writing the clarifying-question losers (10 "
-                                                    "shots, temperature 0.1, 64 tokens; default: the policy's server)")
-    loser_generator_model: str | None = Field(None, description="model name at --loser-generator")
     replace_rule: Literal["paper", "authors"] = Field(
         "paper", description="Phase 2 replacement: paper (Algorithm 2: a wrong action always loses; a right one by "
                              "its simulated outcome) or authors (act_trainer.py: by the outcome alone)")
