@@ -6,7 +6,8 @@ YAML files, and one default per setting (the field's).
 
 A field's flag is `--field-name`; a field of a nested model gets `--outer-field-name`, unless the
 field names its own flags with `json_schema_extra={"flags": ["--policy", ...]}` (the first one is
-also the attribute name on the argparse namespace). Fields of types a flag cannot spell (dicts,
+also the attribute name on the argparse namespace); `{"positional": True}` makes it a positional argument
+and `{"repeatable": True}` a list flag given once per item (`--group A --group B`). Fields of types a flag cannot spell (dicts,
 objects) and fields marked `{"cli": False}` get no flag: YAML only. Flag defaults are
 SUPPRESSed, so a flag overrides the YAML only when it is given, and `--help` shows the field's
 default. A YAML file may nest (`roles: {policy: {url: ...}}`) or use flag names at the top level
@@ -135,20 +136,27 @@ def _group_title(cls: type[BaseModel], owner: tuple[str, ...]) -> str:
 def _add_flag(target: Any, leaf: Leaf) -> None:
     field = leaf.field
     ann, _ = _unwrap(field.annotation)
-    kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _help(field), "dest": leaf.dest}
+    extra = _extra(field)
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _help(field)}
     origin = typing.get_origin(ann)
-    metavar = _extra(field).get("metavar") or leaf.path[-1].upper().split("_")[-1]
+    metavar = extra.get("metavar") or leaf.path[-1].upper().split("_")[-1]
     if ann is bool:
         kw["action"] = argparse.BooleanOptionalAction
     elif origin is list:
         (inner,) = typing.get_args(ann)
-        kw.update(nargs="+", type=_unwrap(inner)[0], metavar=metavar)
+        many = {"action": "append"} if extra.get("repeatable") else {"nargs": "*" if extra.get("positional") else "+"}
+        kw.update(type=_unwrap(inner)[0], metavar=metavar, **many)
     elif origin is Literal:
         choices = typing.get_args(ann)
         kw.update(choices=choices, type=type(choices[0]))
     elif ann in (int, float, str, Path):
         kw.update(type=ann, metavar=metavar)
-    target.add_argument(*leaf.flags, **kw)
+    if extra.get("positional"):  # `simkit compare RUN...`: a field given by position
+        if origin is not list and not field.is_required():
+            kw["nargs"] = "?"
+        target.add_argument(leaf.dest, **kw)
+    else:
+        target.add_argument(*leaf.flags, dest=leaf.dest, **kw)
 
 
 def _put(values: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

@@ -74,3 +74,23 @@ def test_loadtest_flags_are_generated_with_their_short_names():
     cfg = load_config_from_args(args)
     assert cfg.concurrency == 7 and cfg.episodes is None and cfg.duration == 2 and cfg.plot is False
     assert cfg.fake == {"latency_ms": 3.0} and cfg.fake_cpus == [1, 2]
+
+
+def test_positional_and_repeatable_fields():
+    """`{"positional": True}` and `{"repeatable": True}`: `simkit compare RUN... --group A --group B`."""
+    import argparse
+
+    from pydantic import BaseModel, Field
+
+    from simkit.config import add_config_args, config_from_args
+
+    class Cmd(BaseModel):
+        runs: list[str] = Field(default_factory=list, json_schema_extra={"positional": True})
+        target: str = Field(..., json_schema_extra={"positional": True})
+        group: list[str] = Field(default_factory=list, json_schema_extra={"repeatable": True})
+
+    p = argparse.ArgumentParser()
+    add_config_args(p, Cmd, config_flag=False)
+    cfg = config_from_args(Cmd, p.parse_args(["T", "r1", "r2", "--group", "a=1", "--group", "b=2"]))
+    assert cfg.target == "T" and cfg.runs == ["r1", "r2"] and cfg.group == ["a=1", "b=2"]
+    assert config_from_args(Cmd, p.parse_args(["T"])).runs == []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import RunConfig, SFTRunConfig, add_config_args, config_from_args
+from .config import PlotConfig, RunConfig, SFTRunConfig, add_config_args, config_from_args
 
 RUN_EPILOG = """\
 example (CPU, tiny model, embedded server):
@@ -75,9 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
                                          "whole run."),
                        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(r, RunConfig)
-    r.add_argument("--queue-outage-s", type=float, default=None, metavar="S",
-                   help="ride through a queue outage this long before stopping with exit code 75 (default: "
-                        "$SIMKIT_QUEUE_OUTAGE_S, else 180)")
     r.set_defaults(func=_run, parser=r)
 
     s = sub.add_parser("sft", help="the SFT baseline on reference conversations (env split or JSONL)",
@@ -95,9 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "log-probs, throughput, staleness and learning rate curves as PNGs (default: "
                                     "RUN_DIR/plots). `simkit pairs stats PAIRS --train-run RUN_DIR` prints the margins "
                                     "by kind.")
-    pl.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
-    pl.add_argument("--out", help="output directory (default: RUN_DIR/plots)")
-    pl.add_argument("--smooth", type=int, default=1, help="moving-average window in steps (default 1: raw)")
+    add_config_args(pl, PlotConfig, config_flag=False)
     pl.set_defaults(func=_plot, parser=pl)
     return p
 
@@ -158,9 +153,12 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    from simkit.config import config_or_exit
+
     from .plot import plot_run
 
-    for path in plot_run(args.run_dir, args.out, args.smooth):
+    cfg = config_or_exit(PlotConfig, args, "plot")
+    for path in plot_run(cfg.run_dir, cfg.out, cfg.smooth):
         print(path)
     return 0
 

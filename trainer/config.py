@@ -70,6 +70,10 @@ class RunConfig(CommonConfig):
         default_factory=list, description="OpenAI-style base URL(s) of the policy server(s) to load each version into "
                                           "(e.g. http://127.0.0.1:8000/v1); none = publish on the queue only")
     max_steps: int = Field(1000, ge=1, description="total optimizer steps of the run (resumes count from the checkpoint)")
+    queue_outage_s: float | None = Field(
+        None, ge=0, json_schema_extra={"metavar": "S"},
+        description="ride through a queue outage this long before stopping with exit code 75 (default: "
+                    "$SIMKIT_QUEUE_OUTAGE_S, else 180)")
     sync: bool = Field(False, description="the paper's schedule: publish (and checkpoint) every step and train each "
                                           "step only on pairs made by the latest version (max_staleness 0; stale "
                                           "pairs are dropped, even ones leased before the publish); pair it with "
@@ -177,6 +181,17 @@ class SFTRunConfig(CommonConfig):
         return self
 
 
+class PlotConfig(BaseModel):
+    """`trainer plot`: learning-curve PNGs of a run directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = Field(..., json_schema_extra={"positional": True, "metavar": "RUN_DIR"},
+                         description="a run directory holding metrics.jsonl")
+    out: str | None = Field(None, description="output directory (default: RUN_DIR/plots)")
+    smooth: int = Field(1, ge=1, description="moving-average window in steps (1: raw)")
+
+
 # YAML + CLI: the generator lives in simkit's core (one config system for every command)
-__all__ = ["CommonConfig", "RunConfig", "SFTRunConfig", "add_config_args", "config_from_args", "load_yaml",
+__all__ = ["CommonConfig", "PlotConfig", "RunConfig", "SFTRunConfig", "add_config_args", "config_from_args", "load_yaml",
            "save_snapshot"]

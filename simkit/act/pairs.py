@@ -218,6 +218,19 @@ class PairsBuildConfig(Phase1Options):
     roles: RolesConfig = Field(default_factory=RolesConfig)
 
 
+class PairsStatsConfig(BaseModel):
+    """`simkit pairs stats`: what a pair stream contrasts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(..., json_schema_extra={"positional": True, "metavar": "PATH|QUEUE"},
+                        description="pairs JSONL, SQLite queue path (or sqlite:///path)")
+    train_run: str | None = Field(None, json_schema_extra={"metavar": "DIR"},
+                                  description="a `trainer run` directory: margins by contrast kind")
+    as_json: bool = Field(False, json_schema_extra={"flags": ["--json"]},
+                          description="print the tables as one JSON object")
+
+
 def register_cli(sub: argparse._SubParsersAction) -> None:
     from simkit.config import add_config_args
 
@@ -249,9 +262,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                     "its live, not yet acked pairs) and print how many contrast the action (ask vs answer) and how "
                     "many only the content, per gold action, per source pair (chosen_source -> rejected_source), "
                     "per phase and turn. --train-run DIR adds the DPO reward margins split by kind.")
-    st.add_argument("source", metavar="PATH|QUEUE", help="pairs JSONL, SQLite queue path (or sqlite:///path)")
-    st.add_argument("--train-run", metavar="DIR", help="a `trainer run` directory: margins by contrast kind")
-    st.add_argument("--json", action="store_true", help="print the tables as one JSON object")
+    add_config_args(st, PairsStatsConfig, config_flag=False)
     st.set_defaults(func=_run_stats)
 
 
@@ -325,15 +336,17 @@ async def build_main(cfg: PairsBuildConfig) -> int:
 
 def _run_stats(args: argparse.Namespace) -> int:
     from simkit.act.pairstats import format_stats, load_pairs, pair_stats
+    from simkit.config import config_or_exit
 
+    cfg = config_or_exit(PairsStatsConfig, args, "pairs stats")
     try:
-        pairs = load_pairs(args.source)
+        pairs = load_pairs(cfg.source)
     except (OSError, ValueError) as e:
         raise SystemExit(f"simkit pairs stats: {e}")
     report = pair_stats(pairs)
-    if args.train_run:
+    if cfg.train_run:
         from simkit.act.pairstats import train_margins
 
-        report["train"] = train_margins(args.train_run)
-    print(json.dumps(report, indent=1) if args.json else format_stats(report))
+        report["train"] = train_margins(cfg.train_run)
+    print(json.dumps(report, indent=1) if cfg.as_json else format_stats(report))
     return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from simkit.evaluation import stats
 from simkit.evaluation.results import FILE, ids_sha, read_rows, run_rows
@@ -260,7 +261,29 @@ def compare(inputs: Sequence[str | Path], plot: Path | None = None, groups: Sequ
     return render(summaries, paired, metric)
 
 
+class CompareConfig(BaseModel):
+    """`simkit compare`: runs side by side, recomputed from per-task rows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runs: list[str] = Field(default_factory=list, json_schema_extra={"positional": True, "metavar": "RUN"},
+                            description="run directories written by `simkit eval` and/or per-task .jsonl files")
+    group: list[str] = Field(default_factory=list, json_schema_extra={"repeatable": True,
+                                                                       "metavar": "LABEL=path1,path2"},
+                             description="pool these runs (seeds of one configuration) under LABEL (repeatable)")
+    vs: list[str] = Field(default_factory=list, json_schema_extra={"repeatable": True, "metavar": "LABEL"},
+                          description="paired differences of every other row against this row (repeatable; "
+                                      "default: the first)")
+    json_out: Path | None = Field(None, json_schema_extra={"flags": ["--json"], "metavar": "PATH"},
+                                  description="write every number (per-seed values, CIs, p-values) as JSON here")
+    n_boot: int = Field(stats.N_BOOT, ge=100, description="bootstrap resamples")
+    seed: int = Field(0, description="bootstrap seed")
+    plot: Path | None = Field(None, description="write a PNG of metrics vs number of training conversations")
+
+
 def register_cli(sub: Any) -> None:
+    from simkit.config import add_config_args
+
     c = sub.add_parser(
         "compare", help="runs side by side with 95%% CIs, pooled seeds and paired differences",
         description="Recompute every metric from per-task rows (run dirs' per_task.jsonl or episodes.jsonl, or "
@@ -270,14 +293,13 @@ def register_cli(sub: Any) -> None:
                     "gold-ANSWER turns, post-clarify score, and the Macro F1 range of a random asker at the same "
                     "ask rate; then paired differences against --vs rows (CI, p, McNemar). All runs must cover "
                     "the same task ids.")
-    c.add_argument("runs", nargs="*", help="run directories written by `simkit eval` and/or per-task .jsonl files")
-    c.add_argument("--group", action="append", default=[], metavar="LABEL=path1,path2",
-                   help="pool these runs (seeds of one configuration) under LABEL (repeatable)")
-    c.add_argument("--vs", action="append", default=[], metavar="LABEL",
-                   help="paired differences of every other row against this row (repeatable; default: the first)")
-    c.add_argument("--json", help="write every number (per-seed values, CIs, p-values) as JSON here")
-    c.add_argument("--n-boot", type=int, default=stats.N_BOOT, help=f"bootstrap resamples (default {stats.N_BOOT})")
-    c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    c.add_argument("--plot", help="write a PNG of metrics vs number of training conversations")
-    c.set_defaults(func=lambda a: print(compare(a.runs, Path(a.plot) if a.plot else None, a.group, a.vs,
-                                                Path(a.json) if a.json else None, a.n_boot, a.seed)) or 0)
+    add_config_args(c, CompareConfig, config_flag=False)
+    c.set_defaults(func=_main)
+
+
+def _main(args: Any) -> int:
+    from simkit.config import config_or_exit
+
+    cfg = config_or_exit(CompareConfig, args, "compare")
+    print(compare(cfg.runs, cfg.plot, cfg.group, cfg.vs, cfg.json_out, cfg.n_boot, cfg.seed))
+    return 0

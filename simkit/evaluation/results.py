@@ -26,6 +26,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from simkit.datafile import DataError
 from simkit.types import CLARIFY, Trajectory
 
@@ -184,7 +186,21 @@ def parse_meta(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+class ExportConfig(BaseModel):
+    """`simkit results export`: a run's per-task rows as one file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = Field(..., json_schema_extra={"positional": True, "metavar": "RUN_DIR"},
+                         description="a `simkit eval` run directory")
+    out: str = Field(..., description="rows file to write, e.g. bench/results/NAME.jsonl")
+    meta: list[str] = Field(default_factory=list, json_schema_extra={"metavar": "KEY=VALUE"},
+                            description="header fields to add or override (label=..., adapter=..., seed=1, n_train=50)")
+
+
 def register_cli(sub: argparse._SubParsersAction) -> None:
+    from simkit.config import add_config_args
+
     p = sub.add_parser("results", help="per-task results rows (the evidence behind every table)",
                        description="Per-task results rows: one JSONL row per task after a _meta header. "
                                    "`export` (re)derives them from a run directory's episodes.jsonl.")
@@ -192,16 +208,16 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     e = rs.add_parser("export", help="write a run's per-task rows to a JSONL file",
                       description="Derive the per-task rows of RUN_DIR from its episodes.jsonl (+ metrics.json / "
                                   "config.json for the header) and write them to --out.")
-    e.add_argument("run_dir", help="a `simkit eval` run directory")
-    e.add_argument("--out", required=True, help="rows file to write, e.g. bench/results/NAME.jsonl")
-    e.add_argument("--meta", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="header fields to add or override (label=..., adapter=..., seed=1, n_train=50)")
+    add_config_args(e, ExportConfig, config_flag=False)
     e.set_defaults(func=_export_main)
     p.set_defaults(func=lambda a: p.print_help() or 0)
 
 
 def _export_main(args: argparse.Namespace) -> int:
-    path = export_run(args.run_dir, args.out, parse_meta(args.meta))
+    from simkit.config import config_or_exit
+
+    cfg = config_or_exit(ExportConfig, args, "results export")
+    path = export_run(cfg.run_dir, cfg.out, parse_meta(cfg.meta))
     meta, rows = read_rows(path)
     print(f"{len(rows)} rows ({meta.get('label')}) -> {path}")
     return 0
