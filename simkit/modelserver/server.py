@@ -28,10 +28,12 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
 
+from simkit.config import add_config_args, config_or_exit
 from simkit.modelserver import adapter_check
 from simkit.modelserver import protocol as proto
 if TYPE_CHECKING:  # batcher/kvcache import torch: loaded when a server starts, not by every `simkit` command
@@ -623,6 +625,65 @@ def build_server(model: str, served_name: str | None = None, dtype: str = "auto"
     return ModelServer(lambda: ModelRunner(model, name, dtype, device, max_lora_rank, max_model_len), name, **kw)
 
 
+def _env_api_key() -> str | None:
+    """--api-key's default, read when the config is built (so a YAML or flag still overrides it)."""
+    return os.environ.get("SIMKIT_SERVER_API_KEY")
+
+
+class ModelServerConfig(BaseModel):
+    """`simkit model-server`'s settings; flags generated from these fields (vLLM's names where vLLM has one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(json_schema_extra={"metavar": "DIR"},
+                       description="checkpoint directory (anything from_pretrained loads)")
+    served_model_name: str | None = Field(None, json_schema_extra={"metavar": "NAME"},
+                                          description="model id to report (default: the --model argument verbatim, "
+                                                      "as vLLM)")
+    max_lora_rank: Literal[adapter_check.MAX_LORA_RANKS] = Field(  # type: ignore[valid-type]
+        adapter_check.DEFAULT_MAX_LORA_RANK,
+        description="largest LoRA rank an adapter may have; vLLM's allowed values and default (16)")
+    max_model_len: int | None = Field(None, json_schema_extra={"metavar": "N"},
+                                      description="context length (prompt + reply), vLLM's flag (default: the "
+                                                  "model's max_position_embeddings)")
+    host: str = Field("127.0.0.1", description="bind address (default 127.0.0.1)")
+    port: int = Field(8000, description="port (default 8000)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype (auto: bf16 on GPU, fp32 on CPU). On a CPU with avx512_bf16, bfloat16 is "
+                            "~1.5x faster but greedy replies drift from fp32 model.generate (5/8 identical on AmbigSQL "
+                            "prompts), so it is opt-in (default auto)")
+    threads: int | None = Field(None, json_schema_extra={"metavar": "N"},
+                                description="torch intra-op threads (default: torch's choice); on a CPU shared with "
+                                            "other jobs fewer threads than cores avoids OpenMP spin-waiting on busy "
+                                            "cores")
+    device: str | None = Field(None, description="torch device (default: cuda if available, else cpu)")
+    max_batch: int = Field(32, json_schema_extra={"metavar": "N"},
+                           description="most requests decoded together in the running batch (default 32)")
+    max_waiting: int = Field(256, json_schema_extra={"metavar": "N"},
+                             description="requests allowed to wait for a batch slot; past it the server answers 503 "
+                                         "with Retry-After instead of letting clients time out (default 256)")
+    max_num_batched_tokens: int = Field(
+        2048, json_schema_extra={"metavar": "N"},
+        description="tokens per model step (vLLM's flag): every decoding row's next token, then chunks of prompts "
+                    "being prefilled, so long prompts never stall decoding (default 2048)")
+    prefix_cache_mb: float = Field(
+        512, json_schema_extra={"metavar": "MB"},
+        description="memory for automatic prefix caching: KV of full prompt blocks, reused by later prompts with "
+                    "the same prefix (same model/adapter version), LRU-evicted; 0 turns it off (default 512)")
+    block_size: int = Field(16, json_schema_extra={"metavar": "N"},
+                            description="tokens per prefix-cache block (default 16, vLLM's)")
+    status_every: float = Field(10.0, json_schema_extra={"metavar": "SECONDS"},
+                                description="seconds between status lines while busy; 0 turns them off (default 10)")
+    default_max_tokens: int = Field(
+        128, json_schema_extra={"metavar": "N"},
+        description="completion length when a request gives no max_tokens and generation_config.json no "
+                    "max_new_tokens (default 128, a CPU-friendly cap); 0 = vLLM's rule: the room left in the "
+                    "context (--max-model-len minus the prompt)")
+    api_key: str | None = Field(default_factory=_env_api_key, json_schema_extra={"metavar": "KEY"},
+                                description="require this bearer token on /v1 (default: $SIMKIT_SERVER_API_KEY, "
+                                            "read at startup, else none)")
+
+
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "model-server", help="OpenAI-compatible server over transformers, with vLLM's runtime LoRA endpoints",
@@ -630,63 +691,29 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                     "CI stand-in for vLLM). Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, "
                     "POST /v1/load_lora_adapter {lora_name, lora_path, load_inplace}, POST /v1/unload_lora_adapter "
                     "{lora_name}. A request's `model` selects the base model or a loaded adapter.")
-    p.add_argument("--model", required=True, help="checkpoint directory (anything from_pretrained loads)")
-    p.add_argument("--served-model-name", help="model id to report (default: the --model argument verbatim, "
-                                               "as vLLM)")
-    p.add_argument("--max-lora-rank", type=int, default=adapter_check.DEFAULT_MAX_LORA_RANK,
-                   choices=adapter_check.MAX_LORA_RANKS,
-                   help="largest LoRA rank an adapter may have; vLLM's allowed values and default (16)")
-    p.add_argument("--max-model-len", type=int,
-                   help="context length (prompt + reply), vLLM's flag (default: the model's max_position_embeddings)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (auto: bf16 on GPU, fp32 on CPU). On a CPU with avx512_bf16, bfloat16 is "
-                        "~1.5x faster but greedy replies drift from fp32 model.generate (5/8 identical on AmbigSQL "
-                        "prompts), so it is opt-in")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a CPU "
-                                                "shared with other jobs fewer threads than cores avoids OpenMP "
-                                                "spin-waiting on busy cores")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--max-batch", type=int, default=32,
-                   help="most requests decoded together in the running batch (default 32)")
-    p.add_argument("--max-waiting", type=int, default=256,
-                   help="requests allowed to wait for a batch slot; past it the server answers 503 with "
-                        "Retry-After instead of letting clients time out (default 256)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="tokens per model step (vLLM's flag): every decoding row's next token, then chunks of "
-                        "prompts being prefilled, so long prompts never stall decoding (default 2048)")
-    p.add_argument("--prefix-cache-mb", type=float, default=512,
-                   help="memory for automatic prefix caching: KV of full prompt blocks, reused by later "
-                        "prompts with the same prefix (same model/adapter version), LRU-evicted; 0 turns "
-                        "it off (default 512)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per prefix-cache block (default 16, vLLM's)")
-    p.add_argument("--status-every", type=float, default=10.0,
-                   help="seconds between status lines while busy; 0 turns them off (default 10)")
-    p.add_argument("--default-max-tokens", type=int, default=128,
-                   help="completion length when a request gives no max_tokens and generation_config.json no "
-                        "max_new_tokens (default 128, a CPU-friendly cap); 0 = vLLM's rule: the room left in the "
-                        "context (--max-model-len minus the prompt)")
-    p.add_argument("--api-key", default=os.environ.get("SIMKIT_SERVER_API_KEY"),
-                   help="require this bearer token on /v1 (default: $SIMKIT_SERVER_API_KEY, else none)")
+    add_config_args(p, ModelServerConfig)
     p.set_defaults(func=_run)
 
 
+def server_from_config(cfg: ModelServerConfig) -> ModelServer:
+    """The server a config describes (the config's names are the flags'; ModelServer's are its own)."""
+    return build_server(cfg.model, cfg.served_model_name, cfg.dtype, cfg.device, cfg.max_lora_rank,
+                        cfg.max_model_len, max_batch=cfg.max_batch, default_max_tokens=cfg.default_max_tokens,
+                        api_key=cfg.api_key, max_waiting=cfg.max_waiting, status_every_s=cfg.status_every,
+                        max_num_batched_tokens=cfg.max_num_batched_tokens, prefix_cache_mb=cfg.prefix_cache_mb,
+                        block_size=cfg.block_size)
+
+
 def _run(args: argparse.Namespace) -> int:
+    cfg = config_or_exit(ModelServerConfig, args, "model-server")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.threads:
+    if cfg.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
-    server = build_server(args.model, args.served_model_name, args.dtype, args.device, args.max_lora_rank,
-                          args.max_model_len,
-                          max_batch=args.max_batch,
-                          default_max_tokens=args.default_max_tokens, api_key=args.api_key,
-                          max_waiting=args.max_waiting, status_every_s=args.status_every,
-                          max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache_mb=args.prefix_cache_mb,
-                          block_size=args.block_size)
-    print(f"simkit model-server: serving {server.served_name} on http://{args.host}:{args.port}/v1", flush=True)
+        torch.set_num_threads(cfg.threads)
+    server = server_from_config(cfg)
+    print(f"simkit model-server: serving {server.served_name} on http://{cfg.host}:{cfg.port}/v1", flush=True)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its generation
-    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None,
+    web.run_app(server.app(), host=cfg.host, port=cfg.port, print=None, access_log=None,
                 handler_cancellation=True)
     return 0

@@ -12,6 +12,10 @@ import argparse
 import json
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from simkit.config import add_config_args, config_or_exit
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -82,6 +86,21 @@ def init_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024, hidden_siz
     return out
 
 
+class InitTinyConfig(BaseModel):
+    """`simkit model init-tiny`'s settings; flags generated from these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(json_schema_extra={"metavar": "DIR"}, description="output directory")
+    seed: int = Field(0, description="weight-init seed (default 0)")
+    vocab_size: int = Field(1024, json_schema_extra={"metavar": "N"}, description="BPE vocabulary size (default 1024)")
+    hidden_size: int = Field(64, json_schema_extra={"metavar": "N"}, description="hidden size (default 64)")
+    layers: int = Field(2, json_schema_extra={"metavar": "N"}, description="transformer layers (default 2)")
+    corpus: Path | None = Field(None, json_schema_extra={"metavar": "FILE"},
+                                description="text file whose lines also train the tokenizer (e.g. task prompts; "
+                                            "default: none)")
+
+
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="model utilities (fetch, init-tiny)",
                        description="Model utilities. `fetch` writes a real model (default: SmolLM2-135M-Instruct) as "
@@ -91,12 +110,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                         description="Write a tiny randomly initialised Llama (2 layers, hidden 64) with a byte-level "
                                     "BPE tokenizer trained offline and a Zephyr-style chat template. Loadable with "
                                     "from_pretrained(DIR); serve it with `simkit model-server --model DIR`.")
-    t.add_argument("--out", required=True, help="output directory")
-    t.add_argument("--seed", type=int, default=0, help="weight-init seed (default 0)")
-    t.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (default 1024)")
-    t.add_argument("--hidden-size", type=int, default=64, help="hidden size (default 64)")
-    t.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
-    t.add_argument("--corpus", help="text file whose lines also train the tokenizer (e.g. task prompts)")
+    add_config_args(t, InitTinyConfig)
     t.set_defaults(func=_run)
     from simkit.modelserver.fetch import register as register_fetch
 
@@ -104,7 +118,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    path = init_tiny(args.out, seed=args.seed, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                     layers=args.layers, corpus=args.corpus)
+    cfg = config_or_exit(InitTinyConfig, args, "model init-tiny")
+    path = init_tiny(cfg.out, seed=cfg.seed, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                     layers=cfg.layers, corpus=cfg.corpus)
     print(f"tiny model written to {path}")
     return 0
