@@ -244,9 +244,12 @@ def test_generation_config_supplies_unset_sampling_parameters(tmp_path):
 def test_max_lora_rank_flag_takes_vllms_values():
     """vllm/config/lora.py: max_lora_rank is a MaxLoRARanks Literal[1, 8, 16, 32, 64, 128, 256, 320, 512],
     default 16."""
+    from simkit.config import config_from_args
+    from simkit.modelserver.server import ModelServerConfig
+
     p = argparse.ArgumentParser()
     register_cli(p.add_subparsers())
-    assert p.parse_args(["model-server", "--model", "m"]).max_lora_rank == 16
-    assert p.parse_args(["model-server", "--model", "m", "--max-lora-rank", "320"]).max_lora_rank == 320
+    rank = lambda *a: config_from_args(ModelServerConfig, p.parse_args(["model-server", "--model", "m", *a])).max_lora_rank  # noqa: E731
+    assert rank() == 16 and rank("--max-lora-rank", "320") == 320
     with pytest.raises(SystemExit):
         p.parse_args(["model-server", "--model", "m", "--max-lora-rank", "24"])

@@ -79,19 +79,17 @@ class VersionFollower:
             return ok
 
     async def _heal_one(self, transport: Any, url: str) -> bool:
+        """Reload the adapter into `url` if it is not listed there (the one adapter load,
+        `simkit.modelserver.info.load_adapter`, as the trainer's publisher does it)."""
+        from simkit.modelserver.info import AdapterLoadError, load_adapter
         from simkit.roles.transport import TransportError
 
         name = self.adapter
         try:
             if name in _ids((await transport.get_json(url, "/models", self.timeout_s)) or {}):
                 return True
-            try:
-                await transport.post_json(url, "/load_lora_adapter", {"lora_name": name, "lora_path": self.path,
-                                                                      "load_inplace": False}, self.timeout_s)
-            except TransportError as e:
-                if "already" not in str(e):  # the trainer loaded it meanwhile: fine
-                    raise
-        except TransportError as e:
+            await load_adapter(transport, url, name, self.path, self.timeout_s)
+        except (TransportError, AdapterLoadError) as e:
             log.warning("policy server %s lacks adapter %s (v%d) and reloading it from %s failed: %s",
                         url, name, self.version, self.path, e)
             return False
