@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
 
 EPILOG = """\
 Sources (in --spider): spiderman_train_queries.csv -> split train, dev.json -> split test,
@@ -20,6 +23,29 @@ example:
 """
 
 
+class BuildAmbigSQLConfig(BaseModel):
+    """`simkit data build-ambigsql`: every setting of one build (flags and `--config` YAML from it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spider: Path = Field(..., json_schema_extra={"metavar": "DIR"},
+                         description="Spider folder with tables.json, dev.json, spiderman_train_queries.csv and "
+                                     "database/")
+    out: Path = Field(..., json_schema_extra={"metavar": "FILE"}, description="output JSON file (written atomically)")
+    seed: int = Field(0, description="seed for template choice and alternatives")
+    examples: int = Field(4, json_schema_extra={"metavar": "K"},
+                          description="print K examples, one per ambiguity type first (default 4; 0: none)")
+    splits: str = Field("train,test", description="comma-separated splits to build")
+    limit: int | None = Field(None, json_schema_extra={"metavar": "N"},
+                              description="use a seeded sample of N questions per split (quick runs; default: all)")
+    rewrite_url: str | None = Field(
+        None, json_schema_extra={"metavar": "URL"},
+        description="optional: OpenAI-compatible base URL of an LLM that polishes the wording of ambiguous "
+                    "questions (a rewrite is kept only if it still hides what the user must clarify; default: none)")
+    rewrite_model: str | None = Field(None, description="model name for --rewrite-url (default: the server's first)")
+    rewrite_concurrency: int = Field(16, json_schema_extra={"metavar": "N"}, description="parallel rewrite requests")
+
+
 def _data_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """The `data` command's subcommands, shared with other modules that add data builders."""
     parser = sub.choices.get("data")
@@ -35,6 +61,8 @@ def _data_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAct
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
+    from simkit.config import add_config_args
+
     data = _data_subparsers(sub)
     p = data.add_parser(
         "build-ambigsql", help="build AmbigSQL (ambiguous Spider text-to-SQL conversations)",
@@ -43,58 +71,47 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                     "disambiguated question and gold SQL) plus the unambiguous originals. Prints a stats "
                     "report (counts per split and ambiguity type, skipped questions) and a few examples.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--spider", required=True, metavar="DIR",
-                   help="Spider folder with tables.json, dev.json, spiderman_train_queries.csv and database/")
-    p.add_argument("--out", required=True, metavar="FILE", help="output JSON file (written atomically)")
-    p.add_argument("--seed", type=int, default=0, help="seed for template choice and alternatives (default 0)")
-    p.add_argument("--examples", type=int, default=4, metavar="K",
-                   help="print K examples, one per ambiguity type first (default 4; 0: none)")
-    p.add_argument("--splits", default="train,test", help="comma-separated splits to build (default train,test)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="use a seeded sample of N questions per split (quick runs; default: all)")
-    p.add_argument("--rewrite-url", default=None, metavar="URL",
-                   help="optional: OpenAI-compatible base URL of an LLM that polishes the wording of ambiguous "
-                        "questions (a rewrite is kept only if it still hides what the user must clarify)")
-    p.add_argument("--rewrite-model", default=None, help="model name for --rewrite-url (default: the server's first)")
-    p.add_argument("--rewrite-concurrency", type=int, default=16, help="parallel rewrite requests (default 16)")
+    add_config_args(p, BuildAmbigSQLConfig)
     p.set_defaults(func=run_build)
 
 
 def run_build(args: argparse.Namespace) -> int:
     from dataclasses import asdict
-    from pathlib import Path
+
+    from simkit.config import config_or_exit
 
     from . import build as builder
 
-    spider = Path(args.spider)
+    cfg = config_or_exit(BuildAmbigSQLConfig, args, "data build-ambigsql")
+    spider = cfg.spider
     missing = [n for n in ("tables.json", "dev.json", "spiderman_train_queries.csv", "database") if not (spider / n).exists()]
     if missing:
         print(f"error: {spider} lacks {', '.join(missing)}", file=sys.stderr)
         return 2
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    report = builder.build(spider, seed=args.seed, splits=splits, limit=args.limit)
-    if args.rewrite_url:
+    splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
+    report = builder.build(spider, seed=cfg.seed, splits=splits, limit=cfg.limit)
+    if cfg.rewrite_url:
         import asyncio
 
         from simkit.roles.client import RoleClient, RoleConfig
 
         async def polish() -> int:
-            client = RoleClient("rewriter", RoleConfig(base_urls=[args.rewrite_url], model=args.rewrite_model))
+            client = RoleClient("rewriter", RoleConfig(base_urls=[cfg.rewrite_url], model=cfg.rewrite_model))
             try:
-                return await builder.rewrite_with_llm(report.examples, client, args.rewrite_model,
-                                                      args.rewrite_concurrency)
+                return await builder.rewrite_with_llm(report.examples, client, cfg.rewrite_model,
+                                                      cfg.rewrite_concurrency)
             finally:
                 await client.aclose()
 
         kept = asyncio.run(polish())
         report.stats["llm_rewritten"] = kept
         print(f"LLM rewriting kept {kept} rewritten questions")
-    fp = builder.input_fingerprint(spider, args.seed, splits, args.limit)
-    out = builder.save(report, args.out, fp)
+    fp = builder.input_fingerprint(spider, cfg.seed, splits, cfg.limit)
+    out = builder.save(report, cfg.out, fp)
     print(builder.format_stats(report.stats))
-    if args.examples > 0:
+    if cfg.examples > 0:
         print()
-        for e in builder.sample_examples([asdict(x) for x in report.examples], args.examples, args.seed):
+        for e in builder.sample_examples([asdict(x) for x in report.examples], cfg.examples, cfg.seed):
             print(builder.format_example(e))
             print()
     print(f"wrote {len(report.examples)} conversations to {out}")

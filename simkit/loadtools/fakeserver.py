@@ -36,7 +36,11 @@ import time
 import zlib
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from simkit.config import add_config_args, config_from_args, leaves
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             500: "Internal Server Error", 413: "Payload Too Large"}
@@ -63,32 +67,58 @@ MALFORMED = {
 }
 
 
-@dataclass
-class FakeConfig:
-    """What the fake server does. Latency in milliseconds; rates are probabilities per request."""
+MalformedKind = Literal["bad_utf8", "empty", "huge", "no_choices", "not_json"]  # the keys of MALFORMED
 
-    latency_ms: float = 50.0
-    latency_dist: str = "fixed"  # fixed | uniform | lognormal
-    latency_spread: float = 0.5  # uniform: +-fraction of latency_ms; lognormal: sigma
-    ms_per_token: float = 0.0  # extra latency per output token (decode time)
-    output_tokens: int = 16  # words in a policy answer (capped by the request's max_tokens)
-    clarify_rate: float = 0.5  # probability the first policy turn is a question (halved each turn)
-    error_rate: float = 0.0  # HTTP 500
-    stall_rate: float = 0.0  # never answer
-    malformed_rate: float = 0.0  # a 200 whose body is broken, of kind `malformed`
-    malformed: str = "no_choices"  # empty | huge | bad_utf8 | no_choices | not_json
-    max_concurrency: int = 0  # parallel request slots; 0 = unlimited
-    model: str = "fake-model"
-    seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.latency_dist not in ("fixed", "uniform", "lognormal"):
-            raise ValueError(f"latency_dist must be fixed, uniform or lognormal, not {self.latency_dist!r}")
-        if self.malformed not in MALFORMED:
-            raise ValueError(f"malformed must be one of {sorted(MALFORMED)}, not {self.malformed!r}")
-        for k in ("error_rate", "stall_rate", "clarify_rate", "malformed_rate"):
-            if not 0.0 <= getattr(self, k) <= 1.0:
-                raise ValueError(f"{k} must be in [0, 1]")
+def _cpu_list(v: Any) -> Any:
+    return [int(c) for c in v.split(",")] if isinstance(v, str) else v
+
+
+# CPUs to pin to; the flag takes them as text, "1" or "2,3" (config.py makes a plain flag of it)
+CpuList = Annotated[list[int], BeforeValidator(_cpu_list)]
+
+
+def _rate(description: str) -> Any:
+    return Field(0.0, ge=0.0, le=1.0, description=description)
+
+
+class FakeConfig(BaseModel):
+    """What the fake server does (latency in ms; rates are probabilities per request).
+
+    The fake server's flags and `simkit loadtest`'s `--fake-*` flags are generated from it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latency_ms: float = Field(50.0, description="mean/median service time per request in ms")
+    latency_dist: Literal["fixed", "uniform", "lognormal"] = Field(
+        "fixed", description="latency distribution: fixed, uniform (+-spread*latency) or lognormal (sigma=spread)")
+    latency_spread: float = Field(0.5, description="uniform half-width as a fraction of latency, or lognormal sigma")
+    ms_per_token: float = Field(0.0, json_schema_extra={"metavar": "MS"},
+                                description="extra latency per output token, like decoding")
+    output_tokens: int = Field(16, json_schema_extra={"metavar": "N"},
+                               description="words in a policy answer, capped by the request's max_tokens")
+    clarify_rate: float = Field(0.5, ge=0.0, le=1.0, description="probability a first policy turn is a clarifying "
+                                                                 "question (halved each later turn)")
+    error_rate: float = _rate("probability of an HTTP 500 per request")
+    stall_rate: float = _rate("probability a request is never answered, until the client times out")
+    malformed_rate: float = _rate("probability of a 200 with a broken body of kind --malformed")
+    malformed: MalformedKind = Field("no_choices", description="kind of broken body")
+    max_concurrency: int = Field(0, json_schema_extra={"metavar": "N"},
+                                 description="parallel service slots per worker; more requests queue FIFO "
+                                             "(default 0: unlimited)")
+    model: str = Field("fake-model", description="model id listed first by /v1/models")
+    seed: int = Field(0, description="random seed")
+
+
+class FakeServerOptions(FakeConfig):
+    """`python -m simkit.loadtools.fakeserver`: what the server does, and where and how it runs."""
+
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8100, description="port (0 = any free port)")
+    workers: int = Field(1, description="server processes sharing the port via SO_REUSEPORT")
+    cpus: CpuList | None = Field(None, description="pin to these CPUs, e.g. 1 or 2,3 (Linux; default: no pinning)")
+    uvloop: Literal["auto", "on", "off"] = Field(
+        "auto", description="use uvloop when installed (auto, default), require it (on), or not (off)")
 
 
 @dataclass
@@ -465,7 +495,7 @@ def serve(cfg: FakeConfig, host: str = "127.0.0.1", port: int = 8100, workers: i
             if cpus and hasattr(os, "sched_setaffinity"):
                 os.sched_setaffinity(0, {cpus[i % len(cpus)]})
             try:
-                _serve_forever(FakeConfig(**{**asdict(cfg), "seed": cfg.seed + i}), host, port, True, i == 0)
+                _serve_forever(cfg.model_copy(update={"seed": cfg.seed + i}), host, port, True, i == 0)
             finally:
                 os._exit(0)
         children.append(pid)
@@ -486,70 +516,21 @@ def serve(cfg: FakeConfig, host: str = "127.0.0.1", port: int = 8100, workers: i
             pass
 
 
-def add_fake_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """The fake server's behaviour flags (shared with `simkit loadtest`, which prefixes them and
-    leaves them None when not given, so a YAML config can fill them)."""
-    d = FakeConfig()
-    nd = bool(prefix)  # prefixed: defaults None
-
-    def dflt(v: Any) -> Any:
-        return None if nd else v
-    g = p.add_argument_group("fake server" if not prefix else "built-in fake server (used when no --url is given)")
-    g.add_argument(f"--{prefix}latency-ms", type=float, default=dflt(d.latency_ms),
-                   help=f"mean/median service time per request in ms (default {d.latency_ms:g})")
-    g.add_argument(f"--{prefix}latency-dist", choices=["fixed", "uniform", "lognormal"], default=dflt(d.latency_dist),
-                   help="latency distribution: fixed, uniform (+-spread*latency) or lognormal (sigma=spread)")
-    g.add_argument(f"--{prefix}latency-spread", type=float, default=dflt(d.latency_spread),
-                   help=f"uniform half-width as a fraction of latency, or lognormal sigma (default {d.latency_spread})")
-    g.add_argument(f"--{prefix}ms-per-token", type=float, default=dflt(d.ms_per_token),
-                   help="extra latency per output token, like decoding (default 0)")
-    g.add_argument(f"--{prefix}output-tokens", type=int, default=dflt(d.output_tokens),
-                   help=f"words in a policy answer, capped by the request's max_tokens (default {d.output_tokens})")
-    g.add_argument(f"--{prefix}clarify-rate", type=float, default=dflt(d.clarify_rate),
-                   help=f"probability a first policy turn is a clarifying question (default {d.clarify_rate})")
-    g.add_argument(f"--{prefix}error-rate", type=float, default=dflt(d.error_rate),
-                   help="probability of an HTTP 500 per request (default 0)")
-    g.add_argument(f"--{prefix}stall-rate", type=float, default=dflt(d.stall_rate),
-                   help="probability a request is never answered, until the client times out (default 0)")
-    g.add_argument(f"--{prefix}malformed-rate", type=float, default=dflt(d.malformed_rate),
-                   help="probability of a 200 with a broken body of kind --malformed (default 0)")
-    g.add_argument(f"--{prefix}malformed", choices=sorted(MALFORMED), default=dflt(d.malformed),
-                   help=f"kind of broken body (default {d.malformed})")
-    g.add_argument(f"--{prefix}max-concurrency", type=int, default=dflt(d.max_concurrency),
-                   help="parallel service slots per worker; more requests queue FIFO (default 0: unlimited)")
-    g.add_argument(f"--{prefix}seed", type=int, default=dflt(d.seed), help="random seed (default 0)")
-
-
-def config_from_args(args: argparse.Namespace, prefix: str = "") -> FakeConfig:
-    a = prefix.replace("-", "_")
-    names = ("latency_ms", "latency_dist", "latency_spread", "ms_per_token", "output_tokens", "clarify_rate",
-             "error_rate", "stall_rate", "malformed_rate", "malformed", "max_concurrency", "seed")
-    return FakeConfig(**{n: getattr(args, a + n) for n in names})
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The fake server's command line, generated from FakeServerOptions (so `--config` YAML works too)."""
     p = argparse.ArgumentParser(
         prog="python -m simkit.loadtools.fakeserver",
         description="Fast fake OpenAI-compatible server (chat completions, models, health, stats) with "
                     "configurable latency, output length, error and stall rates. Loopback by default.",
     )
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8100, help="port (default 8100; 0 = any free port)")
-    p.add_argument("--model", default="fake-model", help="model id listed by /v1/models (default fake-model)")
-    p.add_argument("--workers", type=int, default=1, help="server processes sharing the port via SO_REUSEPORT")
-    p.add_argument("--cpus", help="pin to these CPUs, e.g. 1 or 2,3 (Linux)")
-    p.add_argument("--uvloop", choices=["auto", "on", "off"], default="auto",
-                   help="use uvloop when installed (auto, default), require it (on), or not (off)")
-    add_fake_args(p)
+    add_config_args(p, FakeServerOptions)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    cfg.model = args.model
-    cpus = [int(c) for c in args.cpus.split(",")] if args.cpus else None
-    serve(cfg, args.host, args.port, args.workers, args.uvloop, cpus)
+    parser = build_parser()
+    opts = config_from_args(FakeServerOptions, parser.parse_args(argv), parser)
+    serve(opts, opts.host, opts.port, opts.workers, opts.uvloop, opts.cpus)
     return 0
 
 
@@ -575,10 +556,9 @@ class FakeServerProcess:
 
 def fake_args(cfg: FakeConfig) -> list[str]:
     """Command-line flags reproducing `cfg` for `python -m simkit.loadtools.fakeserver`."""
-    out = ["--model", cfg.model]
-    for k, v in asdict(cfg).items():
-        if k != "model":
-            out += ["--" + k.replace("_", "-"), str(v)]
+    out: list[str] = []
+    for leaf in leaves(FakeConfig):
+        out += [leaf.flags[0], str(getattr(cfg, leaf.path[-1]))]
     return out
 
 

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from simkit.loadtools.fakeserver import CpuList, FakeConfig
 from simkit.roles.client import ClientSettings, Transport
 from simkit.roles.build import PolicyRole, RolesConfig, build_roles, default_transport
 
@@ -99,23 +100,33 @@ class LoadConfig(BaseModel):
     interval: float = Field(1.0, gt=0, description="seconds per time-series point and live refresh")
     live: bool | None = Field(None, description="the live status line (default: when stderr is a terminal)")
     plot: bool = Field(True, description="write the PNG plot")
+    print_json: bool = Field(False, **_flags("--json"), description="print the JSON report instead of the summary")
 
-    fake: dict[str, Any] = Field(default_factory=dict, description="FakeConfig fields for the built-in server")
+    fake: dict[str, Any] = Field(default_factory=dict, description="FakeConfig fields for the built-in server "
+                                                                    "(the --fake-* flags, from FakeFlags)")
     fake_workers: int = Field(1, ge=1, description="fake server processes (SO_REUSEPORT)")
-    fake_cpus: list[int] | None = Field(None, json_schema_extra={"cli": False},
-                                        description="pin the fake server to these CPUs")
+    fake_cpus: CpuList | None = Field(None, description="pin the fake server to these CPUs, e.g. 1 or 2,3 "
+                                                        "(default: no pinning)")
     fake_in_process: bool = Field(False, description="run the fake server in the client's event loop (shares its "
                                                      "CPU; for tests); default: its own process")
-
-    @field_validator("fake_cpus", mode="before")
-    @classmethod
-    def _cpus(cls, v: Any) -> Any:
-        return [int(c) for c in v.split(",")] if isinstance(v, str) else v
+    client_cpus: CpuList | None = Field(None, description="pin this process (the client) to these CPUs, e.g. 0 "
+                                                          "(default: no pinning)")
 
     @field_validator("episodes")
     @classmethod
     def _no_limit(cls, v: int | None) -> int | None:
         return None if v == 0 else v
+
+
+class _BuiltinFake(FakeConfig):
+    """Built-in fake server (used when no --url is given)."""
+
+
+class FakeFlags(BaseModel):
+    """Where the `--fake-*` flags come from: FakeConfig's fields nested under `fake`, which config.py
+    prefixes with the field's name. `LoadConfig.fake` keeps only the fields set (flags or YAML)."""
+
+    fake: _BuiltinFake = Field(default_factory=_BuiltinFake)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -574,7 +585,7 @@ class LoadTest:
 # --------------------------------------------------------------------------- entry points
 async def run_loadtest(cfg: LoadConfig, live: bool | None = None, stream: Any = None) -> dict[str, Any]:
     """Run one load test (starting the fake server when `cfg.url` is None); the report dict."""
-    from simkit.loadtools.fakeserver import FakeConfig, FakeServer, start_fake_server
+    from simkit.loadtools.fakeserver import FakeServer, start_fake_server
 
     if cfg.rate is not None and cfg.rate <= 0:
         raise ValueError("--rate must be > 0")
@@ -609,7 +620,7 @@ async def run_loadtest(cfg: LoadConfig, live: bool | None = None, stream: Any = 
             served = max(1, s1["requests"] - s0["requests"])
             rep["server"] = {
                 "kind": "built-in fake server" + (" (in process)" if server else f" (pid {proc.proc.pid})"),
-                "config": fake_cfg.__dict__ if fake_cfg else None,
+                "config": fake_cfg.model_dump() if fake_cfg else None,
                 "requests": s1["requests"] - s0["requests"], "errors_injected": s1["errors"] - s0["errors"],
                 "stalls_injected": s1["stalls"] - s0["stalls"],
                 "cpu_us_per_request": None if server else round((s1["cpu_s"] - s0["cpu_s"]) / served * 1e6, 1),
@@ -742,34 +753,23 @@ The fake server alone: python -m simkit.loadtools.fakeserver --help
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     from simkit.config import add_config_args
-    from simkit.loadtools.fakeserver import add_fake_args
 
     p = sub.add_parser(
         "loadtest", help="measure rollout throughput and latency (full episodes) against a server",
         description=__doc__, epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, LoadConfig)
-    p.add_argument("--json", dest="print_json", action="store_true", help="print the JSON report instead of the summary")
-    add_fake_args(p, prefix="fake-")
-    g = p.add_argument_group("built-in fake server process")
-    g.add_argument("--fake-cpus", help="pin the fake server to these CPUs, e.g. 1 or 2,3")
-    g.add_argument("--client-cpus", help="pin this process (the client) to these CPUs, e.g. 0")
+    add_config_args(p, FakeFlags, config_flag=False, skip=("fake.model",))  # --model names the model
     p.set_defaults(func=_cli)
 
 
-_FAKE_FIELDS = ("latency_ms", "latency_dist", "latency_spread", "ms_per_token", "output_tokens", "clarify_rate",
-                "error_rate", "stall_rate", "malformed_rate", "malformed", "max_concurrency", "seed")
-
-
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
-    """Flags over `--config` YAML over the defaults; `--fake-*` flags over the YAML's `fake:`."""
+    """Flags over `--config` YAML over the defaults; the `--fake-*` flags over the YAML's `fake:`,
+    checked as FakeConfig fields (a bad one is named by its flag)."""
     from simkit.config import config_from_args as from_args
 
-    fake = {f: getattr(args, "fake_" + f) for f in _FAKE_FIELDS if getattr(args, "fake_" + f, None) is not None}
     cfg = from_args(LoadConfig, args)
-    if getattr(args, "fake_cpus", None):
-        cfg.fake_cpus = LoadConfig._cpus(args.fake_cpus)
-    cfg.fake = {**cfg.fake, **fake}
+    cfg.fake = from_args(FakeFlags, args).fake.model_dump(exclude_unset=True)
     return cfg
 
 
@@ -809,8 +809,8 @@ def _cli(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except Exception as e:
         raise SystemExit(f"simkit loadtest: bad configuration: {e}")
-    if args.client_cpus and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
+    if cfg.client_cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, set(cfg.client_cpus))
     try:
         check_targets(role_targets(cfg, "http://127.0.0.1/v1"), cfg.allow_remote)
     except ValueError as e:
@@ -824,7 +824,7 @@ def _cli(args: argparse.Namespace) -> int:
         print(f"simkit loadtest: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
         return 128 + e.signum
     files = write_outputs(rep, out, plot=cfg.plot)
-    if args.print_json:
+    if cfg.print_json:
         print(json.dumps(rep, indent=2))
     else:
         print(summary_text(rep))
