@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from simkit.engine import DEFAULT_CONCURRENCY
 from simkit.loadtools.fakeserver import CpuList, FakeConfig
 from simkit.roles.client import ClientSettings, Transport
 from simkit.roles.build import PolicyRole, RolesConfig, build_roles, default_transport
@@ -70,7 +71,7 @@ class LoadConfig(BaseModel):
     transport: Transport = Field(_CLIENT["transport"].default, description=_CLIENT["transport"].description)
     allow_remote: bool = Field(False, description="allow targets other than loopback (only servers you own)")
 
-    concurrency: int = Field(100, ge=1, **_flags("--concurrency", "-c"), description="closed loop: episodes in flight")
+    concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, **_flags("--concurrency", "-c"), description="closed loop: episodes in flight")
     rate: float | None = Field(None, **_flags("--rate", "-r"),
                                description="open loop: episode arrivals per second (overrides the closed loop)")
     arrival: Literal["poisson", "uniform"] = Field("poisson", description="open-loop arrival process")
