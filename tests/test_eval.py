@@ -74,7 +74,7 @@ def test_icl_shot_selection_is_seeded_and_similarity_ranked():
 
 def test_eval_defaults_greedy_and_names_its_roles(tmp_path):
     """Greedy decoding with 128 new tokens by default; metrics and tables name the simulator and the
-    classifier (with its precision/recall on the references); n counts conversations."""
+    classifier (with its precision/recall on the references); --n-tasks counts tasks (turns)."""
     from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
 
     train = tmp_path / "conversations.json"
@@ -82,7 +82,7 @@ def test_eval_defaults_greedy_and_names_its_roles(tmp_path):
     with start_fake_server(FakeConfig(latency_ms=0)) as srv:
         out = tmp_path / "run"
         res = subprocess.run([sys.executable, "-m", "simkit.cli", "eval", "--env", "pacific", "--out", str(out),
-                              "--policy", srv.url, "--n-conversations", "4", "--train-conversations", str(train),
+                              "--policy", srv.url, "--n-tasks", "6", "--train-conversations", str(train),
                               "--clarify-rounds", "2"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
@@ -92,8 +92,7 @@ def test_eval_defaults_greedy_and_names_its_roles(tmp_path):
     assert m["n_train"] == 3 and m["clarify_rounds"] == 2
     for key in ("turn_score", "turn_score_question_only", "post_clarify_score", "post_clarify_score_asked"):
         assert key in m
-    conv = json.loads((out / "eval_conversations.json").read_text())
-    assert conv["n_conversations"] == 4 and m["n"] == conv["n_turns"] > 4  # PACIFIC dialogues: several turns
+    assert m["n"] == 6 and not (out / "eval_conversations.json").exists()  # one task-count flag: turns
     table = (out / "table.md").read_text()
     assert "Post-Clarify (asked)" in table and "grounded" in table and "on references" in table
     assert "simulator: grounded" in res.stdout
