@@ -9,7 +9,7 @@ from simkit.types import ACTIONS, ANSWER, CLARIFY, Message, PreferencePair, Repl
 __version__ = "0.1.0"
 __all__ = [
     "ACTIONS", "ANSWER", "CLARIFY", "Env", "EnvConfig", "EnvConfigError", "Episode", "GroundedSimulator", "LLMClassifier", "LLMSimulator",
-    "Message", "OraclePolicy", "Policy", "PolicyLike", "PreferencePair", "Reply", "RoleClient", "RoleConfig", "RoleError",
+    "Message", "OraclePolicy", "Policy", "PolicyLike", "PreferencePair", "RemoteEnv", "RemoteEnvError", "Reply", "RoleClient", "RoleConfig", "RoleError",
     "RuleClassifier", "StepResult", "Task", "Trajectory", "Turn", "amap", "collect", "make", "register", "registered",
     "run_episode", "run_episodes",
 ]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from simkit.loadtools.testing import descendants, still_running
+from simkit.procs import descendants, still_running
 
 SMALL = ["--model", "tiny", "--n", "16", "--sft-epochs", "1", "--act-steps", "4", "--publish-every", "2",
          "--eval-tasks", "8", "--icl-shots", "1", "--max-tokens", "16", "--max-length", "512",

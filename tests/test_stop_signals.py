@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from simkit.loadtools.fakeserver import FakeConfig, start_fake_server
-from simkit.loadtools.testing import descendants, process_table, still_running
+from simkit.procs import descendants, process_table, still_running
 
 REPO = Path(__file__).resolve().parent.parent
 STOPS = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]

@@ -10,7 +10,8 @@ from simkit.modelserver import info as server_info
 from simkit.queue import open_queue
 from trainer.config import RunConfig
 from trainer.dpo import DPORun, run_id
-from trainer.publish import Publisher, PublishRejected, is_rejection
+from simkit.modelserver.info import is_rejection
+from trainer.publish import Publisher, PublishRejected
 from trainer.synthetic import toy_pairs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

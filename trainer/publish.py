@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from simkit.modelserver import info as server_info
-from simkit.modelserver.info import (AdapterLoadError, AdapterRefused, AdapterRejected, is_rejection,  # noqa: F401
-                                    load_adapter, rejection_hint)
+from simkit.modelserver.info import AdapterLoadError, AdapterRefused, AdapterRejected, load_adapter
 from simkit.roles.transport import ChatTransport, TransportError, make_transport
 
 log = logging.getLogger("trainer")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from simkit.types import goal_text  # noqa: F401  (re-exported: trainer.sft.goal_text)
 

@@ -11,9 +11,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from simkit.procs import (  # noqa: F401  (re-exported: tests and benches import them from here)
-    descendants, die_with_parent, free_port, popen_group, process_table, start_process, still_running, stop_process,
-    wait_http)
+from simkit.procs import free_port, popen_group, start_process, stop_process, wait_http  # noqa: F401  (tests import them from here too)
 
 
 class ServerProcess:
