@@ -178,7 +178,7 @@ current_version() {  # current_version QUEUE
 import sys
 from pathlib import Path
 if Path(sys.argv[1]).exists():
-    from simkit.queue.base import open_queue
+    from simkit.queue import open_queue
     q = open_queue(sys.argv[1])
     v = q.current_version()
     q.close()

@@ -64,14 +64,14 @@ for lr in $DPO_LRS; do
   d=$OUT/dpo-$lr
   if [[ ! -f $d/DONE ]]; then
     rm -rf "$d"; mkdir -p "$d"
-    "$PY" -c "import json,sys; from simkit.queue.base import open_queue; from simkit.types import PreferencePair
+    "$PY" -c "import json,sys; from simkit.queue import open_queue; from simkit.types import PreferencePair
 q = open_queue(sys.argv[2]); q.append([PreferencePair(**json.loads(l)) for l in open(sys.argv[1]) if l.strip()]); q.close()" \
       "$OUT/dpref.jsonl" "$d/q.sqlite"
     run "dpo-$lr.log" "$PY" -m trainer.cli run --model "$MODEL" --queue "$d/q.sqlite" --out "$d/run" --policy-url "$URL" \
         --batch-size "$DPO_BATCH" --lr "$lr" --max-steps "$STEPS" --publish-every 1000 --idle-timeout-s 5 --adapter-name "dpo-$lr" --no-tensorboard
     touch "$d/DONE"
   fi
-  adapter=$("$PY" -c "import sys; from simkit.queue.base import open_queue; q=open_queue(sys.argv[1]); print(q.current_version().adapter)" "$d/q.sqlite")
+  adapter=$("$PY" -c "import sys; from simkit.queue import open_queue; q=open_queue(sys.argv[1]); print(q.current_version().adapter)" "$d/q.sqlite")
   dev_eval "dev-dpo-$lr" "DPO lr=$lr" --policy-model "$adapter"
 done
 "$PY" -m simkit.cli compare "$OUT"/dev-* | tee "$OUT/results.md"
