@@ -46,6 +46,7 @@
 #   EVAL_ARGS=""          extra flags for eval, e.g. "--n-tasks 300"
 #   POLICY_URL=           a running policy server that loads LoRA adapters (vLLM --enable-lora, or simkit
 #                         model-server); default: start `simkit model-server --model MODEL --port PORT`
+#   SKIP_BASE=0           1: no base-model eval (greedy, so one seed's is every seed's; other seeds skip it)
 #   PORT=8011 PYTHON=     (default: .venv/bin/python when present, else python)
 #   CHILD_GRACE=60        seconds a child (server, serve, trainer) gets to stop on SIGTERM before SIGKILL
 #
@@ -80,6 +81,7 @@ ROLE_ARGS=${ROLE_ARGS:-}
 SERVE_ARGS=${SERVE_ARGS:-}
 EVAL_ARGS=${EVAL_ARGS:-}
 POLICY_URL=${POLICY_URL:-}
+SKIP_BASE=${SKIP_BASE:-0}
 PORT=${PORT:-8011}
 if [[ -z ${PYTHON:-} ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
@@ -129,7 +131,7 @@ stage() {  # stage NAME DONE_PATH FUNCTION ARGS...
 {
   echo "# $(date -Is) recipe settings"
   for v in MODEL OUT ENV_NAME NS METHODS SEED BATCH GRAD_ACCUM EPOCHS ACT_STEPS SFT_EPOCHS PUBLISH_EVERY ABLATION_SCHEDULE \
-           IRPO_ROUNDS IRPO_SAMPLES RPO_ALPHA ROLLOUT_MAX_TOKENS TRAIN_ARGS ROLE_ARGS SERVE_ARGS EVAL_ARGS POLICY_URL PORT; do
+           IRPO_ROUNDS IRPO_SAMPLES RPO_ALPHA ROLLOUT_MAX_TOKENS TRAIN_ARGS ROLE_ARGS SERVE_ARGS EVAL_ARGS POLICY_URL SKIP_BASE PORT; do
     echo "$v=${!v}"
   done
 } >> "$OUT/settings.txt"
@@ -308,8 +310,10 @@ evaluate_sft() {  # evaluate_sft SFT_DIR N
 
 # ------------------------------------------------------------------ the runs
 EVALS=()
-stage "eval base" "$OUT/base/eval/metrics.json" evaluate "$OUT/base/eval" "base (no training)" "" ""
-EVALS+=("$OUT/base/eval")
+if [[ $SKIP_BASE != 1 ]]; then
+  stage "eval base" "$OUT/base/eval/metrics.json" evaluate "$OUT/base/eval" "base (no training)" "" ""
+  EVALS+=("$OUT/base/eval")
+fi
 
 for n in $NS; do
   R=$OUT/n$n

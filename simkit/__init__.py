@@ -1,4 +1,11 @@
 """simkit: teach LLMs when to ask a clarifying question (ACT), as an async simulation toolkit."""
+import os
+
+# transformers >= 5.2x loads "hub kernels" (code fetched from the Hub at model load and at every
+# model.train()) by default on a GPU: offline, as simkit runs here and on most clusters, loading or
+# training then fails. Off unless the user turns it on (USE_HUB_KERNELS=YES).
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
+
 from simkit.roles.agents import GroundedSimulator, LLMClassifier, LLMSimulator, OraclePolicy, Policy, RuleClassifier
 from simkit.roles.client import RoleClient, RoleConfig, RoleError
 from simkit.engine import PolicyLike, amap, collect, run_episode, run_episodes
