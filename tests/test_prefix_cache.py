@@ -63,9 +63,11 @@ def _generate(runner, req: GenRequest) -> list[int]:
     return out[0, x.shape[1]:].tolist()
 
 
-@pytest.fixture
-def batcher(runner):
-    b = ContinuousBatcher(runner, max_batch=8, max_num_batched_tokens=24, prefix_cache_bytes=8 * 2**20)
+@pytest.fixture(params=[0, 512], ids=["per-row-kv", "slot-pool"])
+def batcher(runner, request):
+    """Both KV layouts: each row its own KV (a CPU's default) and one slot pool decoded batched (a GPU's)."""
+    b = ContinuousBatcher(runner, max_batch=8, max_num_batched_tokens=24, prefix_cache_bytes=8 * 2**20,
+                          kv_pool_tokens=request.param)
     yield b
     b.close()
 
@@ -132,6 +134,41 @@ def test_greedy_parity_with_generate_under_chunking_and_prefix_hits(runner, batc
         assert res.text == runner.tokenizer.decode(_generate(runner, req), skip_special_tokens=True)
     assert all(res.cached_tokens >= 16 for res in results[len(questions):])  # the second round hits
     assert batcher.prefix_cache.hits > 0 and batcher.stats["prefills"] > len(results)  # chunked
+    assert (batcher.stats.get("pooled_decode_steps", 0) > 0) == (batcher.kv_pool is not None)
+
+
+def test_slot_pool_reuses_freed_slots_and_refuses_long_rows():
+    from simkit.modelserver.kvcache import SlotPool
+
+    pool = SlotPool(2, 1, 4, torch.float32, "cpu", slots=2, tokens=16)
+    a, b = pool.acquire(16), pool.acquire(3)
+    assert a.slot != b.slot and pool.acquire(1) is None and pool.used == 2  # full
+    assert pool.acquire(17) is None  # longer than a slot: the caller gives the row its own KV
+    a.k[:, :, 0] = 7.0
+    assert pool.k[:, a.slot, :, 0].eq(7.0).all()  # a row's KV is a view of its slot
+    del a
+    c = pool.acquire(16)
+    assert c is not None and pool.used == 2
+    with pytest.raises(ValueError):
+        c.reserve(17, 0, 99)
+
+
+def test_pooled_batcher_recycles_slots_and_falls_back_for_long_rows(runner):
+    """Two slots, six requests (one too long for a slot): every reply is still model.generate's."""
+    b = ContinuousBatcher(runner, max_batch=2, max_num_batched_tokens=64, prefix_cache_bytes=0, kv_pool_tokens=128)
+    try:
+        reqs = [_request(runner, q, max_tokens=8) for q in ["a?", "bb?", "How tall?", "Count them.", "Which one?"]]
+        reqs.append(_request(runner, "Describe every table. " * 10, max_tokens=8))
+        assert len(reqs[-1][0].prompt_ids) + 8 > 128 and all(len(r.prompt_ids) + 8 <= 128 for r, _ in reqs[:-1])
+        for req, _ in reqs:
+            b.submit(req)
+        for req, w in reqs:
+            res = w.get()
+            assert isinstance(res, GenResult), res
+            assert res.text == runner.tokenizer.decode(_generate(runner, req), skip_special_tokens=True)
+        assert b.stats.get("pooled_decode_steps", 0) > 0 and b.kv_pool.used == 0
+    finally:
+        b.close()
 
 
 def test_chunked_prefill_keeps_running_rows_decoding(runner, batcher):

@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from simkit.modelserver.kvcache import STEP_KWARG, PrefixCache, RowKV, Segment
+from simkit.modelserver.kvcache import STEP_KWARG, PrefixCache, RowKV, Segment, SlotPool, Step
 
 log = logging.getLogger("simkit.modelserver.batcher")
 FIRST_DECODE_ROOM = 256  # KV slots reserved beyond the prompt at admission (grown by doubling after)
@@ -89,11 +89,15 @@ class ContinuousBatcher:
     """Owns the model thread. `submit` is thread-safe; results come back through `req.done`."""
 
     def __init__(self, runner: Any, max_batch: int = 32, max_num_batched_tokens: int = 2048,
-                 prefix_cache_bytes: int = 512 * 2**20, block_size: int = 16):
+                 prefix_cache_bytes: int = 512 * 2**20, block_size: int = 16, kv_pool_tokens: int = 0):
         self.runner = runner
         self.max_batch = max_batch
         self.max_num_batched_tokens = max(1, max_num_batched_tokens)
         self.prefix_cache = PrefixCache(prefix_cache_bytes, block_size)
+        # kv_pool_tokens > 0: rows of up to that many tokens get a slot of one preallocated pool and
+        # decode batched (a GPU's default; longer rows keep their own KV and the per-row path)
+        self.kv_pool = (SlotPool(*runner.kv_shape, runner.dtype, runner.device, max_batch,
+                                 min(kv_pool_tokens, runner.max_len)) if kv_pool_tokens > 0 else None)
         self._waiting: list[GenRequest] = []
         self._control: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._cv = threading.Condition()
@@ -254,7 +258,8 @@ class ContinuousBatcher:
         runner, cache, req = self.runner, self.prefix_cache, row.req
         blocks = cache.match(row.hashes, len(req.prompt_ids))
         cap = min(len(req.prompt_ids) + min(req.max_tokens, FIRST_DECODE_ROOM), runner.max_len)
-        row.kv = RowKV(*runner.kv_shape, runner.dtype, runner.device, cap)
+        pooled = self.kv_pool.acquire(len(req.prompt_ids) + req.max_tokens) if self.kv_pool else None
+        row.kv = pooled or RowKV(*runner.kv_shape, runner.dtype, runner.device, cap)
         cache.load(blocks, row.kv)
         row.cached_blocks = len(blocks)
         row.hit = row.computed = len(blocks) * cache.block_size
@@ -277,8 +282,10 @@ class ContinuousBatcher:
         with torch.inference_mode(), runner.using(self._model):
             out = runner.model(input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([pos], device=dev),
                                use_cache=False, logits_to_keep=torch.tensor(keep or [len(ids) - 1], device=dev),
-                               **{STEP_KWARG: segments})
+                               **{STEP_KWARG: (step := Step(segments) if self.kv_pool else segments)})
         self.stats["steps"] += 1
+        if getattr(step, "decode", None) is not None:
+            self.stats["pooled_decode_steps"] = self.stats.get("pooled_decode_steps", 0) + 1
         for row, n in sched:
             prefilling = row.computed < len(row.req.prompt_ids)
             row.computed += n

@@ -13,6 +13,7 @@ the embedded server ~4x slower than vLLM's CPU build on the same eval. Here:
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,12 +30,22 @@ STEP_KWARG = "simkit_step"  # the forward kwarg that carries the step's `Segment
 
 class RowKV:
     """One request's keys/values for all layers, [layers, kv_heads, capacity, head_dim] each;
-    positions [0, n) hold its first n tokens. Grows by doubling (decode appends one per step)."""
+    positions [0, n) hold its first n tokens. Grows by doubling (decode appends one per step), or is
+    a fixed slot of a `SlotPool` (`slot` set), whose decode steps run batched."""
+
+    slot: int | None = None
+    pool: "SlotPool | None" = None
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: Any, device: Any, capacity: int):
         shape = (layers, kv_heads, capacity, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
+
+    @classmethod
+    def in_pool(cls, pool: "SlotPool", slot: int) -> "RowKV":
+        row = cls.__new__(cls)
+        row.k, row.v, row.slot, row.pool = pool.k[:, slot], pool.v[:, slot], slot, pool
+        return row
 
     @property
     def capacity(self) -> int:
@@ -44,12 +55,45 @@ class RowKV:
         """Room for n tokens (at most `limit`), keeping the first `used`."""
         if n <= self.capacity:
             return
+        if self.pool is not None:
+            raise ValueError(f"{n} tokens exceed the KV slot's {self.capacity}")
         cap = min(max(n, 2 * self.capacity), max(n, limit))
         for name in ("k", "v"):
             old = getattr(self, name)
             new = old.new_empty((old.shape[0], old.shape[1], cap, old.shape[3]))
             new[:, :, :used] = old[:, :, :used]
             setattr(self, name, new)
+
+
+class SlotPool:
+    """KV for `slots` rows of up to `tokens` tokens each, allocated once, so that a step's decoding
+    rows write and read their K/V in a few batched ops per layer (`DecodeBatch`) instead of three
+    small ops per row per layer. On a GPU those ~6,000 launches a step at 64 rows, not the math,
+    bound decoding (0.4 s a step, bench/RESULTS.md); on a CPU the per-row path is as fast (it reads
+    no padding), so the server uses the pool on a GPU only by default. A slot is free again once
+    its `RowKV` is gone (rows are dropped, never closed, on finish, cancel and failure)."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: Any, device: Any, slots: int, tokens: int):
+        shape = (layers, slots, kv_heads, tokens, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.tokens = tokens
+        self._owners: list[Any] = [None] * slots
+
+    def acquire(self, tokens: int) -> RowKV | None:
+        """A slot for a row that will hold at most `tokens` tokens, or None (too long, or all taken)."""
+        if tokens > self.tokens:
+            return None
+        for i, owner in enumerate(self._owners):
+            if owner is None or owner() is None:
+                row = RowKV.in_pool(self, i)
+                self._owners[i] = weakref.ref(row)
+                return row
+        return None
+
+    @property
+    def used(self) -> int:
+        return sum(1 for o in self._owners if o is not None and o() is not None)
 
 
 @dataclass
@@ -60,11 +104,56 @@ class Segment:
     n: int
     past: int
     mask: Any = None  # [n, past + n] bool, for a chunk that follows earlier KV (else causal / none)
+    batched: bool = False  # attended by the step's `DecodeBatch`, not on its own
 
     def __post_init__(self) -> None:
         if self.n > 1 and self.past > 0:
             q = torch.arange(self.n, device=self.kv.k.device)[:, None] + self.past
             self.mask = torch.arange(self.past + self.n, device=self.kv.k.device)[None, :] <= q
+
+
+class DecodeBatch:
+    """The decoding rows of one step that live in one `SlotPool`: their slots, positions and packed
+    offsets as tensors, built once per step and used by every layer."""
+
+    def __init__(self, segments: list[Segment]):
+        self.pool = segments[0].kv.pool
+        dev = self.pool.k.device
+        self.slots = torch.tensor([s.kv.slot for s in segments], device=dev)
+        self.pos = torch.tensor([s.past for s in segments], device=dev)
+        self.starts = torch.tensor([s.start for s in segments], device=dev)
+        self.length = max(s.past for s in segments) + 1
+        self.mask = (torch.arange(self.length, device=dev)[None, :] <= self.pos[:, None])[:, None, None, :]
+        for s in segments:
+            s.batched = True
+
+    @staticmethod
+    def of(segments: list[Segment]) -> "DecodeBatch | None":
+        """The batch of a step's pooled decoding rows (None under two: the per-row path is as quick)."""
+        rows = [s for s in segments if s.n == 1 and s.kv.pool is not None]
+        pools = {id(s.kv.pool) for s in rows}
+        return DecodeBatch(rows) if len(rows) >= 2 and len(pools) == 1 else None
+
+    def attend(self, layer: int, query: Any, key: Any, value: Any, out: Any, scaling: float | None) -> None:
+        """Write the rows' new K/V into their slots and attend each row's query to its slot, in one
+        masked sdpa call for the layer (GQA: a KV head's query heads form the query length)."""
+        heads, head_dim, kv_heads = query.shape[1], query.shape[3], key.shape[1]
+        b = len(self.slots)
+        kp, vp = self.pool.k[layer], self.pool.v[layer]  # [slots, kv_heads, tokens, head_dim]
+        kp[self.slots, :, self.pos] = key[0][:, self.starts].transpose(0, 1)
+        vp[self.slots, :, self.pos] = value[0][:, self.starts].transpose(0, 1)
+        k, v = kp[self.slots, :, :self.length], vp[self.slots, :, :self.length]
+        q = query[0][:, self.starts].transpose(0, 1).reshape(b, kv_heads, heads // kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scaling)
+        out[self.starts] = o.reshape(b, heads, head_dim)
+
+
+class Step(list):
+    """A packed step's segments (a list, what `varlen_attention` reads), with its `DecodeBatch`."""
+
+    def __init__(self, segments: list[Segment]):
+        super().__init__(segments)
+        self.decode = DecodeBatch.of(segments)
 
 
 def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
@@ -80,7 +169,12 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     kv_heads = key.shape[1]
     group = heads // kv_heads
     out = query.new_empty((query.shape[2], heads, head_dim))
+    decode = getattr(segments, "decode", None)
+    if decode is not None:
+        decode.attend(layer, query, key, value, out, scaling)
     for s in segments:
+        if s.batched:
+            continue
         end, a, b = s.past + s.n, s.start, s.start + s.n
         k_row, v_row = s.kv.k[layer], s.kv.v[layer]
         k_row[:, s.past:end] = key[0, :, a:b]

@@ -227,8 +227,10 @@ class ModelServer:
 
     def __init__(self, runner_factory, served_name: str, max_batch: int = 32, default_max_tokens: int = 128,
                  api_key: str | None = None, max_waiting: int = 256, status_every_s: float = 10.0,
-                 max_num_batched_tokens: int = 2048, prefix_cache_mb: float = 512, block_size: int = 16):
+                 max_num_batched_tokens: int = 2048, prefix_cache_mb: float = 512, block_size: int = 16,
+                 kv_pool: str = "auto", kv_pool_tokens: int = 2048):
         self.served_name = served_name
+        self.kv_pool, self.kv_pool_tokens = kv_pool, kv_pool_tokens
         self.max_batch = max_batch
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefix_cache_bytes = int(prefix_cache_mb * 2**20)
@@ -256,8 +258,10 @@ class ModelServer:
             self.runner = await loop.run_in_executor(ex, self._runner_factory)
         from simkit.modelserver.batcher import ContinuousBatcher
 
+        pool = self.kv_pool == "on" or (self.kv_pool == "auto" and self.runner.device != "cpu")
         self.batcher = ContinuousBatcher(self.runner, self.max_batch, self.max_num_batched_tokens,
-                                         self.prefix_cache_bytes, self.block_size)
+                                         self.prefix_cache_bytes, self.block_size,
+                                         kv_pool_tokens=self.kv_pool_tokens if pool else 0)
         if self.status_every_s > 0:
             self._status_task = asyncio.create_task(self._report())
         log.info("model %s ready on %s (max batch %d, max waiting %d)", self.served_name, self.runner.device,
@@ -672,6 +676,13 @@ class ModelServerConfig(BaseModel):
                     "the same prefix (same model/adapter version), LRU-evicted; 0 turns it off (default 512)")
     block_size: int = Field(16, json_schema_extra={"metavar": "N"},
                             description="tokens per prefix-cache block (default 16, vLLM's)")
+    kv_pool: Literal["auto", "on", "off"] = Field(
+        "auto", description="preallocate KV slots for --max-batch rows of up to --kv-pool-tokens tokens and decode "
+                            "them batched, a few ops per layer instead of three per row: on a GPU the per-row kernel "
+                            "launches bound a step. auto: on for a GPU, off for a CPU (where per-row is as fast)")
+    kv_pool_tokens: int = Field(2048, ge=1, json_schema_extra={"metavar": "N"},
+                                description="tokens per KV slot (prompt + completion; longer rows keep their own "
+                                            "KV); the pool takes max_batch x N tokens of KV memory (default 2048)")
     status_every: float = Field(10.0, json_schema_extra={"metavar": "SECONDS"},
                                 description="seconds between status lines while busy; 0 turns them off (default 10)")
     default_max_tokens: int = Field(
@@ -701,7 +712,7 @@ def server_from_config(cfg: ModelServerConfig) -> ModelServer:
                         cfg.max_model_len, max_batch=cfg.max_batch, default_max_tokens=cfg.default_max_tokens,
                         api_key=cfg.api_key, max_waiting=cfg.max_waiting, status_every_s=cfg.status_every,
                         max_num_batched_tokens=cfg.max_num_batched_tokens, prefix_cache_mb=cfg.prefix_cache_mb,
-                        block_size=cfg.block_size)
+                        block_size=cfg.block_size, kv_pool=cfg.kv_pool, kv_pool_tokens=cfg.kv_pool_tokens)
 
 
 def _run(args: argparse.Namespace) -> int:
