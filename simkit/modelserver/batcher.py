@@ -88,7 +88,7 @@ class _Row:
 class ContinuousBatcher:
     """Owns the model thread. `submit` is thread-safe; results come back through `req.done`."""
 
-    def __init__(self, runner: Any, max_batch: int = 32, max_num_batched_tokens: int = 2048,
+    def __init__(self, runner: Any, max_batch: int = 64, max_num_batched_tokens: int = 2048,
                  prefix_cache_bytes: int = 512 * 2**20, block_size: int = 16, kv_pool_tokens: int = 0):
         self.runner = runner
         self.max_batch = max_batch

@@ -38,14 +38,19 @@ class RowKV:
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: Any, device: Any, capacity: int):
         shape = (layers, kv_heads, capacity, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self._set(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
 
     @classmethod
     def in_pool(cls, pool: "SlotPool", slot: int) -> "RowKV":
         row = cls.__new__(cls)
-        row.k, row.v, row.slot, row.pool = pool.k[:, slot], pool.v[:, slot], slot, pool
+        row._set(pool.k[:, slot], pool.v[:, slot])
+        row.slot, row.pool = slot, pool
         return row
+
+    def _set(self, k: Any, v: Any) -> None:
+        """The KV tensors, and their per-layer views made once (attention indexes a layer per call)."""
+        self.k, self.v = k, v
+        self.k_layers, self.v_layers = k.unbind(0), v.unbind(0)
 
     @property
     def capacity(self) -> int:
@@ -58,11 +63,12 @@ class RowKV:
         if self.pool is not None:
             raise ValueError(f"{n} tokens exceed the KV slot's {self.capacity}")
         cap = min(max(n, 2 * self.capacity), max(n, limit))
-        for name in ("k", "v"):
-            old = getattr(self, name)
+        grown = []
+        for old in (self.k, self.v):
             new = old.new_empty((old.shape[0], old.shape[1], cap, old.shape[3]))
             new[:, :, :used] = old[:, :, :used]
-            setattr(self, name, new)
+            grown.append(new)
+        self._set(*grown)
 
 
 class SlotPool:
@@ -172,17 +178,18 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     decode = getattr(segments, "decode", None)
     if decode is not None:
         decode.attend(layer, query, key, value, out, scaling)
+    key0, value0, query0 = key[0], value[0], query[0]  # a few tensor ops per row per layer: keep them few
     for s in segments:
         if s.batched:
             continue
         end, a, b = s.past + s.n, s.start, s.start + s.n
-        k_row, v_row = s.kv.k[layer], s.kv.v[layer]
-        k_row[:, s.past:end] = key[0, :, a:b]
-        v_row[:, s.past:end] = value[0, :, a:b]
+        k_row, v_row = s.kv.k_layers[layer], s.kv.v_layers[layer]
+        k_row[:, s.past:end] = key0[:, a:b]
+        v_row[:, s.past:end] = value0[:, a:b]
         k, v = k_row[None, :, :end], v_row[None, :, :end]  # 4-D: sdpa's CPU kernels (3-D falls back to math)
         if s.n == 1:  # decode: the query heads of one KV head form its "query length", no repeat needed
-            q = query[0, :, a].reshape(1, kv_heads, group, head_dim)
-            out[a] = F.scaled_dot_product_attention(q, k, v, scale=scaling).reshape(heads, head_dim)
+            q = query0[:, a].view(1, kv_heads, group, head_dim)
+            out[a] = F.scaled_dot_product_attention(q, k, v, scale=scaling).view(heads, head_dim)
         else:
             o = F.scaled_dot_product_attention(query[:, :, a:b], k, v, attn_mask=s.mask, is_causal=s.mask is None,
                                                scale=scaling, enable_gqa=group > 1)
