@@ -5,8 +5,9 @@
 # evaluated on the 400-task sealed sample; the three seeds run side by side, one policy server each.
 # Settings are the recipe's own: nothing here was chosen on test tasks.
 #
-#   call 1:  bash bench/gpu_sealed.sh setup   carry .gpu/whl .gpu/data.tar.xz .gpu/a
-#   call 2:  bash bench/gpu_sealed.sh run     carry .gpu/b
+#   here:    bash bench/gpu_sealed.sh prepare  builds .gpu/ (ignored by git) from .venv and ../shared
+#   call 1:  SMOKE=0 bash bench/gpu_sealed.sh setup   carry .gpu/whl .gpu/data.tar.xz .gpu/a
+#   call 2:  bash bench/gpu_sealed.sh run             carry .gpu/b   (within 30 s: the machine goes back)
 #
 # Why two calls: a call carries at most 64 MiB, and the SmolLM2 GGUF alone is 98 MB, so its first part
 # travels with the wheels and data, the rest with the run (the machine keeps /root between warm calls).
@@ -26,25 +27,6 @@ mkdir -p "$STASH" "$RUNS" "$OUT"
 t0=$(date +%s)
 say() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 
-wait_health() {  # wait_health PORT PID
-  python3 - "$1" "$2" <<'EOF2'
-import os, sys, time, urllib.request
-port, pid = sys.argv[1], int(sys.argv[2])
-for _ in range(600):
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        sys.exit(f"server on port {port} exited")
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            if r.status == 200:
-                sys.exit(0)
-    except OSError:
-        time.sleep(0.5)
-sys.exit("server not up in 5 minutes")
-EOF2
-}
-
 pack() {  # pack NAME DIRS...: the run directories without weights, into $OUT
   local name=$1; shift
   tar czf "$OUT/$name.tar.gz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.pth' \
@@ -52,21 +34,31 @@ pack() {  # pack NAME DIRS...: the run directories without weights, into $OUT
   ls -la "$OUT/$name.tar.gz"
 }
 
-recipe() {  # recipe MODEL OUTDIR PORT SEED [ENV...]: a policy server of our own (fp32), then the recipe
+recipe() {  # recipe MODEL OUTDIR PORT SEED [ENV...]: the recipe with a policy server of its own (fp32)
   local model=$1 dir=$2 port=$3 seed=$4; shift 4
   mkdir -p "$dir"
-  python3 -m simkit.cli model-server --model "$model" --port "$port" --dtype float32 --max-batch 64 \
-    > "$dir/model-server.log" 2>&1 &
-  local spid=$!
-  wait_health "$port" "$spid" || { tail -20 "$dir/model-server.log"; return 1; }
-  env POLICY_URL="http://127.0.0.1:$port/v1" SEED="$seed" "$@" bash recipes/act_recipe.sh "$model" "$dir" \
-    > "$dir/recipe.out" 2>&1
+  env PORT="$port" SEED="$seed" SERVER_ARGS="--dtype float32 --max-batch 64" "$@" bash recipes/act_recipe.sh \
+    "$model" "$dir" > "$dir/recipe.out" 2>&1
   local rc=$?
-  kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null
   say "recipe $dir rc=$rc"; return $rc
 }
 
 case ${1:-} in
+prepare)  # on the CPU box: the packages the device image lacks (cp312 wheels), the data, the GGUF in two
+  V=.venv/bin; grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
+  rm -rf .gpu && mkdir -p .gpu/whl .gpu/a .gpu/b
+  pins=$($V/pip list --format=freeze 2>/dev/null | grep -iE "^(transformers|trl|peft|accelerate|datasets|pydantic|pydantic.core|gguf|sqlparse|openai|huggingface.hub|httpx2|httpcore2|jiter|sniffio|annotated.types|typing.inspection|dill|multiprocess|typing.extensions|fsspec|regex|click|idna|tomlkit|truststore)==")
+  $V/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl $pins || exit 1
+  $V/pip wheel -q --no-deps --no-build-isolation . -w .gpu/whl || exit 1
+  tar cJf .gpu/data.tar.xz -C "${SIMKIT_DATA_DIR:-../shared/data}" --transform 's,^,data/,' spider || exit 1
+  g=$($V/python -c "from simkit.modelserver.fetch import known_gguf; print(known_gguf('smollm2', install=False))") || exit 1
+  echo "$GGUF_SHA256  $g" | sha256sum -c - || exit 1
+  head -c 35000000 "$g" > .gpu/a/smollm2.gguf.part00
+  tail -c +35000001 "$g" | head -c 35000000 > .gpu/b/smollm2.gguf.part01
+  tail -c +70000001 "$g" > .gpu/b/smollm2.gguf.part02
+  du -sh .gpu/whl .gpu/data.tar.xz .gpu/a .gpu/b
+  ;;
 setup)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$STASH/site" \

@@ -47,6 +47,7 @@
 #   POLICY_URL=           a running policy server that loads LoRA adapters (vLLM --enable-lora, or simkit
 #                         model-server); default: start `simkit model-server --model MODEL --port PORT`
 #   SKIP_BASE=0           1: no base-model eval (greedy, so one seed's is every seed's; other seeds skip it)
+#   SERVER_ARGS=""        extra flags for the policy server the recipe starts, e.g. "--dtype float32"
 #   PORT=8011 PYTHON=     (default: .venv/bin/python when present, else python)
 #   CHILD_GRACE=60        seconds a child (server, serve, trainer) gets to stop on SIGTERM before SIGKILL
 #
@@ -82,6 +83,7 @@ SERVE_ARGS=${SERVE_ARGS:-}
 EVAL_ARGS=${EVAL_ARGS:-}
 POLICY_URL=${POLICY_URL:-}
 SKIP_BASE=${SKIP_BASE:-0}
+SERVER_ARGS=${SERVER_ARGS:-}
 PORT=${PORT:-8011}
 if [[ -z ${PYTHON:-} ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
@@ -131,7 +133,7 @@ stage() {  # stage NAME DONE_PATH FUNCTION ARGS...
 {
   echo "# $(date -Is) recipe settings"
   for v in MODEL OUT ENV_NAME NS METHODS SEED BATCH GRAD_ACCUM EPOCHS ACT_STEPS SFT_EPOCHS PUBLISH_EVERY ABLATION_SCHEDULE \
-           IRPO_ROUNDS IRPO_SAMPLES RPO_ALPHA ROLLOUT_MAX_TOKENS TRAIN_ARGS ROLE_ARGS SERVE_ARGS EVAL_ARGS POLICY_URL SKIP_BASE PORT; do
+           IRPO_ROUNDS IRPO_SAMPLES RPO_ALPHA ROLLOUT_MAX_TOKENS TRAIN_ARGS ROLE_ARGS SERVE_ARGS EVAL_ARGS POLICY_URL SKIP_BASE SERVER_ARGS PORT; do
     echo "$v=${!v}"
   done
 } >> "$OUT/settings.txt"
@@ -139,8 +141,8 @@ stage() {  # stage NAME DONE_PATH FUNCTION ARGS...
 # ------------------------------------------------------------------ policy server
 if [[ -z $POLICY_URL ]]; then
   POLICY_URL=http://127.0.0.1:$PORT/v1
-  log "START policy server: ${SIMKIT[*]} model-server --model $MODEL --port $PORT"
-  start_child "${SIMKIT[@]}" model-server --model "$MODEL" --port "$PORT" >> "$OUT/logs/model-server.log" 2>&1
+  log "START policy server: ${SIMKIT[*]} model-server --model $MODEL --port $PORT $SERVER_ARGS"
+  start_child "${SIMKIT[@]}" model-server --model "$MODEL" --port "$PORT" $SERVER_ARGS >> "$OUT/logs/model-server.log" 2>&1
   SERVER_PID=$CHILD  # stopped when the recipe exits (children.sh)
   run_child "$PYTHON" - "$POLICY_URL" "$SERVER_PID" <<'EOF'
 import os, sys, time, urllib.request
