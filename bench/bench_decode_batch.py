@@ -1,13 +1,15 @@
 """The embedded server's decode loop in-process, without HTTP (issue: compute floor): how the running
-batch's size (`--max-batch`) changes the wall time of the same greedy work, in one run.
+batch's size (`--max-batch`) and the KV layout (per-row, or a slot pool: `--kv-pool-tokens`) change
+the wall time of the same greedy work, in one run.
 
     python bench/bench_decode_batch.py --batches 32 64 --repeats 3
+    python bench/bench_decode_batch.py --batches 32 --kv-pool-tokens 0 2048      # per-row vs pool
 
 40 AmbigSQL-like prompts (a Spider schema from tables.json and a question), 64 greedy tokens each,
 through `ContinuousBatcher` on SmolLM2 (fp32, prefix cache off), the batch sizes alternated. A decode
 step reads every weight once however many rows it carries, so a bigger batch should cost less per
 token until attention (which grows with the rows) dominates. Prints each median, the ratio to the
-first size, and whether the replies are identical across sizes (they must be: greedy).
+first setting, and whether the replies are identical across settings (they must be: greedy).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/models/smollm2")
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 64], help="max-batch values; the first is the baseline")
+    ap.add_argument("--kv-pool-tokens", type=int, nargs="+", default=[0],
+                    help="KV layouts: 0 = per-row KV, N = a slot pool of N tokens a row (the GPU default)")
     ap.add_argument("--prompts", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -43,8 +47,9 @@ def main() -> int:
         prompts.append(runner.encode_chat([{"role": "system", "content": "You translate questions to SQL. Schema:\n" + schema},
                                            {"role": "user", "content": f"How many rows are in {db['db_id']}?"}]))
 
-    def run(max_batch: int) -> tuple[float, list[str]]:
-        b = ContinuousBatcher(runner, max_batch=max_batch, max_num_batched_tokens=2048, prefix_cache_bytes=0)
+    def run(setting: tuple[int, int]) -> tuple[float, list[str]]:
+        b = ContinuousBatcher(runner, max_batch=setting[0], max_num_batched_tokens=2048, prefix_cache_bytes=0,
+                              kv_pool_tokens=setting[1])
         done = [threading.Event() for _ in prompts]
         texts: list[str] = [""] * len(prompts)
 
@@ -63,19 +68,20 @@ def main() -> int:
         b.close()
         return wall, texts
 
-    run(a.batches[0])  # warm-up
-    walls: dict[int, list[float]] = {m: [] for m in a.batches}
-    replies: dict[int, list[str]] = {}
+    settings = [(m, t) for m in a.batches for t in a.kv_pool_tokens]
+    run(settings[0])  # warm-up
+    walls: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
+    replies: dict[tuple[int, int], list[str]] = {}
     for _ in range(a.repeats):
-        for m in a.batches:
-            w, replies[m] = run(m)
-            walls[m].append(w)
-    base = statistics.median(walls[a.batches[0]])
-    for m in a.batches:
-        med = statistics.median(walls[m])
-        same = sum(x == y for x, y in zip(replies[m], replies[a.batches[0]]))
-        print(f"max-batch {m:4d}: {med:6.2f} s median of {[round(w, 2) for w in walls[m]]}  "
-              f"time / max-batch {a.batches[0]}: {med / base:.2f}  replies identical {same}/{len(prompts)}")
+        for s in settings:
+            w, replies[s] = run(s)
+            walls[s].append(w)
+    base = statistics.median(walls[settings[0]])
+    for s in settings:
+        med = statistics.median(walls[s])
+        same = sum(x == y for x, y in zip(replies[s], replies[settings[0]]))
+        print(f"max-batch {s[0]:4d}, kv pool {s[1] or 'off':>5}: {med:6.2f} s median of {[round(w, 2) for w in walls[s]]}"
+              f"  time / first: {med / base:.2f}  replies identical {same}/{len(prompts)}")
     os._exit(0)  # the batchers' daemon threads: no interpreter teardown under them
 
 

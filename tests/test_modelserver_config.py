@@ -53,3 +53,26 @@ def test_fetch_and_init_tiny_flags(parse):
     assert (cfg.install, cfg.force) == (False, True)
     cfg = config_from_args(tiny.InitTinyConfig, parse(["model", "init-tiny", "--out", "o", "--seed", "3"]))
     assert (cfg.seed, cfg.vocab_size, cfg.hidden_size, cfg.layers, cfg.corpus) == (3, 1024, 64, 2, None)
+
+
+def test_kv_pool_is_on_for_a_gpu_by_default_and_obeys_on_off(parse):
+    from simkit.modelserver.server import uses_kv_pool
+
+    cfg = config_from_args(ModelServerConfig, parse(["model-server", "--model", "m"]))
+    assert (cfg.kv_pool, cfg.kv_pool_tokens, cfg.max_batch) == ("auto", 2048, 64)
+    assert uses_kv_pool("auto", "cuda") and not uses_kv_pool("auto", "cpu")
+    assert uses_kv_pool("on", "cpu") and not uses_kv_pool("off", "cuda")
+
+
+def test_hub_kernels_are_off_unless_the_user_turns_them_on():
+    """transformers fetches 'hub kernels' from the Hub on a GPU by default: offline that breaks loading."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, simkit; print(os.environ['USE_HUB_KERNELS'])"
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "NO"
+    assert subprocess.run([sys.executable, "-c", code], env={**env, "USE_HUB_KERNELS": "YES"}, capture_output=True,
+                          text=True, check=True).stdout.strip() == "YES"

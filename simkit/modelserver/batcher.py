@@ -104,8 +104,8 @@ class ContinuousBatcher:
         self._stop = False
         self.rows: list[_Row] = []
         self._model: str | None = None
-        self.stats = {"batches": 0, "steps": 0, "prefills": 0, "prefill_tokens": 0, "completion_tokens": 0,
-                      "cancelled": 0, "failed": 0}
+        self.stats = {"batches": 0, "steps": 0, "pooled_decode_steps": 0, "prefills": 0, "prefill_tokens": 0,
+                      "completion_tokens": 0, "cancelled": 0, "failed": 0}
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
         self._thread.start()
 
@@ -279,13 +279,13 @@ class ContinuousBatcher:
                 keep.append(len(ids) - 1)
                 sample.append(row)
         dev = runner.device
+        step = Step(segments) if self.kv_pool else segments
         with torch.inference_mode(), runner.using(self._model):
             out = runner.model(input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([pos], device=dev),
                                use_cache=False, logits_to_keep=torch.tensor(keep or [len(ids) - 1], device=dev),
-                               **{STEP_KWARG: (step := Step(segments) if self.kv_pool else segments)})
+                               **{STEP_KWARG: step})
         self.stats["steps"] += 1
-        if getattr(step, "decode", None) is not None:
-            self.stats["pooled_decode_steps"] = self.stats.get("pooled_decode_steps", 0) + 1
+        self.stats["pooled_decode_steps"] += getattr(step, "decode", None) is not None
         for row, n in sched:
             prefilling = row.computed < len(row.req.prompt_ids)
             row.computed += n

@@ -258,10 +258,9 @@ class ModelServer:
             self.runner = await loop.run_in_executor(ex, self._runner_factory)
         from simkit.modelserver.batcher import ContinuousBatcher
 
-        pool = self.kv_pool == "on" or (self.kv_pool == "auto" and self.runner.device != "cpu")
+        pool_tokens = self.kv_pool_tokens if uses_kv_pool(self.kv_pool, self.runner.device) else 0
         self.batcher = ContinuousBatcher(self.runner, self.max_batch, self.max_num_batched_tokens,
-                                         self.prefix_cache_bytes, self.block_size,
-                                         kv_pool_tokens=self.kv_pool_tokens if pool else 0)
+                                         self.prefix_cache_bytes, self.block_size, kv_pool_tokens=pool_tokens)
         if self.status_every_s > 0:
             self._status_task = asyncio.create_task(self._report())
         log.info("model %s ready on %s (max batch %d, max waiting %d)", self.served_name, self.runner.device,
@@ -696,6 +695,11 @@ class ModelServerConfig(BaseModel):
     api_key: str | None = Field(default_factory=_env_api_key, json_schema_extra={"metavar": "KEY"},
                                 description="require this bearer token on /v1 (default: $SIMKIT_SERVER_API_KEY, "
                                             "read at startup, else none)")
+
+
+def uses_kv_pool(setting: str, device: str) -> bool:
+    """`--kv-pool`: auto means a GPU (any device but the CPU), where per-row attention is launch-bound."""
+    return setting == "on" or (setting == "auto" and device != "cpu")
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
