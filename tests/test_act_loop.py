@@ -55,8 +55,8 @@ async def test_serve_and_trainer_close_the_loop(model_server, tiny_model, tmp_pa
     with sqlite3.connect(queue) as db:  # pairs record the version that produced them
         by_version = dict(db.execute("SELECT policy_version, count(*) FROM pairs GROUP BY policy_version"))
     assert by_version.get(0, 0) > 0 and any(v >= 1 for v in by_version)
-    served = {t["turns"][0]["model"]: t["policy_version"]
-              for t in map(json.loads, (serve_dir / "trajectories.jsonl").read_text().splitlines()) if t["turns"]}
+    complete = (serve_dir / "trajectories.jsonl").read_text().split("\n")[:-1]  # serve may be mid-append
+    served = {t["turns"][0]["model"]: t["policy_version"] for t in map(json.loads, complete) if t["turns"]}
     assert served.get(str(tiny_model)) == 0  # vLLM's served name: the --model argument verbatim
     assert any(name.startswith(f"act-{rid}-v") and v >= 1 for name, v in served.items())
     for name, v in served.items():
