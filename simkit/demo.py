@@ -2,8 +2,8 @@
 
     SmolLM2-135M-Instruct ─► model-server (base) ─► eval: zero-shot, ICL (k shots)
         ─► trainer sft (n conversations; LoRA hot-loaded) ─► eval SFT
-        ─► simkit serve ‖ trainer run (ACT, same base, same n conversations) ─► eval ACT
-        ─► one table + plot
+        ─► ACT Phase 1 (the preference pairs) ─► simkit serve ‖ trainer run (ACT, same base,
+           same n conversations) ─► eval ACT ─► one table + plot
 
 Why AmbigSQL: of the three tasks it is where a 135M model shows the clearest action-level effect.
 Its ambiguity has surface cues (an under-specified column, table or ordering) that a small model
@@ -102,7 +102,8 @@ def _count_steps(run_dir: Path) -> Callable[[], int]:
 def _cores_each() -> int:
     """Torch threads for each of the two processes that compute at once during ACT (the policy
     server's rollouts and the trainer): half the cores. Two OpenMP pools of 2 threads on 2 cores
-    wait on each other: a DPO step took 153 s beside the rollouts, 27 s with 1 thread each."""
+    wait on each other: a DPO step took 153 s beside the rollouts, 27 s with 1 thread each. Every
+    other stage computes alone and gets all of them (`PolicyServer`)."""
     return max(1, (os.cpu_count() or 2) // 2)
 
 
@@ -170,8 +171,12 @@ class DemoConfig(BaseModel):
     rollout_concurrency: int = Field(8, ge=1, description="ACT rollouts in flight (on a CPU the rollouts and the "
                                                           "trainer share the cores)")
     batch_size: int = Field(4, ge=1, description="examples (SFT) or pairs (DPO) per step")
-    dpo_micro_batch: int = Field(2, ge=1, description="pairs per forward in DPO, the rest by gradient accumulation "
-                                                      "(4 pairs of ~1k tokens in fp32 need ~20 GB at once)")
+    sft_micro_batch: int = Field(1, ge=1, description="SFT rows per forward, the rest by gradient accumulation (the "
+                                                      "same step: the loss averages the step's tokens either way). 1: "
+                                                      "no padding; AmbigSQL rows run 212-1,668 tokens, so a padded "
+                                                      "batch of 4 computes 1.67x the tokens (bench/RESULTS.md)")
+    dpo_micro_batch: int = Field(1, ge=1, description="pairs per forward in DPO, the rest by gradient accumulation "
+                                                      "(1: no padding across pairs, and ~4.5 GB instead of ~7)")
     max_tokens: int = Field(128, ge=1, description="completion tokens, eval and rollouts")
     max_length: int = Field(1024, ge=16, description="training max tokens")
     sft_lr: float | None = Field(None, gt=0, description="SFT learning rate (default: trainer sft's; tiny: 5e-3)")
@@ -311,7 +316,7 @@ class DemoRun:
         self.sft, self.act, self.queue = self.out / "sft", self.out / "act", self.out / "queue.sqlite"
         self.evals: list[Path] = []
         self.base = Path()
-        self.policy_url = ""
+        self.server: PolicyServer | None = None
 
     def run(self) -> int:
         cfg, t_start = self.cfg, time.monotonic()
@@ -320,13 +325,11 @@ class DemoRun:
         self.stages.run("model", [self.out / "tiny-llama"] if cfg.model == "tiny" else [],
                         lambda: box.append(resolve_model(cfg.model, self.out, cfg.env, self.py, self.logs)))
         self.base = box[0] if box else resolve_model(cfg.model, self.out, cfg.env, self.py, self.logs, quiet=True)
-        if cfg.policy:
-            self.pipeline(cfg.policy)
-        else:
-            with policy_server(cfg.policy_server, self.base, self.logs) as srv:
-                pid = _adopt(srv.proc).pid
-                self.pipeline(srv.url)
-            _CHILDREN.pop(pid, None)
+        self.server = PolicyServer(cfg, self.base, self.logs)
+        try:
+            self.pipeline()
+        finally:
+            self.server.close()
         wall = time.monotonic() - t_start
         (self.out / "demo.json").write_text(json.dumps({
             "argv": sys.argv, "model": str(self.base), "wall_s": round(wall),
@@ -335,34 +338,45 @@ class DemoRun:
         print(self.stages.summary(wall), flush=True)
         return 0
 
-    def pipeline(self, policy_url: str) -> None:
+    def pipeline(self) -> None:
         cfg = self.cfg
-        self.policy_url = policy_url
-        self.evaluate("2/7", "zero-shot")
-        self.evaluate("3/7", f"ICL ({cfg.icl_shots} shots)", "--icl-shots", str(cfg.icl_shots))
+        self.evaluate("2/8", "zero-shot")
+        self.evaluate("3/8", f"ICL ({cfg.icl_shots} shots)", "--icl-shots", str(cfg.icl_shots))
         self.train_sft()
-        load_adapter(policy_url, "sft", self.sft / "adapter")
-        self.evaluate("5/7", f"SFT (n={cfg.n})", "--policy-model", "sft", "--train-conversations",
-                      str(self.sft / "conversations.json"))
+        sft = ("sft", self.sft / "adapter")
+        self.evaluate("5/8", f"SFT (n={cfg.n})", "--policy-model", "sft", "--train-conversations",
+                      str(self.sft / "conversations.json"), adapter=sft)
+        self.phase1()
         v = self.train_act()
-        if cfg.resume:  # a reused ACT stage: this server has not loaded its newest version yet
-            load_adapter(policy_url, v.adapter, Path(v.path))
-        self.evaluate("7/7", f"ACT (n={cfg.n})", "--policy-model", v.adapter, "--train-conversations",
-                      str(self.sft / "conversations.json"))
+        self.evaluate("8/8", f"ACT (n={cfg.n})", "--policy-model", v.adapter, "--train-conversations",
+                      str(self.sft / "conversations.json"), adapter=(v.adapter, Path(v.path)))
+        self.server.close()
         self.stages.run("report", [self.out / "results.md", self.out / "results.png"], self.report)
         print("\n" + (self.out / "results.md").read_text().rstrip("\n"))
         print(f"\nplot: {self.out / 'results.png'}; confusion matrices: {self.out}/eval-*/confusion.png; "
               f"training curves: {self.act / 'plots'}/*.png")
 
-    def evaluate(self, stage: str, label: str, *extra: str) -> None:
+    def policy(self, threads: int | None = None, adapter: tuple[str, Path] | None = None) -> str:
+        """The policy server's URL for a stage (started or restarted as `threads` needs), with
+        `adapter` (name, path) loaded."""
+        url = self.server.at(threads)
+        if adapter is not None:
+            load_adapter(url, *adapter)
+        return url
+
+    def evaluate(self, stage: str, label: str, *extra: str, adapter: tuple[str, Path] | None = None) -> None:
         cfg, d = self.cfg, self.out / f"eval-{label.split()[0].lower()}"
         _step(f"{stage} evaluate {label} on {cfg.eval_tasks} held-out test tasks (greedy)")
-        cmd = [self.py, "-m", "simkit.cli", "eval", "--env", cfg.env, "--split", "test", "--n-tasks",
-               str(cfg.eval_tasks), "--seed", str(cfg.seed), "--policy", self.policy_url, "--temperature", "0",
-               "--max-tokens", str(cfg.max_tokens), "--out", str(d), "--label", label, *extra]
-        self.stages.run(d.name, [d], lambda: _run(
-            cmd, self.logs / f"{d.name}.log", 3600,
-            (cfg.eval_tasks, lambda: _count_lines(d / "episodes.jsonl"), "episode")))
+
+        def stage_fn() -> None:
+            cmd = [self.py, "-m", "simkit.cli", "eval", "--env", cfg.env, "--split", "test", "--n-tasks",
+                   str(cfg.eval_tasks), "--seed", str(cfg.seed), "--policy", self.policy(adapter=adapter),
+                   "--temperature", "0", "--max-tokens", str(cfg.max_tokens), "--out", str(d), "--label", label,
+                   *extra]
+            _run(cmd, self.logs / f"{d.name}.log", 3600,
+                 (cfg.eval_tasks, lambda: _count_lines(d / "episodes.jsonl"), "episode"))
+
+        self.stages.run(d.name, [d], stage_fn)
         self.evals.append(d)
 
     def _train_common(self) -> list[str]:
@@ -371,47 +385,72 @@ class DemoRun:
 
     def train_sft(self) -> None:
         cfg = self.cfg
-        _step(f"4/7 SFT baseline on {cfg.n} {cfg.env} training conversations")
+        _step(f"4/8 SFT baseline on {cfg.n} {cfg.env} training conversations")
+        micro = max(1, min(cfg.sft_micro_batch, cfg.batch_size))
         cmd = [self.py, "-m", "trainer.cli", "sft", "--model", str(self.base), "--env", cfg.env, "--split", "train",
                "--n-conversations", str(cfg.n), "--sample-seed", str(cfg.seed), "--epochs", str(cfg.sft_epochs),
-               "--out", str(self.sft), "--batch-size", str(cfg.batch_size), *self._train_common(),
+               "--out", str(self.sft), "--batch-size", str(micro), "--grad-accum", str(max(1, cfg.batch_size // micro)),
+               *self._train_common(),
                *(["--lr", str(self.sft_lr)] if self.sft_lr else [])]
         # total steps unknown up front: CLARIFY conversations add examples
         self.stages.run("sft", [self.sft], lambda: _run(cmd, self.logs / "sft.log", 3600,
                                                           (None, _count_steps(self.sft), "step")))
 
-    def _serve_cmd(self) -> list[str]:
+    def _serve_cmd(self, url: str, run_dir: Path, queue: Path) -> list[str]:
         cfg = self.cfg
         return [self.py, "-m", "simkit.cli", "serve", "--env", cfg.env, "--split", "train", "--n-conversations",
-                str(cfg.n), "--seed", str(cfg.seed), "--queue", str(self.queue), "--run-dir", str(self.out / "serve"),
-                "--policy", self.policy_url, "--max-tokens", str(cfg.max_tokens), "--concurrency",
+                str(cfg.n), "--seed", str(cfg.seed), "--queue", str(queue), "--run-dir", str(run_dir),
+                "--policy", url, "--max-tokens", str(cfg.max_tokens), "--concurrency",
                 str(cfg.rollout_concurrency), "--poll-s", "0.5", "--max-pending", str(4 * cfg.batch_size),
                 *(["--policy-model", "sft"] if cfg.act_init == "sft" else [])]
 
-    def _trainer_cmd(self) -> list[str]:
+    def _trainer_cmd(self, url: str) -> list[str]:
         cfg = self.cfg
         micro = max(1, min(cfg.dpo_micro_batch, cfg.batch_size))
         staleness = [] if cfg.max_staleness < 0 else ["--max-staleness", str(cfg.max_staleness)]
         return [self.py, "-m", "trainer.cli", "run", "--model", str(self.base), "--queue", str(self.queue),
-                "--out", str(self.act), "--policy-url", self.policy_url, "--max-steps", str(cfg.act_steps),
+                "--out", str(self.act), "--policy-url", url, "--max-steps", str(cfg.act_steps),
                 "--publish-every", str(cfg.publish_every), "--adapter-name", "act", "--batch-size", str(micro),
                 "--grad-accum", str(max(1, cfg.batch_size // micro)), *self._train_common(), *staleness,
                 *(["--init-adapter", str(self.sft / "adapter")] if cfg.act_init == "sft" else []),
                 *(["--lr", str(self.dpo_lr)] if self.dpo_lr else [])]
 
+    def _start_adapter(self) -> tuple[str, Path] | None:
+        return ("sft", self.sft / "adapter") if self.cfg.act_init == "sft" else None
+
+    def phase1(self) -> None:
+        """ACT's Phase 1 (the preference pairs: `simkit serve --max-episodes 0`) before the trainer
+        starts, with every core: the loser generator's few-shot prompts are most of its compute."""
+        cfg, d = self.cfg, self.out / "phase1"
+        _step(f"6/8 ACT Phase 1: the preference pairs of the {cfg.n} conversations ({cfg.env} turns; an ANSWER "
+              "turn's loser is a question from the few-shot generator)")
+
+        def stage_fn() -> None:
+            url = self.policy(adapter=self._start_adapter())
+            _run([*self._serve_cmd(url, d, d / "queue.sqlite"), "--max-episodes", "0"], self.logs / "phase1.log",
+                 3600, (None, lambda: _count_lines(d / "dpref.jsonl"), "pair"))
+
+        self.stages.run("phase1", [d], stage_fn)
+
     def train_act(self) -> Any:
-        """ACT: serve and the trainer as two processes; the newest published version."""
+        """ACT: serve (Phase 2 over Phase 1's pairs) and the trainer as two processes, each with half
+        the cores; the newest published version."""
         from simkit.procs import start_process
         from simkit.queue import open_queue
 
         cfg = self.cfg
-        _step(f"6/7 ACT from {cfg.act_init}: simkit serve ‖ trainer run on the same {cfg.n} conversations "
+        _step(f"7/8 ACT from {cfg.act_init}: simkit serve ‖ trainer run on the same {cfg.n} conversations "
               f"({cfg.act_steps} DPO steps, a version every {cfg.publish_every})")
 
         def act_stage() -> None:
-            with start_process(self._serve_cmd(), None, self.logs / "serve.log") as serve:
+            url = self.policy(_cores_each(), adapter=self._start_adapter())
+            serve_dir = self.out / "serve"
+            serve_dir.mkdir(parents=True, exist_ok=True)
+            for f in (self.out / "phase1").glob("dpref*"):  # serve resumes Phase 1: every task is done
+                shutil.copy2(f, serve_dir / f.name)
+            with start_process(self._serve_cmd(url, serve_dir, self.queue), None, self.logs / "serve.log") as serve:
                 _adopt(serve)
-                _run(self._trainer_cmd(), self.logs / "trainer.log", 5400,
+                _run(self._trainer_cmd(url), self.logs / "trainer.log", 5400,
                      (cfg.act_steps, _count_steps(self.act), "step"), env={"OMP_NUM_THREADS": str(_cores_each())})
             _CHILDREN.pop(serve.pid, None)
 
@@ -436,15 +475,50 @@ class DemoRun:
         plot_side_by_side(self.evals, self.out / "results.png")
 
 
+class PolicyServer:
+    """The demo's policy server, started when a stage first needs it. The embedded server runs with
+    all the cores when it computes alone (evals, Phase 1) and is restarted with half of them for ACT,
+    whose trainer computes beside it: torch's thread count is fixed per process (a restart costs
+    seconds; the adapters are loaded again). `--policy URL` and real vLLM (1-2 minutes to start)
+    stay one server throughout."""
+
+    def __init__(self, cfg: DemoConfig, base: Path, logs: Path):
+        self.cfg, self.base, self.logs = cfg, base, logs
+        self._stack: contextlib.ExitStack | None = None
+        self._threads: int | None = None
+        self._pid: int | None = None
+        self.url = cfg.policy or ""
+
+    def at(self, threads: int | None) -> str:
+        """The URL of the server running with `threads` torch threads (None: all, torch's default)."""
+        if self.cfg.policy:
+            return self.cfg.policy
+        if self._stack is not None and (self.cfg.policy_server != "embedded" or threads == self._threads):
+            return self.url
+        self.close()
+        stack = contextlib.ExitStack()
+        srv = stack.enter_context(policy_server(self.cfg.policy_server, self.base, self.logs, threads))
+        self._pid = _adopt(srv.proc).pid
+        self._stack, self._threads, self.url = stack, threads, srv.url
+        return self.url
+
+    def close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            _CHILDREN.pop(self._pid, None)
+            self._stack = None
+
+
 @contextlib.contextmanager
-def policy_server(kind: str, base: Path, logs: Path) -> Iterator[Any]:
-    """The demo's policy server: the embedded one, or real vLLM's CPU build (LoRA on, rank as the
-    trainer's default) when `--policy-server vllm`; either is stopped when the demo ends."""
+def policy_server(kind: str, base: Path, logs: Path, threads: int | None = None) -> Iterator[Any]:
+    """The demo's policy server: the embedded one (with `threads` torch threads), or real vLLM's CPU
+    build (LoRA on, rank as the trainer's default) when `--policy-server vllm`; either is stopped
+    when the demo ends."""
     from simkit.loadtools.testing import VLLMServer, free_port, start_model_server, vllm_venv
 
     if kind == "embedded":
         with start_model_server(base, port=free_port(), log_path=logs / "model_server.log",
-                                extra_args=["--threads", str(_cores_each())]) as srv:
+                                extra_args=["--threads", str(threads)] if threads else []) as srv:
             yield srv
         return
     if not (vllm_venv() / "bin" / "python").exists():

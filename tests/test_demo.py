@@ -16,8 +16,14 @@ def test_demo_runs_every_step_and_writes_tables_and_plots(tmp_path):
         assert row in res.stdout, row
     assert "demo finished" in res.stdout
     times = [line for line in res.stdout.splitlines() if line.startswith("stage wall times: ")]
-    assert len(times) == 1 and all(f"{s} " in times[0] for s in ("model", "eval-zero-shot", "sft", "act", "total"))
-    assert all((out / "stages" / f"{s}.json").is_file() for s in ("model", "eval-icl", "sft", "eval-sft", "act"))
+    assert len(times) == 1 and all(f"{s} " in times[0]
+                                   for s in ("model", "eval-zero-shot", "sft", "phase1", "act", "total"))
+    assert all((out / "stages" / f"{s}.json").is_file()
+               for s in ("model", "eval-icl", "sft", "eval-sft", "phase1", "act"))
+    # Phase 1 ran as its own stage with every core; serve's ACT run took its pairs as they were
+    assert (out / "serve" / "dpref.jsonl").read_bytes() == (out / "phase1" / "dpref.jsonl").read_bytes()
+    # the embedded server: all cores for the evals and Phase 1, restarted with half for ACT, then all again
+    assert (out / "logs" / "model_server.log").read_text().count("simkit model-server: serving") == 3
     for f in ("results.md", "results.png", "eval-sft/confusion.png", "eval-act/confusion.png",
               "act/plots/loss.png", "sft/adapter/adapter_config.json", "sft/conversations.json", "demo.json"):
         assert (out / f).stat().st_size > 0, f

@@ -41,8 +41,8 @@ from .distributed import Dist, close
 from .ledger import Ledger, latest_committed, rotate
 from .lock import RunDirLocked, RunLock
 from .metrics import MetricsCallback, MetricsWriter
-from .models import (checkpointing_args, completion_only_logits, load_model, load_tokenizer, lora_config,
-                     precision_args)
+from .models import (checkpointing_args, completion_only_logits, cpu_autocasts, frozen_weights_bf16, load_model,
+                     load_tokenizer, lora_config, precision_args)
 from .publish import PublishError, Publisher, PublishRejected
 
 log = logging.getLogger("trainer")
@@ -61,11 +61,14 @@ class QueueDPOTrainer(DPOTrainer):
     """DPOTrainer fed by a `QueueSource`; knows which pairs each optimizer step used."""
 
     def __init__(self, *args: Any, source: QueueSource, on_micro_batch: Callable[[list], None],
-                 step_extras: Callable[[], dict] = dict, completion_only: bool = True, **kwargs: Any):
+                 step_extras: Callable[[], dict] = dict, completion_only: bool = True, bf16_base: bool = False,
+                 **kwargs: Any):
         self._source, self._on_micro_batch, self._step_extras = source, on_micro_batch, step_extras
         super().__init__(*args, train_dataset=_placeholder_dataset(), **kwargs)
         if completion_only:
             completion_only_logits(self)
+        if bf16_base:
+            frozen_weights_bf16(self.model)
         if self.accelerator.num_processes != source.dist.world:
             raise RuntimeError(f"accelerate runs {self.accelerator.num_processes} processes but the queue source "
                                f"was set up for {source.dist.world}")
@@ -292,7 +295,8 @@ class DPORun:
                 model=policy_model(c), args=self.dpo_config(), processing_class=tokenizer,
                 peft_config=None if c.init_adapter else lora_config(c), source=source,
                 on_micro_batch=self.ledger.on_micro_batch if d.is_main else (lambda pairs: None),
-                step_extras=self.step_extras, callbacks=callbacks, completion_only=c.completion_only_logits)
+                step_extras=self.step_extras, callbacks=callbacks, completion_only=c.completion_only_logits,
+                bf16_base=cpu_autocasts(c.dtype))
             self.trainer.remove_callback(PrinterCallback)  # MetricsCallback logs one concise line per step
             if d.bcast(self.stop.is_set()):
                 return 0

@@ -20,8 +20,8 @@ from simkit.types import goal_text  # noqa: F401  (re-exported: trainer.sft.goal
 
 from .config import SFTRunConfig, save_snapshot
 from .metrics import MetricsCallback, MetricsWriter
-from .models import (checkpointing_args, completion_only_logits, load_model, load_tokenizer, lora_config,
-                     merge_adapter, precision_args, use_cuda)
+from .models import (checkpointing_args, completion_only_logits, cpu_autocasts, frozen_weights_bf16, load_model,
+                     load_tokenizer, lora_config, merge_adapter, precision_args, use_cuda)
 
 log = logging.getLogger("trainer")
 
@@ -144,6 +144,8 @@ def run_sft(cfg: SFTRunConfig) -> Path:
         trainer.remove_callback(PrinterCallback)
         if cfg.completion_only_logits:
             completion_only_logits(trainer)
+        if cpu_autocasts(cfg.dtype):
+            frozen_weights_bf16(trainer.model)
         writer.event("start", kind="sft", rows=len(rows), source=cfg.data or f"{cfg.env}:{cfg.split}")
         trainer.train()
         out = run_dir / "adapter"
