@@ -102,9 +102,21 @@ def _count_steps(run_dir: Path) -> Callable[[], int]:
 def _cores_each() -> int:
     """Torch threads for each of the two processes that compute at once during ACT (the policy
     server's rollouts and the trainer): half the cores. Two OpenMP pools of 2 threads on 2 cores
-    wait on each other: a DPO step took 153 s beside the rollouts, 27 s with 1 thread each. Every
+    wait on each other: a DPO step took 153 s beside the rollouts, 27 s with one thread each. Every
     other stage computes alone and gets all of them (`PolicyServer`)."""
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+def _rollout_dtype(setting: str) -> str | None:
+    """The embedded server's weights dtype while it writes ACT's training data (Phase 1's few-shot
+    loser questions, Phase 2's rollouts): `auto` = bfloat16 on a CPU that multiplies it natively
+    (sampled, so fp32's greedy parity is not at stake; 1.5x faster there, bench/RESULTS.md), else
+    the server's default. Evals always use the default."""
+    from simkit.modelserver.cpu import cpu_has_bf16
+
+    if setting == "auto":  # (a GPU's embedded server runs bfloat16 by default anyway)
+        return "bfloat16" if cpu_has_bf16() else None
+    return setting
 
 
 def _run(cmd: list[str], log: Path, timeout: float,
@@ -181,6 +193,11 @@ class DemoConfig(BaseModel):
     max_length: int = Field(1024, ge=16, description="training max tokens")
     sft_lr: float | None = Field(None, gt=0, description="SFT learning rate (default: trainer sft's; tiny: 5e-3)")
     dpo_lr: float | None = Field(None, gt=0, description="DPO learning rate (default: trainer run's; tiny: 5e-3)")
+    rollout_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="weights dtype of the embedded policy server while it writes ACT's training data "
+                            "(Phase 1's loser questions, Phase 2's sampled rollouts; auto: bfloat16 on a CPU with "
+                            "bfloat16 instructions, 1.5x faster there; else the server's default). The evals always "
+                            "run the server's default (float32 on a CPU: greedy parity with model.generate)")
     act_init: Literal["sft", "base"] = Field(
         "sft", description="where ACT starts: sft continues the SFT adapter, whose replies are well-formed SQL or "
                            "questions, so each pair contrasts the two actions; base starts a fresh LoRA on the base "
@@ -320,7 +337,7 @@ class DemoRun:
 
     def run(self) -> int:
         cfg, t_start = self.cfg, time.monotonic()
-        _step(f"1/7 model: {cfg.model}")
+        _step(f"1/8 model: {cfg.model}")
         box: list[Path] = []
         self.stages.run("model", [self.out / "tiny-llama"] if cfg.model == "tiny" else [],
                         lambda: box.append(resolve_model(cfg.model, self.out, cfg.env, self.py, self.logs)))
@@ -356,10 +373,11 @@ class DemoRun:
         print(f"\nplot: {self.out / 'results.png'}; confusion matrices: {self.out}/eval-*/confusion.png; "
               f"training curves: {self.act / 'plots'}/*.png")
 
-    def policy(self, threads: int | None = None, adapter: tuple[str, Path] | None = None) -> str:
-        """The policy server's URL for a stage (started or restarted as `threads` needs), with
-        `adapter` (name, path) loaded."""
-        url = self.server.at(threads)
+    def policy(self, threads: int | None = None, adapter: tuple[str, Path] | None = None,
+               dtype: str | None = None) -> str:
+        """The policy server's URL for a stage (started or restarted as `threads` and `dtype` need),
+        with `adapter` (name, path) loaded."""
+        url = self.server.at(threads, dtype)
         if adapter is not None:
             load_adapter(url, *adapter)
         return url
@@ -420,13 +438,14 @@ class DemoRun:
 
     def phase1(self) -> None:
         """ACT's Phase 1 (the preference pairs: `simkit serve --max-episodes 0`) before the trainer
-        starts, with every core: the loser generator's few-shot prompts are most of its compute."""
+        starts, with every core (and `--rollout-dtype`): the loser generator's few-shot prompts are
+        most of its compute."""
         cfg, d = self.cfg, self.out / "phase1"
         _step(f"6/8 ACT Phase 1: the preference pairs of the {cfg.n} conversations ({cfg.env} turns; an ANSWER "
               "turn's loser is a question from the few-shot generator)")
 
         def stage_fn() -> None:
-            url = self.policy(adapter=self._start_adapter())
+            url = self.policy(adapter=self._start_adapter(), dtype=_rollout_dtype(cfg.rollout_dtype))
             _run([*self._serve_cmd(url, d, d / "queue.sqlite"), "--max-episodes", "0"], self.logs / "phase1.log",
                  3600, (None, lambda: _count_lines(d / "dpref.jsonl"), "pair"))
 
@@ -443,7 +462,7 @@ class DemoRun:
               f"({cfg.act_steps} DPO steps, a version every {cfg.publish_every})")
 
         def act_stage() -> None:
-            url = self.policy(_cores_each(), adapter=self._start_adapter())
+            url = self.policy(_cores_each(), adapter=self._start_adapter(), dtype=_rollout_dtype(cfg.rollout_dtype))
             serve_dir = self.out / "serve"
             serve_dir.mkdir(parents=True, exist_ok=True)
             for f in (self.out / "phase1").glob("dpref*"):  # serve resumes Phase 1: every task is done
@@ -477,29 +496,30 @@ class DemoRun:
 
 class PolicyServer:
     """The demo's policy server, started when a stage first needs it. The embedded server runs with
-    all the cores when it computes alone (evals, Phase 1) and is restarted with half of them for ACT,
-    whose trainer computes beside it: torch's thread count is fixed per process (a restart costs
-    seconds; the adapters are loaded again). `--policy URL` and real vLLM (1-2 minutes to start)
-    stay one server throughout."""
+    all the cores in fp32 for the evals, in `--rollout-dtype` for ACT's data (Phase 1 with all the
+    cores, Phase 2's rollouts with half: the trainer computes beside them). Torch's thread count and
+    the weights are fixed per process, so it is restarted between (seconds; adapters loaded again).
+    `--policy URL` and real vLLM (1-2 minutes to start) stay one server throughout."""
 
     def __init__(self, cfg: DemoConfig, base: Path, logs: Path):
         self.cfg, self.base, self.logs = cfg, base, logs
         self._stack: contextlib.ExitStack | None = None
-        self._threads: int | None = None
+        self._setting: tuple[int | None, str | None] = (None, None)
         self._pid: int | None = None
         self.url = cfg.policy or ""
 
-    def at(self, threads: int | None) -> str:
-        """The URL of the server running with `threads` torch threads (None: all, torch's default)."""
+    def at(self, threads: int | None, dtype: str | None = None) -> str:
+        """The URL of the server running with `threads` torch threads and `dtype` weights (None: the
+        server's defaults: all cores, float32 on a CPU)."""
         if self.cfg.policy:
             return self.cfg.policy
-        if self._stack is not None and (self.cfg.policy_server != "embedded" or threads == self._threads):
+        if self._stack is not None and (self.cfg.policy_server != "embedded" or (threads, dtype) == self._setting):
             return self.url
         self.close()
         stack = contextlib.ExitStack()
-        srv = stack.enter_context(policy_server(self.cfg.policy_server, self.base, self.logs, threads))
+        srv = stack.enter_context(policy_server(self.cfg.policy_server, self.base, self.logs, threads, dtype))
         self._pid = _adopt(srv.proc).pid
-        self._stack, self._threads, self.url = stack, threads, srv.url
+        self._stack, self._setting, self.url = stack, (threads, dtype), srv.url
         return self.url
 
     def close(self) -> None:
@@ -510,15 +530,17 @@ class PolicyServer:
 
 
 @contextlib.contextmanager
-def policy_server(kind: str, base: Path, logs: Path, threads: int | None = None) -> Iterator[Any]:
-    """The demo's policy server: the embedded one (with `threads` torch threads), or real vLLM's CPU
-    build (LoRA on, rank as the trainer's default) when `--policy-server vllm`; either is stopped
-    when the demo ends."""
+def policy_server(kind: str, base: Path, logs: Path, threads: int | None = None,
+                  dtype: str | None = None) -> Iterator[Any]:
+    """The demo's policy server: the embedded one (with `threads` torch threads and `dtype` weights
+    when given), or real vLLM's CPU build (LoRA on, rank as the trainer's default) when
+    `--policy-server vllm`; either is stopped when the demo ends."""
     from simkit.loadtools.testing import VLLMServer, free_port, start_model_server, vllm_venv
 
     if kind == "embedded":
         with start_model_server(base, port=free_port(), log_path=logs / "model_server.log",
-                                extra_args=["--threads", str(threads)] if threads else []) as srv:
+                                extra_args=[*(["--threads", str(threads)] if threads else []),
+                                            *(["--dtype", dtype] if dtype else [])]) as srv:
             yield srv
         return
     if not (vllm_venv() / "bin" / "python").exists():

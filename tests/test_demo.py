@@ -9,7 +9,7 @@ def test_demo_runs_every_step_and_writes_tables_and_plots(tmp_path):
     res = subprocess.run([sys.executable, "-m", "simkit.cli", "demo", "--model", "tiny", "--out", str(out),
                           "--n", "16", "--sft-epochs", "1", "--act-steps", "4", "--publish-every", "2",
                           "--eval-tasks", "8", "--icl-shots", "1", "--max-tokens", "16", "--max-length", "512",
-                          "--train-dtype", "float32", "--rollout-concurrency", "16"],
+                          "--train-dtype", "float32", "--rollout-concurrency", "16", "--rollout-dtype", "bfloat16"],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for row in ("| zero-shot |", "| ICL (1 shots) |", "| SFT (n=16) |", "| ACT (n=16) |"):
@@ -22,8 +22,9 @@ def test_demo_runs_every_step_and_writes_tables_and_plots(tmp_path):
                for s in ("model", "eval-icl", "sft", "eval-sft", "phase1", "act"))
     # Phase 1 ran as its own stage with every core; serve's ACT run took its pairs as they were
     assert (out / "serve" / "dpref.jsonl").read_bytes() == (out / "phase1" / "dpref.jsonl").read_bytes()
-    # the embedded server: all cores for the evals and Phase 1, restarted with half for ACT, then all again
-    assert (out / "logs" / "model_server.log").read_text().count("simkit model-server: serving") == 3
+    # the embedded server: all cores for the evals; ACT's data in --rollout-dtype (Phase 1 with all cores,
+    # the rollouts with half); all cores again for the last eval
+    assert (out / "logs" / "model_server.log").read_text().count("simkit model-server: serving") == 4
     for f in ("results.md", "results.png", "eval-sft/confusion.png", "eval-act/confusion.png",
               "act/plots/loss.png", "sft/adapter/adapter_config.json", "sft/conversations.json", "demo.json"):
         assert (out / f).stat().st_size > 0, f
@@ -61,15 +62,22 @@ def test_train_dtype_auto_follows_the_cpus_bfloat16_flags(tmp_path):
     assert cpu_autocasts("auto") == (cpu_has_bf16() and not use_cuda()) and not cpu_autocasts("float32")
 
 
-def test_act_processes_get_half_the_cores_through_their_environment(tmp_path, monkeypatch):
+def test_act_processes_share_the_cores_through_their_environment(tmp_path, monkeypatch):
     """During ACT the policy server and the trainer compute at once: each gets half the cores (two
-    2-thread OpenMP pools on 2 cores made a DPO step 153 s instead of 27 s)."""
+    2-thread OpenMP pools on 2 cores made a DPO step 153 s instead of 27 s), and the server samples in
+    bfloat16 where the CPU multiplies it natively."""
     from simkit import demo
 
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
     assert demo._cores_each() == 1
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 16)
     assert demo._cores_each() == 8
+    import simkit.modelserver.cpu as cpu
+
+    for flags, want in ((True, "bfloat16"), (False, None)):
+        monkeypatch.setattr(cpu, "cpu_has_bf16", lambda flags=flags: flags)
+        assert demo._rollout_dtype("auto") == want
+    assert demo._rollout_dtype("float32") == "float32"
     log = tmp_path / "child.log"
     demo._run([sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['PATH'] != '')"],
               log, 60, env={"OMP_NUM_THREADS": "3"})

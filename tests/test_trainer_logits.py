@@ -106,3 +106,27 @@ def test_completion_only_head_matches_full_in_sft(tiny_model, tmp_path):
         losses[compact] = [r["loss"] for r in tr.state.log_history if "loss" in r]
     assert len(losses[True]) == 2
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_frozen_base_weights_in_bf16_leave_an_autocast_step_unchanged(tiny_model, tmp_path):
+    """trainer.models.frozen_weights_bf16: under CPU bf16 autocast the frozen linear weights are cast
+    at every use; storing them in bf16 once gives the very values autocast computed with, so the DPO
+    loss and the LoRA gradients are bit-identical, and the adapter and embeddings stay fp32."""
+    from trainer.models import frozen_weights_bf16
+
+    trainer = _dpo_trainer(tiny_model, tmp_path, "bf16base", dtype="bf16-mixed")
+    assert completion_only_logits(trainer)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_loss, want_grads = _loss_and_grads(trainer, batch)
+    model = trainer.model
+    n_layers = model.get_base_model().config.num_hidden_layers
+    assert frozen_weights_bf16(model) == 7 * n_layers  # q, k, v, o, gate, up, down of each layer
+    assert frozen_weights_bf16(model) == 0  # once
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(trainer, batch)
+    assert torch.equal(loss, want_loss), (loss, want_loss)
+    assert grads.keys() == want_grads.keys() and len(grads) > 0
+    assert all(torch.equal(g, want_grads[name]) for name, g in grads.items())

@@ -5,6 +5,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from simkit.modelserver.cpu import cpu_has_bf16  # noqa: F401  (re-exported: trainer.models.cpu_has_bf16)
+
 log = logging.getLogger("trainer")
 
 
@@ -12,18 +14,6 @@ def use_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). There `bf16-mixed` LoRA
-    steps on SmolLM2 ran 1.5x faster than float32 (bench/RESULTS.md); elsewhere autocast emulates
-    bfloat16 and gains nothing."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def torch_dtype(name: str):
