@@ -215,7 +215,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "demo", help="ACT on SmolLM2 offline: zero-shot, ICL, SFT and ACT from the same base, one table",
-        description="Run the whole ACT pipeline on AmbigSQL, offline on CPU (about 75 minutes on 2 cores with "
+        description="Run the whole ACT pipeline on AmbigSQL, offline on CPU (about 30 minutes on 2 cores with "
                     "SmolLM2-135M-Instruct): fetch the model, evaluate it zero-shot and with k in-context shots, "
                     "train the SFT baseline on n training conversations, run ACT (`simkit serve` + `trainer run` "
                     "as two processes with hot-reloaded LoRA versions) on the same n conversations from the same "
@@ -320,7 +320,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 class DemoRun:
-    """The demo's seven stages, each the real command as a subprocess, over one policy server."""
+    """The demo's eight stages, each the real command as a subprocess, over the policy server."""
 
     def __init__(self, cfg: DemoConfig):
         self.cfg, self.py, self.out = cfg, sys.executable, cfg.out
