@@ -334,6 +334,7 @@ class DemoRun:
         self.evals: list[Path] = []
         self.base = Path()
         self.server: PolicyServer | None = None
+        self.rollout_dtype = _rollout_dtype(cfg.rollout_dtype)  # ACT's data: Phase 1 and the rollouts
 
     def run(self) -> int:
         cfg, t_start = self.cfg, time.monotonic()
@@ -404,15 +405,22 @@ class DemoRun:
     def train_sft(self) -> None:
         cfg = self.cfg
         _step(f"4/8 SFT baseline on {cfg.n} {cfg.env} training conversations")
-        micro = max(1, min(cfg.sft_micro_batch, cfg.batch_size))
-        cmd = [self.py, "-m", "trainer.cli", "sft", "--model", str(self.base), "--env", cfg.env, "--split", "train",
-               "--n-conversations", str(cfg.n), "--sample-seed", str(cfg.seed), "--epochs", str(cfg.sft_epochs),
-               "--out", str(self.sft), "--batch-size", str(micro), "--grad-accum", str(max(1, cfg.batch_size // micro)),
-               *self._train_common(),
-               *(["--lr", str(self.sft_lr)] if self.sft_lr else [])]
+        cmd = self._sft_cmd()
         # total steps unknown up front: CLARIFY conversations add examples
         self.stages.run("sft", [self.sft], lambda: _run(cmd, self.logs / "sft.log", 3600,
                                                           (None, _count_steps(self.sft), "step")))
+
+    def _batch_args(self, micro_batch: int) -> list[str]:
+        """`batch_size` examples a step as micro-batches of `micro_batch` plus gradient accumulation."""
+        micro = max(1, min(micro_batch, self.cfg.batch_size))
+        return ["--batch-size", str(micro), "--grad-accum", str(max(1, self.cfg.batch_size // micro))]
+
+    def _sft_cmd(self) -> list[str]:
+        cfg = self.cfg
+        return [self.py, "-m", "trainer.cli", "sft", "--model", str(self.base), "--env", cfg.env, "--split", "train",
+                "--n-conversations", str(cfg.n), "--sample-seed", str(cfg.seed), "--epochs", str(cfg.sft_epochs),
+                "--out", str(self.sft), *self._batch_args(cfg.sft_micro_batch), *self._train_common(),
+                *(["--lr", str(self.sft_lr)] if self.sft_lr else [])]
 
     def _serve_cmd(self, url: str, run_dir: Path, queue: Path) -> list[str]:
         cfg = self.cfg
@@ -424,12 +432,11 @@ class DemoRun:
 
     def _trainer_cmd(self, url: str) -> list[str]:
         cfg = self.cfg
-        micro = max(1, min(cfg.dpo_micro_batch, cfg.batch_size))
         staleness = [] if cfg.max_staleness < 0 else ["--max-staleness", str(cfg.max_staleness)]
         return [self.py, "-m", "trainer.cli", "run", "--model", str(self.base), "--queue", str(self.queue),
                 "--out", str(self.act), "--policy-url", url, "--max-steps", str(cfg.act_steps),
-                "--publish-every", str(cfg.publish_every), "--adapter-name", "act", "--batch-size", str(micro),
-                "--grad-accum", str(max(1, cfg.batch_size // micro)), *self._train_common(), *staleness,
+                "--publish-every", str(cfg.publish_every), "--adapter-name", "act",
+                *self._batch_args(cfg.dpo_micro_batch), *self._train_common(), *staleness,
                 *(["--init-adapter", str(self.sft / "adapter")] if cfg.act_init == "sft" else []),
                 *(["--lr", str(self.dpo_lr)] if self.dpo_lr else [])]
 
@@ -445,7 +452,7 @@ class DemoRun:
               "turn's loser is a question from the few-shot generator)")
 
         def stage_fn() -> None:
-            url = self.policy(adapter=self._start_adapter(), dtype=_rollout_dtype(cfg.rollout_dtype))
+            url = self.policy(adapter=self._start_adapter(), dtype=self.rollout_dtype)
             _run([*self._serve_cmd(url, d, d / "queue.sqlite"), "--max-episodes", "0"], self.logs / "phase1.log",
                  3600, (None, lambda: _count_lines(d / "dpref.jsonl"), "pair"))
 
@@ -462,7 +469,7 @@ class DemoRun:
               f"({cfg.act_steps} DPO steps, a version every {cfg.publish_every})")
 
         def act_stage() -> None:
-            url = self.policy(_cores_each(), adapter=self._start_adapter(), dtype=_rollout_dtype(cfg.rollout_dtype))
+            url = self.policy(_cores_each(), adapter=self._start_adapter(), dtype=self.rollout_dtype)
             serve_dir = self.out / "serve"
             serve_dir.mkdir(parents=True, exist_ok=True)
             for f in (self.out / "phase1").glob("dpref*"):  # serve resumes Phase 1: every task is done
