@@ -82,3 +82,20 @@ def test_act_processes_share_the_cores_through_their_environment(tmp_path, monke
     demo._run([sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['PATH'] != '')"],
               log, 60, env={"OMP_NUM_THREADS": "3"})
     assert log.read_text().split() == ["3", "True"]  # the stage's variable, and the rest of the environment kept
+
+
+def test_training_commands_split_each_step_into_micro_batches(tmp_path):
+    """The demo trains one SFT row / DPO pair per forward by default (no padding between rows of
+    212-1,668 tokens), the same 4 per optimizer step through gradient accumulation."""
+    from simkit.demo import DemoConfig, DemoRun
+
+    def flags(cmd):
+        i = cmd.index("--batch-size")
+        return cmd[i:i + 4]
+
+    run = DemoRun(DemoConfig(out=tmp_path / "a"))
+    assert flags(run._sft_cmd()) == ["--batch-size", "1", "--grad-accum", "4"]
+    assert flags(run._trainer_cmd("http://127.0.0.1:1/v1")) == ["--batch-size", "1", "--grad-accum", "4"]
+    run = DemoRun(DemoConfig(out=tmp_path / "b", sft_micro_batch=2, dpo_micro_batch=8))
+    assert flags(run._sft_cmd()) == ["--batch-size", "2", "--grad-accum", "2"]
+    assert flags(run._trainer_cmd("http://127.0.0.1:1/v1")) == ["--batch-size", "4", "--grad-accum", "1"]
