@@ -164,6 +164,47 @@ def test_queue_source_never_yields_a_pair_older_than_the_floor(tiny_model, tmp_p
     q.close()
 
 
+def test_queue_source_budget_counts_trained_examples_and_returns_the_rest(tiny_model, tmp_path):
+    """One iteration yields exactly `budget()` examples however many leased pairs are skipped as too
+    long (a budget spent on skipped pairs ended the Trainer's epoch mid-step, again and again, until
+    every live pair was leased and nothing trained: the real-vLLM demo hang); the lookahead and the
+    rest of a lease cut by the budget go back to the queue at once."""
+    import threading
+
+    from trainer.data import QueueSource
+    from trainer.models import load_tokenizer
+
+    q = open_queue(str(tmp_path / "q.db"))
+    pairs = toy_pairs(16)
+    for i in (0, 2):  # leases of 2: [long, ok], [long, ok], [ok, ok], ...
+        last = pairs[i].prompt[-1]
+        long = last.model_copy(update={"content": last.content + " filler" * 400})
+        pairs[i] = pairs[i].model_copy(update={"prompt": [*pairs[i].prompt[:-1], long]})
+    q.append(pairs)
+    skipped, returned = [], []
+
+    def on_skip(pair, reason):
+        skipped.append(pair.id)
+        q.ack([pair.id])
+
+    def on_return(ids):
+        returned.extend(ids)
+        q.nack(ids)
+
+    src = QueueSource(q, load_tokenizer(str(tiny_model)), lease_n=2, budget=lambda: 3, stop=threading.Event(),
+                      on_lease=lambda lease: None, on_skip=on_skip, on_return=on_return, poll_s=0.05,
+                      max_length=512)
+    got = [ex["pair_id"] for ex in src]  # one iteration (one Trainer epoch)
+    src.close()
+    assert got == [pairs[1].id, pairs[3].id, pairs[4].id] and skipped == [pairs[0].id, pairs[2].id]
+    assert pairs[5].id in returned  # cut by the budget (and any lookahead lease goes back too)
+    assert not set(returned) & (set(got) | set(skipped))
+    s = q.stats()
+    assert s["in_flight"] == len(got)  # nothing else stays leased
+    assert s["depth"] == 16 - len(skipped) and s["available"] == s["depth"] - len(got)
+    q.close()
+
+
 def test_action_tokens_keeps_the_opening_of_action_pairs_only(tiny_model):
     """`--action-tokens K`: an action pair is scored on the first K tokens of each side (where the
     action is decided); a content pair keeps its whole completions."""

@@ -85,7 +85,13 @@ class PairCollator:
 
 
 class QueueSource(torch.utils.data.IterableDataset):
-    """Lease → tokenise → yield, until `budget()` examples were yielded or `stop` is set.
+    """Lease → tokenise → yield, until exactly `budget()` examples were yielded or `stop` is set.
+
+    The budget counts trainable examples, not leased pairs: pairs skipped as too long or stale do
+    not use it up, so an iteration always covers whole optimizer steps (the Trainer restarts its
+    step count with each iteration, and one that ended mid-step would never reach a sync step).
+    Leased pairs that were not yielded (the rest of a lease once the budget is met, the feeder's
+    lookahead) go back to the queue at once (`on_return`, by default the queue's `nack`).
 
     A feeder thread leases and tokenises up to `prefetch` batches ahead of the batch being trained
     (one by default: the next batch is ready when the step ends, and at most one extra batch is
@@ -106,7 +112,8 @@ class QueueSource(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, queue, tokenizer, *, lease_n: int, budget: Callable[[], int], stop: threading.Event,
-                 on_lease: Callable | None, on_skip: Callable | None, consumer: str = "trainer", lease_s: float = 3600.0,
+                 on_lease: Callable | None, on_skip: Callable | None, on_return: Callable | None = None,
+                 consumer: str = "trainer", lease_s: float = 3600.0,
                  poll_s: float = 0.5, max_length: int | None = None, idle_timeout_s: float | None = None,
                  action_tokens: int | None = None, min_version: Callable[[], int | None] = lambda: None,
                  prefetch: int = 1, dist: Dist = Dist()):
@@ -115,6 +122,7 @@ class QueueSource(torch.utils.data.IterableDataset):
         self.queue, self.tokenizer = queue, tokenizer
         self.lease_n, self.budget, self.stop = lease_n, budget, stop
         self.on_lease, self.on_skip = on_lease, on_skip
+        self.on_return = on_return or (lambda ids: queue.nack(ids))
         self.consumer, self.lease_s, self.poll_s = consumer, lease_s, poll_s
         self.max_length, self.idle_timeout_s, self.min_version = max_length, idle_timeout_s, min_version
         self.action_tokens = action_tokens  # keep only the first K tokens of each side of an action pair
@@ -162,28 +170,32 @@ class QueueSource(torch.utils.data.IterableDataset):
         remaining = self.budget()
         if remaining <= 0:
             return
-        feeder = _Feeder(self, remaining)
+        feeder = _Feeder(self)
         self._feeders.append(feeder)
+        pending: list[dict] = []  # the current lease's examples not yielded yet
         try:
             while remaining > 0 and not self.stop.is_set():
                 item = feeder.get()
                 if item is None:
                     return
-                lease, examples, skipped = item
+                lease, pending, skipped = item
                 self.on_lease(lease)
                 for pair, reason in skipped:
                     self.on_skip(pair, reason)
-                for ex in examples:
+                while pending and remaining > 0:
+                    ex = pending.pop(0)
                     floor = self.min_version()
                     if floor is not None and ex["policy_version"] < floor:
                         self.stale_skipped += 1
                         self.on_skip(SimpleNamespace(id=ex["pair_id"]),
                                      f"stale: made by v{ex['policy_version']}, oldest allowed v{floor}")
                         continue
-                    yield ex
                     remaining -= 1
+                    yield ex
         finally:
-            feeder.close()
+            feeder.close()  # returns its lookahead
+            if pending:
+                self.on_return([ex["pair_id"] for ex in pending])
 
     def close(self) -> None:
         """Stop every feeder thread (call before releasing the consumer's leases)."""
@@ -209,14 +221,15 @@ class QueueSource(torch.utils.data.IterableDataset):
 
 
 class _Feeder:
-    """One background thread per iteration: lease + tokenise ahead, hand over through a queue."""
+    """One background thread per iteration: lease + tokenise ahead (`prefetch` leases), hand over
+    through a queue; `close` returns to the queue what was leased but never handed over."""
 
     _END = object()
 
-    def __init__(self, src: QueueSource, total: int):
+    def __init__(self, src: QueueSource):
         import queue as _q
 
-        self.src, self.total = src, total
+        self.src = src
         self.out: _q.Queue = _q.Queue()
         self.slots = threading.Semaphore(src.prefetch)
         self.closed = threading.Event()
@@ -225,18 +238,17 @@ class _Feeder:
         self.thread.start()
 
     def _run(self) -> None:
-        src, leased = self.src, 0
+        src = self.src
         try:
-            while leased < self.total and not self.closed.is_set() and not src.stop.is_set():
+            while not self.closed.is_set() and not src.stop.is_set():
                 if not self.slots.acquire(timeout=src.poll_s):
                     continue
-                lease = src.queue.lease(min(src.lease_n, self.total - leased), consumer=src.consumer,
-                                        lease_s=src.lease_s, min_version=src.min_version())
+                lease = src.queue.lease(src.lease_n, consumer=src.consumer, lease_s=src.lease_s,
+                                        min_version=src.min_version())
                 if not lease:
                     self.slots.release()
                     self.closed.wait(src.poll_s)
                     continue
-                leased += len(lease)
                 self.out.put((lease, *src.load(lease.pairs)))
         except BaseException as e:  # surfaced on the training thread
             self.error = e
@@ -269,6 +281,18 @@ class _Feeder:
             return item
 
     def close(self) -> None:
+        import queue as _q
+
         self.closed.set()
         self.slots.release()
         self.thread.join(timeout=60)
+        ids = []
+        while True:
+            try:
+                item = self.out.get_nowait()
+            except _q.Empty:
+                break
+            if item is not self._END:
+                ids += item[0].ids
+        if ids:
+            self.src.on_return(ids)

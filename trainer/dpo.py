@@ -286,7 +286,8 @@ class DPORun:
                 self.queue, tokenizer, lease_n=c.batch_size * world, stop=self.stop,
                 budget=lambda: (c.max_steps - self.trainer.state.global_step) * c.batch_size * c.grad_accum * world,
                 on_lease=self.ledger.on_lease if d.is_main else None,
-                on_skip=self.ledger.on_skip if d.is_main else None, consumer=c.consumer,
+                on_skip=self.ledger.on_skip if d.is_main else None,
+                on_return=self.ledger.on_return if d.is_main else None, consumer=c.consumer,
                 lease_s=c.lease_s, poll_s=c.poll_s, max_length=c.max_length, idle_timeout_s=c.idle_timeout_s,
                 action_tokens=c.action_tokens, min_version=(lambda: None) if c.max_staleness is None else
                 (lambda: max(0, self.version - c.max_staleness)), dist=d)

@@ -90,7 +90,7 @@ class Ledger:
     _leases: dict[str, Lease] = field(default_factory=dict)  # leases with pairs not yet committed
     _pending: list[tuple[str, int]] = field(default_factory=list)  # pairs of the step in progress
     _trained: list[str] = field(default_factory=list)  # trained since the last commit
-    _done: set[str] = field(default_factory=set)  # committed ids whose lease still has other pairs
+    _done: set[str] = field(default_factory=set)  # settled ids (committed, skipped, returned) of open leases
     skipped_total: int = 0  # consumed without training (e.g. prompt longer than max_length)
     last_step_pairs: list[tuple[str, int]] = field(default_factory=list)
 
@@ -105,6 +105,12 @@ class Ledger:
         self.queue.ack([pair.id])
         self._done.add(pair.id)
         self.skipped_total += 1
+
+    def on_return(self, ids: list[str]) -> None:
+        """Leased pairs handed back untrained (the budget was met first): next in line again."""
+        log.info("returning %d leased pairs to the queue untrained", len(ids))
+        self.queue.nack(ids)
+        self._done.update(ids)
 
     # ---- train side
     def on_micro_batch(self, pairs: list[tuple[str, int]]) -> None:
