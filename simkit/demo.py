@@ -100,11 +100,19 @@ def _count_steps(run_dir: Path) -> Callable[[], int]:
 
 
 def _cores_each() -> int:
-    """Torch threads for each of the two processes that compute at once during ACT (the policy
-    server's rollouts and the trainer): half the cores. Two OpenMP pools of 2 threads on 2 cores
-    wait on each other: a DPO step took 153 s beside the rollouts, 27 s with one thread each. Every
-    other stage computes alone and gets all of them (`PolicyServer`)."""
+    """Torch threads of the policy server during ACT's rollouts: half the cores (the trainer computes
+    beside it). Two spinning OpenMP pools of 2 threads on 2 cores wait on each other: a DPO step took
+    153 s beside the rollouts, 27 s with one thread each. Every other stage computes alone and gets
+    all of them (`PolicyServer`)."""
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+def _trainer_env() -> dict[str, str]:
+    """ACT's trainer: every core, with OpenMP threads that sleep instead of spinning when idle
+    (PASSIVE). The rollouts are paused by back-pressure most of the time (the queue holds more than
+    `--max-pending` pairs), and then the server's half of the cores would sit idle; PASSIVE keeps the
+    two pools from busy-waiting on each other when both compute (ACT 715 s vs 835 s, bench/RESULTS.md)."""
+    return {"OMP_NUM_THREADS": str(os.cpu_count() or 2), "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def _rollout_dtype(setting: str) -> str | None:
@@ -459,8 +467,8 @@ class DemoRun:
         self.stages.run("phase1", [d], stage_fn)
 
     def train_act(self) -> Any:
-        """ACT: serve (Phase 2 over Phase 1's pairs) and the trainer as two processes, each with half
-        the cores; the newest published version."""
+        """ACT: serve (Phase 2 over Phase 1's pairs; its server with half the cores) and the trainer
+        (every core, OpenMP threads that sleep when idle) as two processes; the newest published version."""
         from simkit.procs import start_process
         from simkit.queue import open_queue
 
@@ -477,7 +485,7 @@ class DemoRun:
             with start_process(self._serve_cmd(url, serve_dir, self.queue), None, self.logs / "serve.log") as serve:
                 _adopt(serve)
                 _run(self._trainer_cmd(url), self.logs / "trainer.log", 5400,
-                     (cfg.act_steps, _count_steps(self.act), "step"), env={"OMP_NUM_THREADS": str(_cores_each())})
+                     (cfg.act_steps, _count_steps(self.act), "step"), env=_trainer_env())
             _CHILDREN.pop(serve.pid, None)
 
         q = self.queue

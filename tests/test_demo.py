@@ -63,13 +63,15 @@ def test_train_dtype_auto_follows_the_cpus_bfloat16_flags(tmp_path):
 
 
 def test_act_processes_share_the_cores_through_their_environment(tmp_path, monkeypatch):
-    """During ACT the policy server and the trainer compute at once: each gets half the cores (two
-    2-thread OpenMP pools on 2 cores made a DPO step 153 s instead of 27 s), and the server samples in
-    bfloat16 where the CPU multiplies it natively."""
+    """During ACT the policy server and the trainer compute at once: the server gets half the cores,
+    the trainer all of them with passive OpenMP threads (two spinning 2-thread pools on 2 cores made a
+    DPO step 153 s instead of 27 s), and the server samples in bfloat16 where the CPU multiplies it
+    natively."""
     from simkit import demo
 
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
     assert demo._cores_each() == 1
+    assert demo._trainer_env() == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 16)
     assert demo._cores_each() == 8
     import simkit.modelserver.cpu as cpu
