@@ -18,9 +18,7 @@ for d in "$RUNS"/s*/; do
     [[ -f $ev/metrics.json ]] || continue
     name=${kind%-sync}
     out="$R/${name}_n100_s${s}_sealed.jsonl"
-    cmd=$(grep -h "START eval .*$kind\|START eval sft n=100" "$d/recipe.log" -A1 2>/dev/null | grep '\$' | tail -1 | sed 's/^.*\$ //')
-    "$PY" -m simkit.cli results export "$ev" --out "$out" --meta seed="$s" n_train=100 \
-      ${cmd:+command="$cmd"} >/dev/null
+    "$PY" -m simkit.cli results export "$ev" --out "$out" >/dev/null  # the header keeps the eval's command
     if [[ $name == sft ]]; then sft+=("$out"); else act+=("$out"); fi
   done
 done
