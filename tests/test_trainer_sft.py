@@ -49,3 +49,24 @@ def test_sft_from_jsonl_via_cli(tiny_model, tmp_path):
                  "--max-steps", "2", "--batch-size", "2", "--no-tensorboard", "--log-level", "warning"]) == 0
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "run" / "sft_config.yaml").is_file()
+
+
+def test_sft_full_finetune_trains_every_weight_and_writes_a_model(tiny_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = SFTRunConfig(model=str(tiny_model), out=str(tmp_path / "full"), env="toy", n_conversations=8, max_steps=3,
+                       batch_size=4, max_length=256, lr=1e-3, full_finetune=True, log_level="warning",
+                       tensorboard=False)
+    out = run_sft(cfg)
+    assert out == (tmp_path / "full" / "model").resolve() and not (tmp_path / "full" / "adapter").exists()
+    assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+    base, tuned = (AutoModelForCausalLM.from_pretrained(p) for p in (tiny_model, out))
+    b, t = dict(base.named_parameters()), dict(tuned.named_parameters())
+    assert b.keys() == t.keys()  # a plain model, no LoRA modules
+    changed = [k for k in b if not torch.equal(b[k], t[k])]
+    assert any("mlp" in k for k in changed) and any("self_attn" in k for k in changed)  # every block's weights trained
+    steps = [r for r in read_metrics(tmp_path / "full") if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    with pytest.raises(ValueError, match="drop merge"):
+        SFTRunConfig(model=str(tiny_model), out=str(tmp_path / "x"), env="toy", full_finetune=True, merge=True)

@@ -46,7 +46,10 @@ examples:
   trainer sft --env toy --model runs/tiny --out runs/sft --epochs 2
   trainer sft --env pacific --split tune --n-conversations 50 --model HuggingFaceH4/zephyr-7b-beta --out runs/sft50
   trainer sft --data conversations.jsonl --model runs/tiny --out runs/sft --merge
-The adapter lands in RUN_DIR/adapter (serve it with load_lora_adapter), merged weights in RUN_DIR/merged.
+  trainer sft --env ambigsql --n-conversations 100 --model runs/models/smollm2 --out runs/sft-full \
+      --full-finetune --lr 2e-5
+The adapter lands in RUN_DIR/adapter (serve it with load_lora_adapter), merged weights in RUN_DIR/merged;
+with --full-finetune the whole model lands in RUN_DIR/model (serve it with `simkit model-server --model`).
 --n-conversations N counts dialogues, not turns: a seeded sample stratified by gold action, drawn by the
 same helper as `simkit serve --n-conversations N --seed S` (same N and seed: same conversations); the
 ids go to RUN_DIR/conversations.json. N larger than the split's conversations is an error.

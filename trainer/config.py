@@ -167,6 +167,10 @@ class SFTRunConfig(CommonConfig):
     followup: bool = Field(True, description="for CLARIFY tasks also train the final answer after the user's reply")
     epochs: float = Field(8.0, gt=0, description="training epochs (authors' SFT baseline: 8)")
     max_steps: int = Field(-1, description="stop after N optimizer steps (overrides epochs when > 0)")
+    full_finetune: bool = Field(False, description="train every weight instead of a LoRA (the authors' SFT; the "
+                                                   "capacity check of the when-to-ask issue): full weights go to "
+                                                   "RUN_DIR/model, a base for `simkit model-server --model` or "
+                                                   "`trainer run --model`. Give a full fine-tuning --lr (authors: 2e-5)")
     lr: float = Field(2e-4, gt=0, description="peak learning rate. LoRA default from recipes/lora_sweep.sh (bench/"
                                               "RESULTS.md); at the authors' 2e-5 a rank-16 LoRA barely moves")
 
@@ -178,6 +182,8 @@ class SFTRunConfig(CommonConfig):
             if self.n_conversations not in (None, self.limit):
                 raise ValueError("limit is the old name of n_conversations: give one")
             self.n_conversations = self.limit
+        if self.full_finetune and self.merge:
+            raise ValueError("full_finetune already writes full weights (RUN_DIR/model): drop merge")
         return self
 
 

@@ -122,7 +122,8 @@ def sft_config(cfg: SFTRunConfig, output_dir: Path):
 
 
 def run_sft(cfg: SFTRunConfig) -> Path:
-    """Train and save the adapter to RUN_DIR/adapter (and RUN_DIR/merged with --merge)."""
+    """Train and save the adapter to RUN_DIR/adapter (and RUN_DIR/merged with --merge); with
+    --full-finetune, no LoRA: every weight trains and the model goes to RUN_DIR/model."""
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
@@ -140,7 +141,8 @@ def run_sft(cfg: SFTRunConfig) -> Path:
         args = sft_config(cfg, run_dir / "checkpoints")
         tok = load_tokenizer(cfg.model)
         trainer = SFTTrainer(model=load_model(cfg.model, cfg.dtype), args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tok, peft_config=lora_config(cfg), callbacks=[MetricsCallback(writer)])
+                             processing_class=tok,
+                             peft_config=None if cfg.full_finetune else lora_config(cfg), callbacks=[MetricsCallback(writer)])
         trainer.remove_callback(PrinterCallback)
         if cfg.completion_only_logits:
             completion_only_logits(trainer)
@@ -148,14 +150,14 @@ def run_sft(cfg: SFTRunConfig) -> Path:
             frozen_weights_bf16(trainer.model)
         writer.event("start", kind="sft", rows=len(rows), source=cfg.data or f"{cfg.env}:{cfg.split}")
         trainer.train()
-        out = run_dir / "adapter"
+        out = run_dir / ("model" if cfg.full_finetune else "adapter")
         trainer.save_model(str(out))
         tok.save_pretrained(out)
-        writer.event("saved", step=trainer.state.global_step, adapter=str(out))
+        writer.event("saved", step=trainer.state.global_step, **{"model" if cfg.full_finetune else "adapter": str(out)})
         if cfg.merge:
             merged = merge_adapter(cfg.model, out, run_dir / "merged", cfg.dtype)
             writer.event("merged", path=str(merged))
-        log.info("SFT adapter written to %s", out)
+        log.info("SFT %s written to %s", "model" if cfg.full_finetune else "adapter", out)
         return out
     finally:
         writer.close()
