@@ -141,8 +141,8 @@ def run_sft(cfg: SFTRunConfig) -> Path:
         args = sft_config(cfg, run_dir / "checkpoints")
         tok = load_tokenizer(cfg.model)
         trainer = SFTTrainer(model=load_model(cfg.model, cfg.dtype), args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tok,
-                             peft_config=None if cfg.full_finetune else lora_config(cfg), callbacks=[MetricsCallback(writer)])
+                             processing_class=tok, peft_config=None if cfg.full_finetune else lora_config(cfg),
+                             callbacks=[MetricsCallback(writer)])
         trainer.remove_callback(PrinterCallback)
         if cfg.completion_only_logits:
             completion_only_logits(trainer)
@@ -150,14 +150,15 @@ def run_sft(cfg: SFTRunConfig) -> Path:
             frozen_weights_bf16(trainer.model)
         writer.event("start", kind="sft", rows=len(rows), source=cfg.data or f"{cfg.env}:{cfg.split}")
         trainer.train()
-        out = run_dir / ("model" if cfg.full_finetune else "adapter")
+        kind = "model" if cfg.full_finetune else "adapter"
+        out = run_dir / kind
         trainer.save_model(str(out))
         tok.save_pretrained(out)
-        writer.event("saved", step=trainer.state.global_step, **{"model" if cfg.full_finetune else "adapter": str(out)})
+        writer.event("saved", step=trainer.state.global_step, **{kind: str(out)})
         if cfg.merge:
             merged = merge_adapter(cfg.model, out, run_dir / "merged", cfg.dtype)
             writer.event("merged", path=str(merged))
-        log.info("SFT %s written to %s", "model" if cfg.full_finetune else "adapter", out)
+        log.info("SFT %s written to %s", kind, out)
         return out
     finally:
         writer.close()
