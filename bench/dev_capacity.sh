@@ -36,15 +36,14 @@ for spec in ${VARIANTS:-r16 r64 full}; do
     full) args=(--full-finetune --lr 2e-5) out=$dir/sft/model ;;
     *) echo "unknown variant $spec (r16, r64, full or NAME=DIR)" >&2; exit 2 ;;
   esac
-  full=0; [[ -f $out/adapter_config.json ]] || full=1
   if [[ $spec != *=* && ! -f $out/config.json && ! -f $out/adapter_config.json ]]; then
     rm -rf "$dir/sft"
     log "START sft $v seed=$SEED"; t0=$SECONDS
     "$PY" -m trainer.cli sft --env ambigsql --split train --n-conversations 100 --seed "$SEED" --model "$MODEL" \
       --out "$dir/sft" --batch-size 1 --grad-accum 4 --no-tensorboard "${args[@]}" > "$dir.sft.log" 2>&1
     log "DONE  sft $v wall=$((SECONDS - t0))s"
-    [[ -f $out/adapter_config.json ]] && full=0
   fi
+  full=0; [[ -f $out/adapter_config.json ]] || full=1   # a LoRA adapter, or a whole model
   # measurement 1: the first token (no server)
   if [[ ! -f $dir/first_token.json ]]; then
     log "START first-token $v"; t0=$SECONDS
