@@ -44,6 +44,7 @@
 #   SERVE_ARGS=""         extra flags for the training rollouts (serve) only, e.g. "--concurrency 8 --max-pending 16"
 #                         on a CPU box, so that rollouts leave the trainer its share of the cores
 #   EVAL_ARGS=""          extra flags for eval, e.g. "--n-tasks 300"
+#   EVAL_SPLIT=test       the split every eval runs on; dev for choosing settings (bench/dev_act.sh)
 #   POLICY_URL=           a running policy server that loads LoRA adapters (vLLM --enable-lora, or simkit
 #                         model-server); default: start `simkit model-server --model MODEL --port PORT`
 #   SKIP_BASE=0           1: no base-model eval (greedy, so one seed's is every seed's; other seeds skip it)
@@ -60,7 +61,7 @@ MODEL=${1:-runs/models/smollm2}
 OUT=${2:-runs/recipe-ambigsql}
 ENV_NAME=ambigsql
 TRAIN_SPLIT=train
-EVAL_SPLIT=test
+EVAL_SPLIT=${EVAL_SPLIT:-test}
 NS=${NS:-"50 100"}
 METHODS=${METHODS:-"act-sync act-async random-actions no-simulation no-sampling irpo"}
 SEED=${SEED:-0}

@@ -321,3 +321,47 @@ async def test_serve_wires_the_options_and_reports_the_mix(tmp_path):
     assert all(p.chosen_source and p.rejected_source and p.contrast for p in pairs)
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["pairs_action"] == summary["pairs_action"]
+
+
+async def test_content_pairs_keep_base_or_drop(env):
+    """--content-pairs: a same-action pair (the gold answer vs a wrong one) is kept, replaced by its
+    D_pref action pair with that pair's provenance, or dropped; action pairs pass unchanged."""
+    clarify, answer = _tasks(env)
+    gen = LoserGenerator(Scripted(default="Which one?"), env.tasks("train"), env="toy")
+    base_a = await phase1_pair(env, answer, Scripted(), generator=gen)
+    wrong = Scripted(default="no idea")
+    kept = await phase2_rollout(env, base_a, answer, wrong)
+    assert kept.pair.contrast == "content" and kept.pair.source == "trajectory-failure"
+    based = await phase2_rollout(env, base_a, answer, wrong, content_pairs="base")
+    assert based.pair.source == "content-to-base" and based.pair.meta["replaced_source"] == "trajectory-failure"
+    assert (based.pair.chosen, based.pair.rejected) == (base_a.chosen, base_a.rejected)
+    assert _provenance(based.pair) == (ANSWER, CLARIFY, "action", "reference", "generator", 0)
+    assert based.pair.id == kept.pair.id and based.pair.phase == 2
+    dropped = await phase2_rollout(env, base_a, answer, wrong, content_pairs="drop")
+    assert dropped.pair is None and dropped.dropped == "content-only"
+    # an action pair (a wrong action) is the same under every setting
+    base_c = await phase1_pair(env, clarify, Scripted())
+    guess = Scripted(default="It is 7 meters.")
+    for mode in ("keep", "base", "drop"):
+        r = await phase2_rollout(env, base_c, clarify, guess, content_pairs=mode)
+        assert r.pair.source == "wrong-action" and r.pair.contrast == "action"
+
+
+async def test_serve_drops_content_pairs_and_counts_them(tmp_path):
+    import argparse
+    import asyncio
+
+    from simkit.queue import open_queue
+    from simkit.serving.serve import ServeConfig, serve
+
+    # a policy that always asks: on a gold-CLARIFY turn it asks again after the clarification and
+    # fails (a question vs a question: content only); on an ANSWER turn it is the wrong action
+    async with stub_server(lambda body: "Which one do you mean?") as (url, _):
+        cfg = ServeConfig(env="toy", queue=str(tmp_path / "q.db"), run_dir=str(tmp_path / "run"), n_conversations=6,
+                          max_epochs=1, poll_s=0.05, concurrency=4, content_pairs="drop")
+        summary = await asyncio.wait_for(serve(cfg, argparse.Namespace(policy=url, max_tokens=8)), 60)
+    assert summary["episodes"] == 9 and summary["content_dropped"] == 3
+    assert summary["pairs"] == summary["pairs_action"] == 6 and summary["pairs_content"] == 0
+    with open_queue(str(tmp_path / "q.db")) as q:
+        pairs = q.lease(100, consumer="check").pairs
+    assert len(pairs) == 6 and all(p.contrast == "action" for p in pairs)

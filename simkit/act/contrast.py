@@ -127,6 +127,7 @@ async def force_action(env: Env, task: Task, policy: Any, action: str, prompt: l
 Contrast = Literal["authors", "forced"]
 PairsPerConversation = Literal["turn", "one"]
 ReplaceRule = Literal["paper", "authors"]
+ContentPairs = Literal["keep", "base", "drop"]
 _SIDE_OF_PATH = {"forced-ok": "forced", "retried-ok": "retried", "fallback": "fallback"}
 
 
@@ -310,7 +311,8 @@ def _same(a: list[Message], b: list[Message]) -> bool:
 
 
 async def phase2_rollout(env: Env, base: PreferencePair, task: Task, policy: PolicyLike, *, version: int = 0,
-                         epoch: int = 0, simulate: bool = True, replace_rule: ReplaceRule = "paper") -> Rollout:
+                         epoch: int = 0, simulate: bool = True, replace_rule: ReplaceRule = "paper",
+                         content_pairs: ContentPairs = "keep") -> Rollout:
     """Refresh one D_pref pair with the current policy (ACT Algorithm 2, one turn).
 
     The engine's episode loop plays it; it stops right after the first reply when that reply is
@@ -323,7 +325,12 @@ async def phase2_rollout(env: Env, base: PreferencePair, task: Task, policy: Pol
     the simulated outcome (`_paper_sides`). `"authors"`: trainer/act_trainer.py
     `concatenated_forward` (l.199-210 at commit 4c42994) — the outcome alone (`_authors_sides`);
     the final answer of an unsimulated reply is the reply itself (simulator.py
-    `generate_trajectory`)."""
+    `generate_trajectory`).
+
+    `content_pairs`: what becomes of a pair whose sides take the same action (it contrasts only the
+    content, e.g. the gold SQL against the sample's wrong SQL): "keep" it (both rules above),
+    replace it by its base D_pref pair, an action contrast ("base", source "content-to-base"), or
+    "drop" it (dropped "content-only"). An ablation of the pair mix, not in the paper."""
     ep = env.episode(task)
 
     def judged_by_action(e: Episode) -> bool:
@@ -352,9 +359,24 @@ async def phase2_rollout(env: Env, base: PreferencePair, task: Task, policy: Pol
     traj.info.update(right_action=right, source=source, success=success)
     pair = _phase2_pair(env, base, task, traj, (chosen, rejected, source, sides), terminated=ep.terminated,
                         epoch=epoch, replace_rule=replace_rule)
+    if pair.contrast == "content" and content_pairs == "drop":
+        return _drop(traj, "content-only")
+    if pair.contrast == "content" and content_pairs == "base":
+        pair = _as_base(pair, base)
     if identical_sides(pair):
         return _drop(traj)
     return Rollout(traj, pair)
+
+
+def _as_base(pair: PreferencePair, base: PreferencePair) -> PreferencePair:
+    """The Phase 2 pair with the base pair's sides (and their provenance) in place of its own;
+    its id, version and adapter stay the sample's, so it is trained once per refresh as any other."""
+    (chosen_action, chosen_source), (rejected_action, rejected_source) = base_side(base, "chosen"), \
+        base_side(base, "rejected")
+    return pair.model_copy(update=dict(
+        chosen=base.chosen, rejected=base.rejected, source="content-to-base", chosen_action=chosen_action,
+        rejected_action=rejected_action, chosen_source=chosen_source, rejected_source=rejected_source,
+        contrast=contrast_of(chosen_action, rejected_action), meta={**pair.meta, "replaced_source": pair.source}))
 
 
 _Side = tuple[str | None, str]  # (action, source) of one side of a pair

@@ -78,6 +78,10 @@ class ServeConfig(Phase1Options):
     replace_rule: Literal["paper", "authors"] = Field(
         "paper", description="Phase 2 replacement: paper (Algorithm 2: a wrong action always loses; a right one by "
                              "its simulated outcome) or authors (act_trainer.py: by the outcome alone)")
+    content_pairs: Literal["keep", "base", "drop"] = Field(
+        "keep", description="a Phase 2 pair whose sides take the same action (only the content differs, e.g. the "
+                            "gold SQL vs the sample's wrong SQL): keep (the paper), base (train its D_pref action "
+                            "pair instead) or drop; an ablation of the pair mix")
     rollout_temperature: float | None = Field(
         None, ge=0, description="policy sampling temperature sent with every request; default: none is sent, so "
                                 "the checkpoint's generation_config.json applies (the server's defaults, as vLLM "

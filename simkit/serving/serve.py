@@ -51,7 +51,7 @@ class Server:
         self.run_dir = Path(cfg.run_dir)
         self.stop = asyncio.Event()
         self.m = dict(episodes=0, pairs=0, failures=0, right_action=0, successes=0, terminated=0,
-                      identical_dropped=0, no_contrast=0, **{k: 0 for k in MIX_KEYS})
+                      identical_dropped=0, no_contrast=0, content_dropped=0, **{k: 0 for k in MIX_KEYS})
         self.phase1: dict[str, int] = {}
         self.split: str | None = None
         self.follower = VersionFollower(queue, roles.policy)
@@ -87,7 +87,8 @@ class Server:
             return await irpo_rollout(self.env, slot.task, policy, version=version, epoch=slot.epoch,
                                       samples=self.cfg.irpo_samples)
         return await phase2_rollout(self.env, slot.base, slot.task, policy, version=version, epoch=slot.epoch,
-                                    simulate=self.cfg.ablation != "no-simulation", replace_rule=self.cfg.replace_rule)
+                                    simulate=self.cfg.ablation != "no-simulation", replace_rule=self.cfg.replace_rule,
+                                    content_pairs=self.cfg.content_pairs)
 
     async def _flush(self, buf: list[Rollout], final: bool = False) -> None:
         await self.sink.write(buf)
@@ -170,6 +171,8 @@ class Server:
                 m["identical_dropped"] += 1
             elif r.dropped == "no-contrast":
                 m["no_contrast"] += 1
+            elif r.dropped == "content-only":
+                m["content_dropped"] += 1
             else:
                 m["failures"] += 1
             return

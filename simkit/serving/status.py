@@ -15,7 +15,7 @@ MIX_KEYS = ("pairs_action", "pairs_content", "pairs_action_clarify", "pairs_cont
             "pairs_action_answer", "pairs_content_answer")
 # per-worker counters: each worker counts its own work, so the host's figure is their sum
 SUM_KEYS = ("episodes", "pairs", "failures", "right_action", "successes", "terminated", "identical_dropped",
-            "no_contrast", "duplicates", "recovered", "retries", "adapter_heals", "queue_outages",
+            "no_contrast", "content_dropped", "duplicates", "recovered", "retries", "adapter_heals", "queue_outages",
             "queue_outage_s") + MIX_KEYS
 # per-second rates, of these counters over each worker's own elapsed_s (summed over workers too)
 RATE_KEYS = ("episodes", "pairs")
@@ -70,7 +70,8 @@ def status_line(s: dict[str, Any]) -> str:
     return (f"v{s['version']} | {s['episodes']} ep ({s['episodes_per_s']:.1f}/s) | {s['pairs']} pairs "
             f"({s['pairs_per_s']:.1f}/s) | action acc {s['action_accuracy'] or 0:.2f} | success "
             f"{s['success_rate'] or 0:.2f} | queue {s['queue_depth']} | failed {s['failures']} | "
-            f"stale dropped {s['dropped_stale']}" + _mix(s) + (f" | workers {s['alive']}/{s['workers']}" if "workers" in s else ""))
+            f"stale dropped {s['dropped_stale']}" + _mix(s)
+            + (f" | content dropped {s['content_dropped']}" if s.get("content_dropped") else "") + (f" | workers {s['alive']}/{s['workers']}" if "workers" in s else ""))
 
 
 class StatusReporter:
