@@ -2,8 +2,9 @@
 # ACT variants on the dev split, from the sealed run's SFT adapters (issue: SmolLM2 must learn *when* to ask;
 # "diagnose on the dev split ... choose every setting on dev"). For each seed, the recipe's n = 100 sync ACT stage
 # (recipes/act_recipe.sh, the sealed run's settings: batch 1 x 4, 1 server thread) continues that seed's SFT
-# adapter with extra serve flags, then evaluates SFT and ACT greedily on LIMIT seeded dev turns; `simkit compare`
-# pools the seeds. Nothing here reads the test split. Resumable (the recipe's stages).
+# adapter with extra serve flags, then evaluates SFT and ACT greedily on LIMIT dev turns sampled with the seed, and
+# pairs them (the recipe's OUT/sS/results.md; each seed has its own dev sample, so seeds are not pooled). Nothing here
+# reads the test split. Resumable (the recipe's stages).
 #
 # usage: NAME=content-base SERVE_ARGS="--content-pairs base" SEEDS="0 1 2" bash bench/dev_act.sh [MODEL_DIR]
 #        (SFT adapters from SFT_RUNS=runs/sealed-cpu/sS/n100/sft; results in runs/dev-act/NAME; LIMIT=150;
@@ -24,9 +25,4 @@ for s in ${SEEDS:-0 1 2}; do
     SERVER_ARGS="--dtype float32 --max-batch 64 --threads 1" SERVE_ARGS="${SERVE_ARGS:-}" \
     EVAL_ARGS="--n-tasks $LIMIT" PYTHON=$PY bash recipes/act_recipe.sh "$MODEL" "$OUT/s$s"
 done
-evals=()
-for s in ${SEEDS:-0 1 2}; do
-  for e in "$OUT/s$s/n100/sft/eval" "$OUT/s$s/n100/act-sync/eval"; do [[ -f $e/metrics.json ]] && evals+=("$e"); done
-done
-"$PY" -m simkit.cli compare "${evals[@]}" > "$OUT/compare.md"
-cat "$OUT/compare.md"
+for s in ${SEEDS:-0 1 2}; do echo "## seed $s"; cat "$OUT/s$s/results.md"; done
