@@ -166,15 +166,8 @@ class Server:
     def _count(self, r: Rollout) -> None:
         m, t = self.m, r.trajectory
         m["episodes"] += 1
-        if r.pair is None:
-            if r.dropped == "identical":
-                m["identical_dropped"] += 1
-            elif r.dropped == "no-contrast":
-                m["no_contrast"] += 1
-            elif r.dropped == "content-only":
-                m["content_dropped"] += 1
-            else:
-                m["failures"] += 1
+        if r.pair is None:  # dropped for a reason, or failed
+            m[_DROP_COUNTERS.get(r.dropped or "", "failures")] += 1
             return
         m["pairs"] += 1
         count_mix(m, r.pair)
@@ -182,6 +175,10 @@ class Server:
         if t.terminated:
             m["terminated"] += 1
             m["successes"] += bool(t.info.get("success"))
+
+
+# the metrics counter of each reason a rollout made no pair (anything else is a failure)
+_DROP_COUNTERS = {"identical": "identical_dropped", "no-contrast": "no_contrast", "content-only": "content_dropped"}
 
 
 async def _unless_stopped(stop: asyncio.Event, coro: Any) -> Any:

@@ -71,7 +71,8 @@ def status_line(s: dict[str, Any]) -> str:
             f"({s['pairs_per_s']:.1f}/s) | action acc {s['action_accuracy'] or 0:.2f} | success "
             f"{s['success_rate'] or 0:.2f} | queue {s['queue_depth']} | failed {s['failures']} | "
             f"stale dropped {s['dropped_stale']}" + _mix(s)
-            + (f" | content dropped {s['content_dropped']}" if s.get("content_dropped") else "") + (f" | workers {s['alive']}/{s['workers']}" if "workers" in s else ""))
+            + (f" | content dropped {s['content_dropped']}" if s.get("content_dropped") else "")
+            + (f" | workers {s['alive']}/{s['workers']}" if "workers" in s else ""))
 
 
 class StatusReporter:
